@@ -1,0 +1,582 @@
+"""The adapter file format, and the atomic file writes the model library shares.
+
+An adapter is ONE ``.safetensors`` file holding only the trainable tensors of an
+HF-SAM model (LoRA, AWFFM, the 1x1 compression conv, the mask decoder,
+``no_mask_embed``). Its JSON metadata travels inside the same file, as a string
+under the key ``"hfsam"`` of the safetensors header's ``__metadata__`` (which is
+str -> str). One file means an adapter can be copied, mailed or stored without a
+sidecar getting lost, and safetensors means loading never unpickles anything.
+
+Metadata schema, ``format_version`` 1 (R = required, others get the default shown):
+
+=================  =====================================================================
+``format``         "hfsam-adapter"
+``format_version`` 1 (a file from a newer version is refused with "update HF-SAM")
+``hfsam_version``  version of the engine that wrote it (default: this engine's)
+``created``        ISO 8601 time, UTC (default: now), e.g. "2025-05-01T12:00:00Z"
+``name``        R  display name, 1..128 printable characters
+``backbone``    R  "vit_b" | "vit_l" | "vit_h" | "tiny" (the CPU test configuration)
+``img_size``    R  model input size: 16..2048, a multiple of 16 (224 and 512 in practice)
+``rank``        R  LoRA rank, 0..256 (0: no LoRA, a decoder-only ablation)
+``fusion``      R  "two_step" (the paper) | "released" (the authors' released code)
+``low_level_blocks`` list of encoder block indices feeding the low-level branch;
+                   default the first global-attention block (vit_b [2], vit_l [5],
+                   vit_h [7]); required for "tiny"
+``base_checkpoint``  {"name": file name, "sha256": 64 hex or null, "seed": int (optional)}, or
+                   null; null and the name "random-init" both mean a randomly
+                   initialised base (tests, benchmarks), "seed" being its torch seed
+``classes``     R  1..255 entries {"value": 1..255 unique, "name": 1..128 printable chars
+                   unique, "color": [r, g, b] 0..255, "terminology": dict or null};
+                   value 0 is the background and is implicit
+``intensity_preset`` "ct" | "mr" (default "ct")
+``axis``           "axial" | "coronal" | "sagittal" (default "axial")
+``training``       null or {"image": str, "slices": [int], "heldout_slices": [int], "steps": int,
+                   "seed": int|null, "batch_size": int, "lr": float, "minutes": float|null,
+                   "started_from": str|null}; missing keys become null ([] for the lists)
+``metrics``        dict, free-form JSON (numbers, nested dicts/lists); non-finite
+                   floats are stored as null because the header must be strict JSON
+``description``    str (default ""; null is stored as "")
+``extra``          dict, free-form JSON for additions that do not deserve a format bump
+=================  =====================================================================
+
+Unknown keys are refused (at the top level, in ``training`` and in classes) so
+that a typo such as ``intesity_preset`` fails loudly instead of silently taking
+the default.
+
+The atomic-write helpers (:func:`atomic_write`, :func:`publish`) live here
+because this is the lowest module of the library stack (library, download and
+sample_data all use them): write to a hidden temp file in the destination
+folder, fsync, then rename into place, so a crash or a cancel never leaves a
+half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Mapping
+
+from .errors import InputError
+
+if TYPE_CHECKING:  # torch is imported lazily: listing adapters must not pay for it
+    import torch
+
+FORMAT = "hfsam-adapter"
+FORMAT_VERSION = 1
+METADATA_KEY = "hfsam"
+MAX_METADATA_BYTES = 1 << 20  # the metadata is a few KiB; anything near 1 MiB is not ours
+
+BACKBONES = ("vit_b", "vit_l", "vit_h", "tiny")
+FUSIONS = ("two_step", "released")
+PRESETS = ("ct", "mr")
+AXES = ("axial", "coronal", "sagittal")
+# First global-attention block of each SAM encoder (DESIGN.md, "Low-level feature").
+DEFAULT_LOW_LEVEL_BLOCKS = {"vit_b": [2], "vit_l": [5], "vit_h": [7]}
+ENCODER_DEPTH = {"vit_b": 12, "vit_l": 24, "vit_h": 32}
+
+_FIELDS = (
+    "format", "format_version", "hfsam_version", "created", "name", "backbone", "img_size",
+    "rank", "fusion", "low_level_blocks", "base_checkpoint", "classes", "intensity_preset",
+    "axis", "training", "metrics", "description", "extra",
+)
+_TRAINING_FIELDS = ("image", "slices", "heldout_slices", "steps", "seed", "batch_size", "lr", "minutes", "started_from")
+_CLASS_FIELDS = ("value", "name", "color", "terminology")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# The fields check_compatible compares: a mismatch in any of them makes the
+# adapter's tensors meaningless (wrong shapes, or right shapes on the wrong base).
+COMPAT_FIELDS = ("backbone", "img_size", "rank", "fusion", "low_level_blocks")
+RANDOM_INIT = "random-init"  # base_checkpoint name of a randomly initialised base
+
+
+# ---------------------------------------------------------------------------
+# atomic writes
+# ---------------------------------------------------------------------------
+def fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); directories cannot be opened on Windows."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path(dest: Path, suffix: str = ".tmp") -> Path:
+    """A hidden, unique temp name beside ``dest`` (same folder, so rename is atomic)."""
+    return dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+
+
+def publish(tmp: Path, dest: Path, *, overwrite: bool) -> Path:
+    """Rename a finished temp file to ``dest`` atomically.
+
+    Without ``overwrite`` a hard link is used: it fails if ``dest`` appeared in
+    the meantime, so two writers can never silently replace each other's file
+    (a plain exists()-then-rename check has a race). Filesystems without hard
+    links fall back to that check.
+    """
+    tmp, dest = Path(tmp), Path(dest)
+    if overwrite:
+        os.replace(tmp, dest)
+    else:
+        try:
+            os.link(tmp, dest)
+        except FileExistsError:
+            _unlink(tmp)
+            raise InputError(f"{dest} already exists; choose another name or pass --overwrite") from None
+        except (OSError, NotImplementedError, AttributeError):
+            if dest.exists():
+                _unlink(tmp)
+                raise InputError(f"{dest} already exists; choose another name or pass --overwrite") from None
+            os.replace(tmp, dest)
+        else:
+            _unlink(tmp)
+    fsync_dir(dest.parent)
+    return dest
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def atomic_write(dest: str | os.PathLike, write: Callable[[BinaryIO], None], *, overwrite: bool = False) -> Path:
+    """Write ``dest`` through ``write(fh)`` into a temp file, fsync, then rename into place.
+
+    Any failure (including a cancel or a full disk) removes the temp file and
+    leaves ``dest`` as it was. OSErrors become InputError with one line.
+    """
+    dest = Path(dest)
+    folder = dest.parent
+    if not folder.is_dir():
+        raise InputError(f"folder {folder} does not exist; create it first or choose another output path")
+    if dest.is_dir():
+        raise InputError(f"{dest} is a folder; give a file name")
+    if dest.exists() and not overwrite:
+        raise InputError(f"{dest} already exists; choose another name or pass --overwrite")
+    tmp = temp_path(dest)
+    try:
+        # O_EXCL: never follow or reuse a file someone planted under our temp name.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as exc:
+        raise InputError(f"cannot write in folder {folder}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return publish(tmp, dest, overwrite=overwrite)
+    except OSError as exc:
+        _unlink(tmp)
+        raise InputError(f"cannot write {dest}: {exc.strerror or exc}") from None
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# metadata validation
+# ---------------------------------------------------------------------------
+def _bad(source: str, field: str, problem: str) -> InputError:
+    return InputError(f"invalid adapter metadata in {source}: '{field}' {problem}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int(source: str, field: str, value: Any, lo: int, hi: int) -> int:
+    if not _is_int(value) or not lo <= value <= hi:
+        raise _bad(source, field, f"must be an integer in {lo}..{hi}, not {value!r:.40}")
+    return value
+
+
+def _choice(source: str, field: str, value: Any, allowed: tuple) -> str:
+    if value not in allowed:
+        raise _bad(source, field, f"must be one of {', '.join(allowed)}, not {value!r:.40}")
+    return value
+
+
+def _text(source: str, field: str, value: Any, max_len: int, *, empty: bool = False, printable: bool = True) -> str:
+    if not isinstance(value, str):
+        raise _bad(source, field, f"must be a string, not {type(value).__name__}")
+    if not empty and not value.strip():
+        raise _bad(source, field, "must not be empty")
+    if len(value) > max_len:
+        raise _bad(source, field, f"is longer than {max_len} characters")
+    if printable and not value.isprintable():
+        raise _bad(source, field, "contains control characters")
+    return value
+
+
+def _number(source: str, field: str, value: Any, *, allow_none: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _bad(source, field, f"must be a finite number, not {value!r:.40}")
+    return float(value)
+
+
+def _finite_json(value: Any, source: str, field: str, depth: int = 0) -> Any:
+    """Free-form JSON with non-finite floats mapped to null (strict JSON has no NaN)."""
+    if depth > 32:
+        raise _bad(source, field, "is nested too deeply")
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, float)):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _finite_json(value.item(), source, field, depth + 1)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _bad(source, field, f"has a non-string key {key!r:.40}")
+            out[key] = _finite_json(item, source, field, depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(item, source, field, depth + 1) for item in value]
+    raise _bad(source, field, f"holds a {type(value).__name__}, which is not JSON")
+
+
+def _created(source: str, value: Any) -> str:
+    _text(source, "created", value, 64)
+    try:
+        _dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise _bad(source, "created", f"is not an ISO 8601 time: {value!r:.40}") from None
+    return value
+
+
+def utc_now() -> str:
+    """The ``created`` default: ISO 8601 UTC to the second, e.g. 2025-05-01T12:00:00Z."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _low_level(source: str, value: Any, backbone: str) -> list[int]:
+    if value is None:
+        if backbone not in DEFAULT_LOW_LEVEL_BLOCKS:
+            raise _bad(source, "low_level_blocks", f"is required for backbone {backbone}")
+        return list(DEFAULT_LOW_LEVEL_BLOCKS[backbone])
+    depth = ENCODER_DEPTH.get(backbone, 64)
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= depth:
+        raise _bad(source, "low_level_blocks", f"must be a list of 1..{depth} block indices")
+    blocks = [_int(source, "low_level_blocks", b, 0, depth - 1) for b in value]
+    if len(set(blocks)) != len(blocks):
+        raise _bad(source, "low_level_blocks", "has duplicate block indices")
+    return blocks
+
+
+def _base_checkpoint(source: str, value: Any) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _bad(source, "base_checkpoint", "must be {\"name\": ..., \"sha256\": ...} or null")
+    unknown = sorted(set(value) - {"name", "sha256", "seed"})
+    if unknown:
+        raise _bad(source, f"base_checkpoint.{unknown[0]}", "is not a known field")
+    name = _text(source, "base_checkpoint.name", value.get("name"), 256)
+    sha = value.get("sha256")
+    if sha is not None:
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha.lower()):
+            raise _bad(source, "base_checkpoint.sha256", "must be 64 hexadecimal digits or null")
+        sha = sha.lower()
+    out = {"name": name, "sha256": sha}
+    if value.get("seed") is not None:
+        out["seed"] = _int(source, "base_checkpoint.seed", value["seed"], -(1 << 63), (1 << 64) - 1)
+    return out
+
+
+def _classes(source: str, value: Any) -> list[dict]:
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= 255:
+        raise _bad(source, "classes", "must be a list of 1..255 classes (background is implicit)")
+    out, values, names = [], set(), set()
+    for i, cls in enumerate(value):
+        where = f"classes[{i}]"
+        if not isinstance(cls, Mapping):
+            raise _bad(source, where, "must be an object {value, name, color}")
+        unknown = sorted(set(cls) - set(_CLASS_FIELDS))
+        if unknown:
+            raise _bad(source, f"{where}.{unknown[0]}", "is not a known field")
+        v = _int(source, f"{where}.value", cls.get("value"), 1, 255)
+        name = _text(source, f"{where}.name", cls.get("name"), 128)
+        color = cls.get("color")
+        if not isinstance(color, (list, tuple)) or len(color) != 3:
+            raise _bad(source, f"{where}.color", "must be [r, g, b]")
+        color = [_int(source, f"{where}.color", c, 0, 255) for c in color]
+        term = cls.get("terminology")
+        if term is not None and not isinstance(term, Mapping):
+            raise _bad(source, f"{where}.terminology", "must be an object or null")
+        if v in values:
+            raise _bad(source, f"{where}.value", f"repeats label value {v}")
+        if name in names:
+            raise _bad(source, f"{where}.name", f"repeats class name {name!r}")
+        values.add(v)
+        names.add(name)
+        term = None if term is None else _finite_json(term, source, f"{where}.terminology")
+        out.append({"value": v, "name": name, "color": color, "terminology": term})
+    return out
+
+
+def _training(source: str, value: Any) -> dict | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _bad(source, "training", "must be an object or null")
+    unknown = sorted(set(value) - set(_TRAINING_FIELDS))
+    if unknown:
+        raise _bad(source, f"training.{unknown[0]}", "is not a known field")
+    out: dict[str, Any] = {}
+    image = value.get("image")
+    out["image"] = None if image is None else _text(source, "training.image", image, 4096, empty=True)
+    for key in ("slices", "heldout_slices"):
+        slices = value.get(key) or []
+        if not isinstance(slices, (list, tuple)):
+            raise _bad(source, f"training.{key}", "must be a list of slice indices")
+        out[key] = [_int(source, f"training.{key}", s, 0, 1 << 20) for s in slices]
+    for key, lo in (("steps", 0), ("batch_size", 1)):
+        v = value.get(key)
+        out[key] = None if v is None else _int(source, f"training.{key}", v, lo, 1 << 31)
+    seed = value.get("seed")
+    out["seed"] = None if seed is None else _int(source, "training.seed", seed, -(1 << 63), (1 << 64) - 1)
+    out["lr"] = _number(source, "training.lr", value.get("lr"), allow_none=True)
+    out["minutes"] = _number(source, "training.minutes", value.get("minutes"), allow_none=True)
+    start = value.get("started_from")
+    out["started_from"] = None if start is None else _text(source, "training.started_from", start, 4096)
+    return out
+
+
+def validate_metadata(metadata: Any, *, source: str = "adapter metadata") -> dict:
+    """Check every field of adapter metadata and return a complete copy (defaults filled).
+
+    Raises InputError naming the field (and ``source``, usually the file) on the
+    first problem.
+    """
+    src = source
+    if not isinstance(metadata, Mapping):
+        raise InputError(f"invalid adapter metadata in {src}: it must be a JSON object")
+    unknown = sorted(set(metadata) - set(_FIELDS))
+    if unknown:
+        raise _bad(src, unknown[0], "is not a known field of format_version 1")
+    m = metadata
+    fmt = m.get("format", FORMAT)
+    if fmt != FORMAT:
+        raise _bad(src, "format", f"must be {FORMAT!r}, not {fmt!r:.40}: this is not an HF-SAM adapter")
+    version = m.get("format_version", FORMAT_VERSION)
+    if _is_int(version) and version > FORMAT_VERSION:
+        raise InputError(
+            f"{src} was written by a newer HF-SAM (adapter format_version {version}, this one reads "
+            f"{FORMAT_VERSION}); update HF-SAM to use it"
+        )
+    _int(src, "format_version", version, 1, FORMAT_VERSION)
+    out: dict[str, Any] = {"format": FORMAT, "format_version": version}
+    out["hfsam_version"] = _text(src, "hfsam_version", m.get("hfsam_version", _engine_version()), 64)
+    out["created"] = _created(src, m.get("created", utc_now()))
+    out["name"] = _text(src, "name", m.get("name"), 128)
+    out["backbone"] = _choice(src, "backbone", m.get("backbone"), BACKBONES)
+    img = m.get("img_size")
+    if not _is_int(img) or not 16 <= img <= 2048 or img % 16:
+        raise _bad(src, "img_size", f"must be a multiple of 16 in 16..2048 (224 or 512), not {img!r:.40}")
+    out["img_size"] = img
+    out["rank"] = _int(src, "rank", m.get("rank"), 0, 256)
+    out["fusion"] = _choice(src, "fusion", m.get("fusion"), FUSIONS)
+    out["low_level_blocks"] = _low_level(src, m.get("low_level_blocks"), out["backbone"])
+    out["base_checkpoint"] = _base_checkpoint(src, m.get("base_checkpoint"))
+    out["classes"] = _classes(src, m.get("classes"))
+    out["intensity_preset"] = _choice(src, "intensity_preset", m.get("intensity_preset", "ct"), PRESETS)
+    out["axis"] = _choice(src, "axis", m.get("axis", "axial"), AXES)
+    out["training"] = _training(src, m.get("training"))
+    metrics = m.get("metrics", {})
+    if not isinstance(metrics, Mapping):
+        raise _bad(src, "metrics", "must be an object")
+    out["metrics"] = _finite_json(metrics, src, "metrics")
+    description = m.get("description")
+    out["description"] = _text(src, "description", "" if description is None else description, 10000,
+                               empty=True, printable=False)
+    extra = m.get("extra", {})
+    if not isinstance(extra, Mapping):
+        raise _bad(src, "extra", "must be an object")
+    out["extra"] = _finite_json(extra, src, "extra")
+    return out
+
+
+def _engine_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _dump(metadata: dict, source: str) -> str:
+    text = json.dumps(metadata, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    if len(text.encode("utf-8")) > MAX_METADATA_BYTES:
+        raise InputError(f"adapter metadata for {source} is larger than 1 MiB; shorten 'description' or 'metrics'")
+    return text
+
+
+# ---------------------------------------------------------------------------
+# reading and writing adapter files
+# ---------------------------------------------------------------------------
+def _existing_file(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InputError(f"adapter file {p} does not exist; check the path or use `hfsam models list`")
+    if not p.is_file():
+        raise InputError(f"adapter path {p} is not a file")
+    return p
+
+
+def _not_adapter(path: Path, why: str) -> InputError:
+    return InputError(f"{path} is not a readable HF-SAM adapter ({why}); use a .safetensors file written by HF-SAM")
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """Validated metadata of an adapter file, from the header only (no torch import, no tensor read).
+
+    safetensors checks while opening that the header is well-formed and that its
+    tensors cover the file exactly, so a truncated file is caught here too.
+    """
+    p = _existing_file(path)
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="numpy") as fh:
+            header = fh.metadata() or {}
+    except Exception as exc:  # SafetensorError, OSError, UnicodeDecodeError...: all mean "not an adapter"
+        raise _not_adapter(p, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+    text = header.get(METADATA_KEY)
+    if text is None:
+        raise _not_adapter(p, f"no '{METADATA_KEY}' metadata in its header")
+    if len(text.encode("utf-8")) > MAX_METADATA_BYTES:
+        raise InputError(f"invalid adapter metadata in {p}: larger than 1 MiB")
+    try:
+        # NaN/Infinity are not JSON; accept them from other writers as null.
+        raw = json.loads(text, parse_constant=lambda _c: None)
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"invalid adapter metadata in {p}: not JSON ({exc})") from None
+    return validate_metadata(raw, source=str(p))
+
+
+def load_adapter(path: str | os.PathLike, *, device: Any = "cpu") -> tuple[dict[str, "torch.Tensor"], dict]:
+    """Tensors and validated metadata of an adapter file (safetensors only: nothing is unpickled)."""
+    p = _existing_file(path)
+    metadata = read_metadata(p)
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(p), device=str(device))
+    except Exception as exc:  # noqa: BLE001 - any failure here means the file is damaged
+        raise _not_adapter(p, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+    if not tensors:
+        raise _not_adapter(p, "it holds no tensors")
+    return tensors, metadata
+
+
+def _prepare(tensors: Mapping[str, Any], source: str) -> dict:
+    import torch
+
+    if not isinstance(tensors, Mapping) or not tensors:
+        raise InputError(f"no tensors to save in {source}: pass the model's trainable tensors")
+    out = {}
+    for key, value in tensors.items():
+        if not isinstance(key, str) or not key:
+            raise InputError(f"tensor names must be non-empty strings, not {key!r:.40} ({source})")
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"'{key}' is a {type(value).__name__}, not a tensor ({source})")
+        # clone: safetensors refuses tensors that share storage (views, tied weights).
+        out[key] = value.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def save_adapter(
+    path: str | os.PathLike,
+    tensors: Mapping[str, "torch.Tensor"],
+    metadata: Mapping[str, Any],
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write an adapter atomically; returns its path. Metadata is validated (defaults filled) first."""
+    dest = Path(path).expanduser()
+    if dest.suffix != ".safetensors":
+        raise InputError(f"adapter files end in .safetensors, not {dest.name!r}; rename the output")
+    meta = validate_metadata(metadata, source=str(dest))
+    text = _dump(meta, str(dest))
+    prepared = _prepare(tensors, str(dest))
+    from safetensors.torch import save
+
+    data = save(prepared, metadata={METADATA_KEY: text})
+    return atomic_write(dest, lambda fh: fh.write(data), overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------------
+# compatibility
+# ---------------------------------------------------------------------------
+def _is_random(ckpt: Any) -> bool:
+    return ckpt is None or (isinstance(ckpt, Mapping) and ckpt.get("name") == RANDOM_INIT)
+
+
+def _checkpoint_text(ckpt: Any) -> str:
+    if _is_random(ckpt):
+        seed = ckpt.get("seed") if isinstance(ckpt, Mapping) else None
+        return "none (random init)" if seed is None else f"none (random init, seed {seed})"
+    if isinstance(ckpt, str):
+        return f"sha256 {ckpt[:12]}..."
+    sha = ckpt.get("sha256")
+    return f"{ckpt.get('name')} (sha256 {sha[:12]}...)" if sha else str(ckpt.get("name"))
+
+
+def _checkpoint_sha(ckpt: Any) -> str | None:
+    if isinstance(ckpt, str):
+        return ckpt.lower()
+    if isinstance(ckpt, Mapping) and ckpt.get("sha256"):
+        return str(ckpt["sha256"]).lower()
+    return None
+
+
+def check_compatible(metadata: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
+    """Raise InputError listing EVERY field where an adapter does not fit a model.
+
+    ``expected`` describes the model: any of backbone, img_size, rank, fusion,
+    low_level_blocks and base_checkpoint ({"name", "sha256"}, a sha256 string, or
+    None / {"name": "random-init", "seed": N} for a randomly initialised base).
+    Fields absent from ``expected`` are not compared. Base checkpoints are
+    compared by SHA256 when both are known (random bases by seed when both are
+    known); an adapter trained on a real checkpoint never fits a random base and
+    vice versa.
+    """
+    diffs = []
+    for field in COMPAT_FIELDS:
+        if field not in expected or expected[field] is None or field not in metadata:
+            continue
+        have, want = metadata[field], expected[field]
+        if isinstance(have, (list, tuple)):
+            have, want = list(have), list(want) if isinstance(want, (list, tuple)) else want
+        if have != want:
+            diffs.append(f"{field} {have} (model {want})")
+    if "base_checkpoint" in expected and "base_checkpoint" in metadata:
+        have, want = metadata["base_checkpoint"], expected["base_checkpoint"]
+        sha_have, sha_want = _checkpoint_sha(have), _checkpoint_sha(want)
+        seeds = [c.get("seed") if isinstance(c, Mapping) else None for c in (have, want)]
+        if (
+            _is_random(have) != _is_random(want)
+            or (sha_have and sha_want and sha_have != sha_want)
+            or (_is_random(have) and None not in seeds and seeds[0] != seeds[1])
+        ):
+            diffs.append(f"base checkpoint {_checkpoint_text(have)} (model {_checkpoint_text(want)})")
+    if diffs:
+        name = metadata.get("name", "?")
+        raise InputError(
+            f"adapter '{name}' does not match: {', '.join(diffs)}; "
+            "build the model with the adapter's settings or pick another adapter"
+        )

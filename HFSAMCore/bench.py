@@ -1,0 +1,407 @@
+"""`hfsam bench`: speed, memory and few-shot quality, measured the same way on every machine.
+
+speed    1. the machine's own ceiling: a large matmul in fp32 and bf16 (and fp16 on CUDA), GFLOP/s
+         2. the model's FLOPs per slice (torch's FLOP counter)
+         3. inference per slice at batch 1, 4, 8: median of repeats after warm-up; ms/slice, slices/s,
+            achieved GFLOP/s and its share of the ceiling for the precision used
+         4. a whole `segment` run on a volume (default: the DICOM sample), split into
+            read / preprocess / model / postprocess / write
+         5. a fine-tuning step (forward + backward + AdamW) per slice, and peak memory
+            (RSS on the CPU, max_memory_allocated on CUDA) for inference and for fine-tuning
+fewshot  fine-tune on N = 1, 3, 5, 10 labeled slices of ct_abdomen_3mm, segment, and report per-organ
+         Dice on the held-out slices, with steps, wall time and peak memory.
+
+Each measurement that reports peak memory runs in a fresh process (the CPU's peak
+RSS only ever grows). Results go to OUTPUT/<name>.md and .json with the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from .progress import Progress
+
+
+# -- helpers ------------------------------------------------------------------------
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _in_fresh_process(fn, *args):
+    """Run fn(*args) in a spawned interpreter so that its peak memory is its own."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def machine_info(device) -> dict:
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# -- speed ----------------------------------------------------------------------------
+def matmul_ceiling(device, dtype, n: int, repeats: int) -> float:
+    import torch
+
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    seconds = _median_time(lambda: a @ b, device, repeats, warmup=2)
+    return 2 * n**3 / seconds / 1e9
+
+
+def count_flops(model, img_size: int, device) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.rand(1, 1, img_size, img_size, device=device)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def _build(spec_kw: dict, device, sdpa: bool = True):
+    import torch
+
+    from .model.hfsam import HFSAM, ModelSpec
+
+    torch.manual_seed(0)
+    return HFSAM(ModelSpec(**spec_kw), sdpa=sdpa).to(device).eval()
+
+
+def _inference_worker(spec_kw, device_name, dtype_name, batch, repeats, sdpa):
+    import torch
+
+    from .device import autocast, peak_memory_mb, reset_peak_memory
+
+    device = torch.device(device_name)
+    dtype = getattr(torch, dtype_name)
+    model = _build(spec_kw, device, sdpa)
+    x = torch.rand(batch, 1, spec_kw["img_size"], spec_kw["img_size"], device=device)
+    reset_peak_memory(device)
+
+    def run():
+        with torch.inference_mode(), autocast(device, dtype):
+            model(x)
+
+    seconds = _median_time(run, device, repeats)
+    return {"batch": batch, "seconds_per_batch": seconds, "peak_memory_mb": peak_memory_mb(device)}
+
+
+def _finetune_worker(spec_kw, device_name, dtype_name, batch, repeats):
+    import torch
+
+    from .device import autocast, peak_memory_mb, reset_peak_memory
+    from .finetune import hfsam_loss
+
+    device = torch.device(device_name)
+    dtype = getattr(torch, dtype_name)
+    model = _build(spec_kw, device).train()
+    size = spec_kw["img_size"]
+    x = torch.rand(batch, 1, size, size, device=device)
+    y = torch.randint(0, spec_kw["num_classes"] + 1, (batch, size // 4, size // 4), device=device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
+    reset_peak_memory(device)
+
+    def step():
+        with autocast(device, dtype):
+            loss = hfsam_loss(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    seconds = _median_time(step, device, repeats)
+    return {"batch": batch, "seconds_per_step": seconds, "peak_memory_mb": peak_memory_mb(device)}
+
+
+def _segment_worker(spec_kw, device_name, dtype_name, volume, batch):
+    import tempfile
+
+    import torch
+
+    from .segment import segment_image
+    from .volume import read_image, write_image
+
+    device = torch.device(device_name)
+    dtype = getattr(torch, dtype_name)
+    model = _build(spec_kw, device)
+    timings: dict[str, float] = {}
+    wall = time.perf_counter()
+    t = time.perf_counter()
+    image = read_image(volume)
+    timings["read"] = time.perf_counter() - t
+    labels, info = segment_image(image, model, batch_size=batch, device=device, dtype=dtype, timings=timings)
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_image(labels, Path(tmp) / "seg.nrrd")
+    timings["write"] = time.perf_counter() - t
+    timings["wall"] = time.perf_counter() - wall
+    return {"slices": info["slices"], "seconds": timings, "peak_memory_mb": info["peak_memory_mb"]}
+
+
+def run_speed(args, progress: Progress) -> dict:
+    import torch
+
+    from .device import resolve_device
+
+    device = resolve_device(args.device)
+    quick = args.quick
+    spec_kw = {"backbone": args.backbone, "img_size": args.img_size, "num_classes": 8, "rank": args.rank,
+               "fusion": args.fusion}
+    repeats = 2 if quick else 5
+    result = {"machine": machine_info(device), "spec": spec_kw}
+
+    n = 8192 if device.type == "cuda" else 2048
+    precisions = ["float32", "bfloat16"] + (["float16"] if device.type == "cuda" else [])
+    result["ceiling_gflops"] = {p: round(matmul_ceiling(device, getattr(torch, p), n, repeats), 1) for p in precisions}
+    progress.log(f"matmul ceiling (n={n}): {result['ceiling_gflops']} GFLOP/s")
+
+    model = _build(spec_kw, device)
+    flops = count_flops(model, args.img_size, device)
+    result["gflop_per_slice"] = round(flops / 1e9, 2)
+    del model
+    progress.log(f"model: {flops / 1e9:.1f} GFLOP per slice (forward)")
+
+    rows = []
+    run_precisions = ["float32", "bfloat16"] + (["float16"] if device.type == "cuda" else [])
+    configs = [(p, b, True) for p in run_precisions for b in ((1, 4) if quick else (1, 4, 8))]
+    configs += [(p, 4, False) for p in run_precisions]  # SAM's own attention, for the before/after
+    for i, (prec, batch, sdpa) in enumerate(configs):
+        r = _in_fresh_process(_inference_worker, spec_kw, str(device), prec, batch, repeats, sdpa)
+        per_slice = r["seconds_per_batch"] / batch
+        achieved = flops / per_slice / 1e9
+        rows.append({"precision": prec, "attention": "sdpa" if sdpa else "sam", "batch": batch,
+                     "ms_per_slice": round(per_slice * 1000, 1), "slices_per_s": round(1 / per_slice, 2),
+                     "gflops": round(achieved, 1),
+                     "pct_of_ceiling": round(100 * achieved / result["ceiling_gflops"][prec], 1),
+                     "peak_memory_mb": round(r["peak_memory_mb"], 0)})
+        progress.progress("bench", i + 1, len(configs))
+        progress.log(f"inference {prec} {rows[-1]['attention']} batch {batch}: {rows[-1]['ms_per_slice']} ms/slice, "
+                     f"{rows[-1]['pct_of_ceiling']} % of ceiling, peak {rows[-1]['peak_memory_mb']} MB")
+    result["inference"] = rows
+
+    best = min((r for r in rows if r["attention"] == "sdpa"), key=lambda r: r["ms_per_slice"])
+    volume = args.volume or _default_volume()
+    if volume:
+        seg = _in_fresh_process(_segment_worker, spec_kw, str(device), best["precision"], str(volume), best["batch"])
+        s = seg["seconds"]
+        seg["model_share_pct"] = round(100 * s.get("model", 0) / s["wall"], 1)
+        seg.update(volume=str(volume), precision=best["precision"], batch=best["batch"])
+        result["segment_volume"] = seg
+        progress.log(f"segment {volume}: {s['wall']:.1f} s wall, model {seg['model_share_pct']} %")
+
+    ft_kw = dict(spec_kw, img_size=224 if args.img_size > 224 and device.type == "cpu" else args.img_size)
+    ft = []
+    for prec in ("float32", "bfloat16"):
+        r = _in_fresh_process(_finetune_worker, ft_kw, str(device), prec, 4, max(2, repeats - 2))
+        ft.append({"precision": prec, "img_size": ft_kw["img_size"], "batch": 4,
+                   "s_per_step": round(r["seconds_per_step"], 3),
+                   "ms_per_slice": round(1000 * r["seconds_per_step"] / 4, 1),
+                   "steps_per_s": round(1 / r["seconds_per_step"], 3),
+                   "peak_memory_mb": round(r["peak_memory_mb"], 0)})
+        progress.log(f"fine-tune step {prec} at {ft_kw['img_size']} px, batch 4: {ft[-1]['s_per_step']} s, "
+                     f"peak {ft[-1]['peak_memory_mb']} MB")
+    result["finetune"] = ft
+    result["agreement"] = bf16_agreement(spec_kw, device, volume)
+    return result
+
+
+def bf16_agreement(spec_kw, device, volume) -> dict:
+    """bf16 autocast vs fp32 on real slices: max |logit| difference and label agreement."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from .device import autocast
+    from .segment import to_model_input
+    from .slices import SliceView, choose_preset, normalize, volume_stats
+    from .volume import read_image
+
+    if not volume:
+        return {}
+    image = read_image(volume)
+    view = SliceView.from_image(image)
+    arr = sitk.GetArrayViewFromImage(image)
+    preset = choose_preset(image)
+    picks = np.linspace(0, view.n_slices - 1, 4).astype(int)
+    batch = normalize(view.to_slices(arr)[picks], preset, stats=volume_stats(arr, preset))
+    model = _build(spec_kw, device)
+    x = to_model_input(batch, spec_kw["img_size"], device)
+    with torch.inference_mode():
+        ref = model(x).float()
+        with autocast(device, torch.bfloat16):
+            low = model(x).float()
+    same = (ref.argmax(1) == low.argmax(1)).float().mean().item()
+    return {"slices": len(picks), "max_abs_logit_diff": round((ref - low).abs().max().item(), 4),
+            "logit_scale": round(ref.abs().max().item(), 3), "label_agreement_pct": round(100 * same, 3)}
+
+
+def _default_volume():
+    from .sample_data import repo_data_dir
+
+    folder = repo_data_dir() / "ct_abdomen_dicom" / "dicom"
+    return folder if folder.is_dir() else None
+
+
+# -- few-shot ---------------------------------------------------------------------------
+def _fewshot_worker(n_labeled, backbone, checkpoint, img_size, steps, device_name, image_path, labels_path, library):
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+
+    from .demo import spread
+    from .device import resolve_precision
+    from .finetune import TrainConfig, prepare_training_set, train
+    from .library import ModelLibrary
+    from .loading import load_model
+    from .metrics import evaluate
+    from .segment import segment_image
+    from .slices import SliceView, labeled_slices
+    from .volume import labels_onto_image, read_image, read_labels
+
+    device = torch.device(device_name)
+    dtype = resolve_precision("auto", device)
+    image, reference = read_image(image_path), read_labels(labels_path)
+    view = SliceView.from_image(image)
+    ref_stack = view.to_slices(sitk.GetArrayViewFromImage(labels_onto_image(reference, image)))
+    picked = spread(labeled_slices(ref_stack), n_labeled)
+    torch.manual_seed(0)
+    lm = load_model(checkpoint=checkpoint, backbone=backbone, img_size=img_size, classes="synapse",
+                    library=ModelLibrary(library), progress=Progress("none"))
+    data = prepare_training_set(image, reference, num_classes=8, img_size=img_size,
+                                slices=[view.original_index(s) for s in picked], device=device)
+    t = time.perf_counter()
+    report = train(lm.model, data, TrainConfig(steps=steps, holdout=0, seed=0, precision=dtype))
+    pred, _ = segment_image(image, lm.model, device=device, dtype=dtype)
+    wall = time.perf_counter() - t
+    held = np.ones(view.n_slices, bool)
+    held[picked] = False
+
+    def only_held(stack):
+        img = sitk.GetImageFromArray(view.from_slices(np.where(held[:, None, None], stack, 0).astype(np.uint8)))
+        img.CopyInformation(image)
+        return img
+
+    names = {c["value"]: c["name"] for c in lm.classes}
+    res = evaluate(only_held(ref_stack), only_held(view.to_slices(sitk.GetArrayViewFromImage(pred))), names)
+    from .device import peak_memory_mb
+
+    return {"n_labeled": n_labeled, "slices": data.slices, "steps": report.steps, "wall_s": round(wall, 1),
+            "peak_memory_mb": round(peak_memory_mb(device), 0),
+            "dice": {c["name"]: c["dice"] for c in res["classes"]}, "mean_dice": res["mean"]["dice"]}
+
+
+def run_fewshot(args, progress: Progress) -> dict:
+    from .device import resolve_device
+    from .sample_data import locate_sample
+
+    device = resolve_device(args.device)
+    sample = locate_sample(progress=progress)
+    backbone = args.backbone
+    checkpoint = args.checkpoint
+    img_size = 224 if backbone == "tiny" else args.img_size
+    steps = 300 if backbone == "tiny" else 1000
+    rows = []
+    ns = (1, 3) if args.quick else (1, 3, 5, 10)
+    for i, n in enumerate(ns):
+        rows.append(_in_fresh_process(_fewshot_worker, n, backbone, checkpoint, img_size, steps, str(device),
+                                      str(sample["image"]), str(sample["labels"]), args.library))
+        progress.progress("bench", i + 1, len(ns))
+        progress.log(f"N={n}: mean Dice {rows[-1]['mean_dice']:.3f} in {rows[-1]['wall_s']} s")
+    return {"machine": machine_info(device), "backbone": backbone, "checkpoint": checkpoint or "library",
+            "img_size": img_size, "steps": steps, "rows": rows}
+
+
+# -- output -----------------------------------------------------------------------------
+def _fmt(v):
+    return "" if v is None else (f"{v:.3f}" if isinstance(v, float) and abs(v) < 10 else str(v))
+
+
+def _table(rows: list[dict], keys: list[str]) -> str:
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def to_markdown(which: str, result: dict, command: str) -> str:
+    m = result["machine"]
+    head = (f"# hfsam bench {which}\n\nCommand: `{command}`\n\nMachine: {m['cpu']}, {m['threads']} threads, "
+            f"{m.get('gpu', 'no GPU')}, torch {m['torch']} ({m['cpu_capability']}), device {m['device']}\n")
+    if which == "fewshot":
+        organs = list(result["rows"][0]["dice"])
+        rows = [{"N": r["n_labeled"], "slices": ",".join(map(str, r["slices"])), "steps": r["steps"],
+                 "wall s": r["wall_s"], "peak MB": r["peak_memory_mb"], "mean": r["mean_dice"], **r["dice"]}
+                for r in result["rows"]]
+        return (head + f"\n{result['backbone']} at {result['img_size']} px, checkpoint {result['checkpoint']}; "
+                "Dice on the held-out slices of ct_abdomen_3mm\n\n"
+                + _table(rows, ["N", "slices", "steps", "wall s", "peak MB", "mean", *organs]) + "\n")
+    s = result["spec"]
+    out = [head, f"\nModel: {s['backbone']} at {s['img_size']} px, rank {s['rank']}, fusion {s['fusion']}: "
+                 f"{result['gflop_per_slice']} GFLOP per slice (forward)\n",
+           "\n## Ceiling (matmul GFLOP/s)\n\n" + _table([result["ceiling_gflops"]], list(result["ceiling_gflops"])),
+           "\n\n## Inference per slice\n\n" + _table(result["inference"], ["precision", "attention", "batch",
+                                                   "ms_per_slice", "slices_per_s", "gflops", "pct_of_ceiling",
+                                                   "peak_memory_mb"])]
+    if "segment_volume" in result:
+        v = result["segment_volume"]
+        secs = {k: round(x, 2) for k, x in v["seconds"].items()}
+        out.append(f"\n\n## Whole `segment` run: {v['volume']} ({v['slices']} slices, {v['precision']}, "
+                   f"batch {v['batch']})\n\n" + _table([secs], list(secs))
+                   + f"\n\nModel share of wall time: {v['model_share_pct']} %; peak memory {v['peak_memory_mb']} MB")
+    out.append("\n\n## Fine-tuning step (forward + backward + AdamW)\n\n"
+               + _table(result["finetune"], ["precision", "img_size", "batch", "s_per_step", "ms_per_slice",
+                                             "steps_per_s", "peak_memory_mb"]))
+    if result.get("agreement"):
+        out.append("\n\n## bf16 autocast vs fp32 on real slices\n\n" + _table([result["agreement"]],
+                                                                               list(result["agreement"])))
+    return "".join(out) + "\n"
+
+
+def run_bench(args, progress: Progress) -> int:
+    from .device import resolve_device
+
+    result = run_speed(args, progress) if args.which == "speed" else run_fewshot(args, progress)
+    command = "hfsam " + " ".join(sys.argv[1:])
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    tag = f"{args.which}_{args.backbone}_{device.type}"
+    result["command"] = command
+    (out / f"{tag}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{tag}.md").write_text(to_markdown(args.which, result, command))
+    progress.log(f"wrote {out / (tag + '.md')} and .json")
+    progress.result(markdown=str(out / f"{tag}.md"), json=str(out / f"{tag}.json"))
+    return 0

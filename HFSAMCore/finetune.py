@@ -1,0 +1,287 @@
+"""Few-shot training of an HF-SAM adapter on the labeled slices of one volume.
+
+DESIGN.md fixes the recipe: loss 0.1 cross-entropy + 0.9 soft Dice on the H/4
+logits against nearest-resized labels; AdamW (0.9, 0.999, weight decay 0.1),
+base lr 0.0025, linear warm-up then poly(0.9) decay; augmentation as H-SAM
+(rotation within +-20 deg, random crop resized back, elastic), labels always
+nearest. No flips: left and right kidney are different classes.
+
+The training slices are small (N <= a few dozen at model resolution), so they are
+prepared once as tensors on the device and augmented there batch by batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch.nn import functional as F
+
+from .device import autocast, is_out_of_memory, peak_memory_mb, reset_peak_memory
+from .errors import InputError
+from .progress import Progress
+from .segment import to_model_input
+from .slices import SliceView, choose_preset, labeled_slices, normalize, volume_stats
+from .volume import labels_onto_image
+
+CE_WEIGHT, DICE_WEIGHT = 0.1, 0.9
+ROTATION_DEG = 20.0
+CROP_AREA = (0.2, 0.8)  # area kept by a random crop, resized back
+P_ROTATE, P_CROP, P_ELASTIC = 0.5, 0.3, 0.3
+
+
+@dataclass
+class TrainingSet:
+    """Slices ready for the model: images [N,1,S,S] in [0,1], labels [N,S,S] (long)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    slices: list[int]  # indices along the image's own slice axis (what the user sees)
+    preset: str
+    num_classes: int
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = 300
+    minutes: float | None = None
+    batch_size: int = 4
+    lr: float = 0.0025
+    weight_decay: float = 0.1
+    warmup: int | None = None  # None: 10 % of the run, at most 250 steps
+    seed: int | None = 0
+    holdout: int | None = None  # None: 1 held-out slice when >= 5 are labeled
+    eval_every: int = 25
+    precision: torch.dtype = torch.float32
+    augment: bool = True
+
+
+@dataclass
+class TrainReport:
+    slices: list[int]
+    heldout_slices: list[int]
+    steps: int = 0
+    seconds: float = 0.0
+    final_loss: float = float("nan")
+    heldout_dice: float | None = None
+    batch_size: int = 0
+    peak_memory_mb: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d.pop("losses")
+        return d
+
+
+def prepare_training_set(
+    image: sitk.Image,
+    labels: sitk.Image,
+    *,
+    num_classes: int,
+    img_size: int,
+    slices: list[int] | str = "auto",
+    axis: str = "axial",
+    preset: str = "auto",
+    device: torch.device | str = "cpu",
+) -> TrainingSet:
+    """Bring LABELS onto IMAGE's grid by physical position and take the chosen slices."""
+    device = torch.device(device)
+    labels = labels_onto_image(labels, image)
+    view = SliceView.from_image(image, axis)
+    array = sitk.GetArrayViewFromImage(image)
+    image_stack = view.to_slices(array)
+    label_stack = view.to_slices(sitk.GetArrayViewFromImage(labels))
+    top = int(label_stack.max())
+    if top > num_classes:
+        raise InputError(f"the labels contain class {top} but only {num_classes} class name(s) were given; "
+                         "pass one name per label value with --classes")
+    labeled = labeled_slices(label_stack)
+    if not labeled:
+        raise InputError("the labels have no labeled voxel on the image grid: paint at least one slice")
+    if slices == "auto":
+        chosen = labeled
+    else:
+        chosen = [view.canonical_index(k) for k in slices]
+        empty = [view.original_index(s) for s in chosen if s not in set(labeled)]
+        if empty:
+            raise InputError(f"slice(s) {', '.join(map(str, empty))} carry no label; labeled slices are "
+                             f"{', '.join(str(view.original_index(s)) for s in labeled)}")
+    preset = choose_preset(image) if preset == "auto" else preset
+    stats = volume_stats(array, preset)
+    images = to_model_input(normalize(image_stack[chosen], preset, stats=stats), img_size, device)
+    lab = torch.from_numpy(np.ascontiguousarray(label_stack[chosen], dtype=np.int64)).to(device)
+    lab = F.interpolate(lab[:, None].float(), size=(img_size, img_size), mode="nearest")[:, 0].long()
+    return TrainingSet(images, lab, [view.original_index(s) for s in chosen], preset, num_classes)
+
+
+# -- loss ---------------------------------------------------------------------
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """1 - soft Dice of the softmax, per class over the batch, averaged over all classes (background too)."""
+    probs = logits.softmax(dim=1)
+    onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    dims = (0, 2, 3)
+    inter = (probs * onehot).sum(dims)
+    denom = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
+    return (1 - (2 * inter + smooth) / (denom + smooth)).mean()
+
+
+def hfsam_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """0.1 CE + 0.9 soft Dice on the H/4 logits; target is resized to them (nearest)."""
+    logits = logits.float()
+    if target.shape[-2:] != logits.shape[-2:]:
+        target = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+    return CE_WEIGHT * F.cross_entropy(logits, target) + DICE_WEIGHT * soft_dice_loss(logits, target)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then poly(0.9) decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, 1 - (step - warmup) / max(1, total - warmup)) ** 0.9
+
+
+def default_warmup(total: int) -> int:
+    return max(1, min(250, total // 10))
+
+
+# -- augmentation -------------------------------------------------------------
+def augment(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random affine (+ optional elastic) warp per sample; images bilinear, labels nearest."""
+    b = images.shape[0]
+    dev = images.device
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=gen).to(dev)
+
+    angle = torch.where(rand(b) < P_ROTATE, (rand(b) * 2 - 1) * math.radians(ROTATION_DEG), torch.zeros(b, device=dev))
+    area = CROP_AREA[0] + rand(b) * (CROP_AREA[1] - CROP_AREA[0])
+    side = torch.where(rand(b) < P_CROP, area.sqrt(), torch.ones(b, device=dev))
+    shift = (rand(b, 2) * 2 - 1) * (1 - side)[:, None]
+    cos, sin = torch.cos(angle) * side, torch.sin(angle) * side
+    theta = torch.stack((torch.stack((cos, -sin, shift[:, 0]), 1), torch.stack((sin, cos, shift[:, 1]), 1)), 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    elastic = rand(b) < P_ELASTIC
+    if elastic.any():
+        coarse = torch.randn(b, 2, 4, 4, generator=gen).to(dev) * 0.03
+        field_ = F.interpolate(coarse, size=images.shape[-2:], mode="bicubic", align_corners=False)
+        grid = grid + field_.permute(0, 2, 3, 1) * elastic[:, None, None, None]
+    out_img = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out_lab = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out_img, out_lab[:, 0].long()
+
+
+# -- evaluation on held-out slices --------------------------------------------
+@torch.no_grad()
+def slice_dice(model, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype) -> float:
+    """Mean foreground Dice over the classes present in the reference slices."""
+    was_training = model.training
+    model.eval()
+    with autocast(images.device, dtype):
+        logits = model(images)
+    pred = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+    model.train(was_training)
+    scores = []
+    for c in labels.unique().tolist():
+        if c == 0:
+            continue
+        r, p = labels == c, pred == c
+        scores.append(2 * (r & p).sum().item() / max(1, r.sum().item() + p.sum().item()))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+# -- the loop -----------------------------------------------------------------
+def split_holdout(n: int, holdout: int | None) -> tuple[list[int], list[int]]:
+    """Positions (in the training set) to train on and to hold out: the middle slice(s)."""
+    k = (1 if n >= 5 else 0) if holdout is None else holdout
+    if k < 0 or k >= n:
+        raise InputError(f"--holdout {k} must leave at least one of the {n} labeled slices for training")
+    held = sorted({(i + 1) * (n - 1) // (k + 1) for i in range(k)}) if k else []
+    return [i for i in range(n) if i not in held], held
+
+
+def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None = None) -> TrainReport:
+    """Train the trainable parameters of ``model`` in place; returns the report."""
+    progress = progress or Progress("none")
+    if cfg.steps is None and cfg.minutes is None:
+        raise InputError("give a step budget (--steps N) or a time budget (--minutes M)")
+    if cfg.steps is not None and cfg.steps < 1:
+        raise InputError(f"--steps must be at least 1, not {cfg.steps}")
+    if cfg.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    device = data.images.device
+    train_idx, held_idx = split_holdout(len(data.slices), cfg.holdout)
+    report = TrainReport(slices=[data.slices[i] for i in train_idx], heldout_slices=[data.slices[i] for i in held_idx])
+    gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else int(time.time()))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+    total = cfg.steps if cfg.steps is not None else 10**9  # refined from the first steps' timing
+    warmup = cfg.warmup or default_warmup(total if cfg.steps is not None else 100)
+    batch_size = cfg.batch_size
+    train_images, train_labels = data.images[train_idx], data.labels[train_idx]
+    held_images, held_labels = data.images[held_idx], data.labels[held_idx]
+    model.train().to(device)
+    reset_peak_memory(device)
+    start = time.monotonic()
+    step = 0
+    while step < total:
+        progress.check_cancelled()
+        elapsed = time.monotonic() - start
+        if cfg.minutes is not None:
+            if elapsed >= cfg.minutes * 60:
+                break
+            if step == 3:  # steps/second known: fix the schedule's length for the time budget
+                per_step = elapsed / 3
+                budget = max(step + 1, int(cfg.minutes * 60 / per_step))
+                total = budget if cfg.steps is None else min(cfg.steps, budget)
+                warmup = cfg.warmup or default_warmup(total)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, total if total < 10**9 else 100, warmup)
+        pick = torch.randint(len(train_idx), (batch_size,), generator=gen).to(device)
+        x, y = train_images[pick], train_labels[pick]
+        if cfg.augment:
+            x, y = augment(x, y, gen)
+        try:
+            with autocast(device, cfg.precision):
+                logits = model(x)
+            loss = hfsam_loss(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc) or batch_size == 1:
+                raise
+            optimizer.zero_grad(set_to_none=True)
+            batch_size = max(1, batch_size // 2)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            progress.warn(f"out of memory at batch size {batch_size * 2}: retrying with batch size {batch_size}")
+            continue
+        step += 1
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise RuntimeError(f"the training loss became {value} at step {step}; try a lower --lr")
+        report.losses.append(value)
+        shown_total = total if total < 10**9 else step + 1
+        progress.progress("finetune", step, shown_total, loss=round(value, 4))
+        metrics = {"step": step, "loss": round(value, 5), "lr": optimizer.param_groups[0]["lr"]}
+        if held_idx and (step % cfg.eval_every == 0 or step == total):
+            metrics["heldout_dice"] = round(slice_dice(model, held_images, held_labels, cfg.precision), 4)
+            report.heldout_dice = metrics["heldout_dice"]
+        if step % cfg.eval_every == 0 or step == total:
+            progress.metric(**metrics)
+
+    report.steps = step
+    report.seconds = round(time.monotonic() - start, 2)
+    report.final_loss = float(np.mean(report.losses[-10:])) if report.losses else float("nan")
+    if held_idx:
+        report.heldout_dice = round(slice_dice(model, held_images, held_labels, cfg.precision), 4)
+    report.batch_size = batch_size
+    report.peak_memory_mb = round(peak_memory_mb(device), 1)
+    model.eval()
+    return report

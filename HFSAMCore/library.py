@@ -1,0 +1,409 @@
+"""The local model library: named adapters and the base SAM checkpoints.
+
+Where it lives (first that applies):
+
+1. the ``root`` argument (``--library DIR`` on the command line);
+2. ``$HFSAM_HOME``;
+3. ``~/.hfsam`` on Linux and macOS, ``%LOCALAPPDATA%\\HFSAM`` on Windows
+   (a per-user, non-roaming folder: checkpoints are up to 2.5 GB).
+
+Layout::
+
+    <root>/adapters/<name>.safetensors     adapters (see adapters.py for the format)
+    <root>/checkpoints/<filename>          SAM base checkpoints, names from the catalog
+    <root>/sample_data/                    the demo's data when downloaded (sample_data.py)
+
+Entry names are 1..64 characters of ``[A-Za-z0-9._-]`` not starting with '.',
+so a name is always one plain file name inside the library: it can never reach
+outside it, never collide with the hidden temp and lock files (which start
+with '.'), and is portable to Windows.
+
+Two processes writing the same entry: each holds ``.<name>.lock`` (created
+with O_CREAT|O_EXCL, holding "pid host") while it writes; the second gets a
+clear InputError. A lock whose process is gone (same host) is stale and is
+removed. Writes themselves are atomic (temp file + rename), so even in the rare
+race where two processes both clear the same stale lock, the entry is always
+one whole file, and without ``overwrite`` the second rename fails cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from . import adapters as _adapters
+from . import download as _download
+from .errors import InputError
+from .progress import NULL, Progress
+
+ADAPTER_SUFFIX = ".safetensors"
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+# Names Windows reserves for devices, whatever the extension.
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def default_root() -> Path:
+    """``$HFSAM_HOME``, else ``%LOCALAPPDATA%\\HFSAM`` on Windows, else ``~/.hfsam``."""
+    env = os.environ.get("HFSAM_HOME")
+    if env:
+        return Path(env).expanduser()
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "HFSAM"
+    return Path.home() / ".hfsam"
+
+
+def validate_name(name: Any) -> str:
+    """Return ``name`` if it is a valid library entry name, else raise InputError."""
+    ok = (
+        isinstance(name, str)
+        and _NAME.fullmatch(name) is not None
+        and ".." not in name
+        and not name.endswith(".")
+        and name.split(".")[0].lower() not in _WINDOWS_DEVICES
+    )
+    if not ok:
+        shown = repr(name)[:80]
+        raise InputError(
+            f"invalid library entry name {shown}: use 1-64 letters, digits, '.', '_' or '-' "
+            "(not starting or ending with '.', no '..')"
+        )
+    return name
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        # os.kill(pid, 0) would send CTRL_C_EVENT on Windows: ask the kernel instead.
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5  # access denied: it exists
+        try:
+            code = ctypes.c_ulong()
+            kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+            return code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _lock_is_stale(lock: Path) -> bool:
+    """A lock is stale only when we can prove its writer is gone (same host, dead pid)."""
+    try:
+        fields = lock.read_text(encoding="utf-8", errors="replace").split()
+    except OSError:
+        return False
+    if len(fields) < 2 or not fields[0].isdigit():
+        return False  # being written right now, or not ours: leave it
+    return fields[1] == socket.gethostname() and not _pid_alive(int(fields[0]))
+
+
+@contextlib.contextmanager
+def entry_lock(folder: Path, name: str) -> Iterator[Path]:
+    """Hold ``folder/.<name>.lock`` while writing entry ``name`` (see the module docstring)."""
+    lock = folder / f".{name}.lock"
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if attempt == 0 and _lock_is_stale(lock):
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+                continue
+            raise InputError(
+                f"library entry '{name}' is being written by another process; wait for it to finish "
+                f"(if no HF-SAM is running, delete {lock})"
+            ) from None
+        except OSError as exc:
+            raise InputError(f"cannot write in the model library {folder}: {exc.strerror or exc}") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+        break
+    try:
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            lock.unlink()
+
+
+def _copy_file(src: Path, dest: Path, *, overwrite: bool) -> Path:
+    def write(fh):
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, fh, 1 << 20)
+
+    return _adapters.atomic_write(dest, write, overwrite=overwrite)
+
+
+class ModelLibrary:
+    """A folder of named adapters and base checkpoints (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = (Path(root).expanduser() if root not in (None, "") else default_root()).resolve()
+
+    def __repr__(self) -> str:
+        return f"ModelLibrary({str(self.root)!r})"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def sample_data_dir(self) -> Path:
+        return self.root / "sample_data"
+
+    def ensure_folder(self, folder: Path) -> Path:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create the model library folder {folder}: {exc.strerror or exc}") from None
+        return folder
+
+    # -- adapters -------------------------------------------------------------
+    def adapter_path(self, name: str) -> Path:
+        """Where entry ``name`` is (or would be) stored; the name is validated."""
+        path = self.adapters_dir / f"{validate_name(name)}{ADAPTER_SUFFIX}"
+        # Defence in depth: a valid name is one plain file name, so this cannot fail.
+        if path.parent != self.adapters_dir:
+            raise InputError(f"library entry name {name!r} points outside the library")
+        return path
+
+    def names(self) -> list[str]:
+        if not self.adapters_dir.is_dir():
+            return []
+        return sorted(
+            p.name[: -len(ADAPTER_SUFFIX)]
+            for p in self.adapters_dir.iterdir()
+            if p.name.endswith(ADAPTER_SUFFIX) and not p.name.startswith(".") and p.is_file()
+        )
+
+    def _missing(self, name: str) -> InputError:
+        names = self.names()
+        listing = f"available: {', '.join(names)}" if names else (
+            "the library is empty: train one with `hfsam finetune` or add one with `hfsam models import FILE`"
+        )
+        return InputError(f"no adapter named '{name}' in the model library {self.root}; {listing}")
+
+    def _existing(self, name: str) -> Path:
+        path = self.adapter_path(name)
+        if not path.is_file():
+            raise self._missing(name)
+        return path
+
+    def list_adapters(self) -> list[dict]:
+        """One summary per adapter; an unreadable one carries an "error" field instead of crashing."""
+        entries = []
+        for name in self.names():
+            path = self.adapters_dir / f"{name}{ADAPTER_SUFFIX}"
+            entry: dict[str, Any] = {"name": name, "path": str(path), "size": path.stat().st_size}
+            try:
+                validate_name(name)
+                meta = _adapters.read_metadata(path)
+            except InputError as exc:
+                entry["error"] = str(exc)
+            else:
+                entry.update(_summary(meta))
+            entries.append(entry)
+        return entries
+
+    def show(self, name: str) -> dict:
+        """Everything about one adapter: its full metadata plus name, path, size and SHA256."""
+        path = self._existing(name)
+        meta = _adapters.read_metadata(path)
+        return {"name": name, "path": str(path), "size": path.stat().st_size,
+                "sha256": _download.sha256_file(path), "metadata": meta}
+
+    def resolve_adapter(self, name_or_path: str | os.PathLike) -> Path:
+        """An existing file path wins; otherwise a library name; unknown -> InputError listing names."""
+        text = os.fspath(name_or_path)
+        candidate = Path(text).expanduser()
+        if candidate.is_file():
+            return candidate.resolve()
+        if "/" in text or os.sep in text or text.endswith(ADAPTER_SUFFIX):
+            raise InputError(f"adapter file {candidate} does not exist; check the path or use `hfsam models list`")
+        return self._existing(text)
+
+    def save_adapter(self, name: str, tensors: Mapping, metadata: Mapping, *, overwrite: bool = False) -> Path:
+        """Store tensors + metadata as entry ``name`` (atomic, locked)."""
+        path = self.adapter_path(name)
+        folder = self.ensure_folder(self.adapters_dir)
+        with entry_lock(folder, name):
+            return _adapters.save_adapter(path, tensors, metadata, overwrite=overwrite)
+
+    def import_adapter(self, file: str | os.PathLike, name: str | None = None, *, overwrite: bool = False) -> str:
+        """Copy an adapter file into the library after validating its metadata; returns the entry name.
+
+        The name defaults to the adapter's own metadata name when that is a valid
+        entry name, else to the file name without ``.safetensors``.
+        """
+        src = Path(file).expanduser()
+        meta = _adapters.read_metadata(src)  # refuses anything that is not a valid adapter
+        if name is None:
+            stem = src.name[: -len(ADAPTER_SUFFIX)] if src.name.endswith(ADAPTER_SUFFIX) else src.stem
+            for candidate in (meta["name"], stem):
+                try:
+                    name = validate_name(candidate)
+                    break
+                except InputError:
+                    continue
+            else:
+                raise InputError(f"cannot derive a library name from {src.name!r}; give one with --name")
+        dest = self.adapter_path(name)
+        if dest.exists() and dest.resolve() == src.resolve():
+            return name  # importing an entry onto itself: nothing to do
+        folder = self.ensure_folder(self.adapters_dir)
+        with entry_lock(folder, name):
+            _copy_file(src, dest, overwrite=overwrite)
+        return name
+
+    def export_adapter(self, name: str, dest: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Copy entry ``name`` to ``dest`` (a file, or a folder to put ``<name>.safetensors`` in)."""
+        src = self._existing(name)
+        dest = Path(dest).expanduser()
+        if dest.is_dir():
+            dest = dest / src.name
+        if dest.exists() and dest.resolve() == src.resolve():
+            raise InputError(f"{dest} is the library entry itself; export to another place")
+        return _copy_file(src, dest, overwrite=overwrite)
+
+    def remove_adapter(self, name: str) -> None:
+        path = self._existing(name)
+        with entry_lock(self.adapters_dir, name):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                raise self._missing(name) from None
+            except OSError as exc:
+                raise InputError(f"cannot remove {path}: {exc.strerror or exc}") from None
+
+    # -- base checkpoints -----------------------------------------------------
+    def checkpoint_path(self, backbone: str, catalog: dict | None = None) -> Path | None:
+        """The registered checkpoint of ``backbone`` if present (and of the catalog's size), else None.
+
+        The SHA256 was checked when it was downloaded or imported; the size check
+        here is the cheap guard against a file damaged later.
+        """
+        catalog = catalog or _download.load_catalog()
+        if backbone not in catalog["checkpoints"]:
+            return None  # e.g. "tiny": no pretrained base exists
+        entry = catalog["checkpoints"][backbone]
+        path = self.checkpoints_dir / entry["filename"]
+        if not path.is_file():
+            return None
+        if entry.get("size") and path.stat().st_size != entry["size"]:
+            return None
+        return path
+
+    def download_checkpoint(self, backbone: str, catalog: dict | None = None,
+                            progress: Progress | None = None) -> Path:
+        """Download (or resume) the base checkpoint of ``backbone`` from the catalog, verified by SHA256."""
+        entry = _download.catalog_entry(backbone, catalog)
+        folder = self.ensure_folder(self.checkpoints_dir)
+        with entry_lock(folder, entry["filename"]):  # two downloads must not share one .part
+            return _download.download(entry["url"], folder / entry["filename"], entry["sha256"],
+                                      size=entry.get("size"), progress=progress)
+
+    def import_checkpoint(self, file: str | os.PathLike, backbone: str | None = None, *,
+                          catalog: dict | None = None, progress: Progress | None = None) -> Path:
+        """Copy a local SAM checkpoint into the library; its SHA256 must match the catalog.
+
+        Without ``backbone`` the file is identified by its hash. The bytes are
+        hashed while they are copied, so what is verified is what was written.
+        """
+        progress = progress or NULL
+        catalog = catalog or _download.load_catalog()
+        entries = catalog["checkpoints"]
+        if backbone is not None and backbone not in entries:
+            raise InputError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(entries))}")
+        src = Path(file).expanduser()
+        if not src.is_file():
+            raise InputError(f"checkpoint file {src} does not exist")
+        # A wrong size is certain to be a wrong file: say so before copying gigabytes.
+        size = src.stat().st_size
+        candidates = [entries[backbone]] if backbone else list(entries.values())
+        if all(e.get("size") for e in candidates) and size not in {e["size"] for e in candidates}:
+            what = f"the {backbone} checkpoint" if backbone else "any known SAM checkpoint"
+            raise InputError(f"{src} has {size} bytes, which is not the size of {what}; "
+                             f"use an official file, e.g. {candidates[0]['url']}")
+        folder = self.ensure_folder(self.checkpoints_dir)
+        tmp = _adapters.temp_path(folder / src.name, ".import")
+        digest = self._copy_hashing(src, tmp, progress)
+        try:
+            matches = [b for b, e in entries.items() if e["sha256"] == digest]
+            if backbone is not None and entries[backbone]["sha256"] != digest:
+                raise InputError(
+                    f"{src} has SHA256 {digest}, but the {backbone} checkpoint {entries[backbone]['filename']} has "
+                    f"{entries[backbone]['sha256']}; use the file from {entries[backbone]['url']}"
+                )
+            if not matches:
+                raise InputError(
+                    f"{src} has SHA256 {digest}, which matches no known SAM checkpoint "
+                    f"({', '.join(sorted(entries))}); use an official file, e.g. {entries[sorted(entries)[0]]['url']}"
+                )
+            entry = entries[backbone or matches[0]]
+            dest = folder / entry["filename"]
+            with entry_lock(folder, entry["filename"]):
+                _adapters.publish(tmp, dest, overwrite=True)  # same hash: replacing is harmless
+            return dest
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    @staticmethod
+    def _copy_hashing(src: Path, tmp: Path, progress: Progress) -> str:
+        import hashlib
+
+        digest = hashlib.sha256()
+        total, done = src.stat().st_size, 0
+        try:
+            with open(src, "rb") as source, open(tmp, "xb") as fh:
+                while block := source.read(1 << 20):
+                    progress.check_cancelled()
+                    fh.write(block)
+                    digest.update(block)
+                    done += len(block)
+                    progress.progress("import", done, total)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise InputError(f"cannot copy {src} into {tmp.parent}: {exc.strerror or exc}") from None
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        return digest.hexdigest()
+
+
+def _summary(meta: dict) -> dict:
+    return {
+        "title": meta["name"],
+        "backbone": meta["backbone"],
+        "img_size": meta["img_size"],
+        "rank": meta["rank"],
+        "fusion": meta["fusion"],
+        "classes": [c["name"] for c in meta["classes"]],
+        "intensity_preset": meta["intensity_preset"],
+        "created": meta["created"],
+        "metrics": meta["metrics"],
+        "description": meta["description"],
+    }

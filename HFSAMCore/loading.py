@@ -1,0 +1,146 @@
+"""Which model a run uses: a base (SAM checkpoint or explicit random init) plus an optional adapter.
+
+The CLI, the demo and the benchmarks all come through `load_model`, so the rules
+live in one place:
+
+- ``checkpoint=None``: the library's registered SAM checkpoint for the backbone.
+- ``checkpoint="none"``: a random base, for tests and benchmarks only (warned). It
+  is made from a fixed seed, so an adapter trained on it can be re-applied later:
+  the adapter records ``base_checkpoint = {"name": "random-init", "seed": 0}``.
+- ``adapter``: a library name or a file; its metadata fixes the architecture and
+  the classes, and its base must be the checkpoint given (SHA256 compared).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .progress import Progress
+
+RANDOM_BASE_SEED = 0
+
+
+@dataclass
+class LoadedModel:
+    model: "torch.nn.Module"
+    classes: list[dict]
+    base: dict  # {"name", "sha256"} or the random-init record
+    adapter_path: Path | None = None
+    adapter_metadata: dict | None = None
+
+    @property
+    def spec(self):
+        return self.model.spec
+
+    def describe(self) -> dict:
+        """What the sidecar JSON and the result event say about the model."""
+        meta = self.adapter_metadata or {}
+        return {
+            **self.spec.as_dict(),
+            "base_checkpoint": self.base,
+            "adapter": str(self.adapter_path) if self.adapter_path else None,
+            "adapter_name": meta.get("name"),
+        }
+
+
+def _random_base(spec, progress: Progress):
+    from .model.hfsam import HFSAM
+
+    progress.warn(f"using a RANDOMLY INITIALISED {spec.backbone} model (--checkpoint none): "
+                  "for tests and benchmarks only, its output is not a medical segmentation")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_BASE_SEED)
+        model = HFSAM(spec)
+    return model, {"name": "random-init", "sha256": None, "seed": RANDOM_BASE_SEED}
+
+
+def _checkpoint_base(spec, checkpoint: Path, progress: Progress):
+    from .download import sha256_file
+    from .model.backbone import load_sam_weights, read_sam_state_dict
+    from .model.hfsam import HFSAM
+
+    state = read_sam_state_dict(checkpoint)
+    model = HFSAM(spec)
+    report = load_sam_weights(model, state, model.cfg, spec.img_size)
+    progress.log(f"loaded {report['loaded']} tensors from {checkpoint.name} "
+                 f"({len(report['skipped'])} class-specific SAM tensors replaced by HF-SAM's own)")
+    return model, {"name": checkpoint.name, "sha256": sha256_file(checkpoint)}
+
+
+def resolve_checkpoint(checkpoint: str | None, backbone: str, library) -> Path | None:
+    """None for an explicit random init; otherwise an existing checkpoint file."""
+    if checkpoint is not None and str(checkpoint).lower() == "none":
+        return None
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise InputError(f"checkpoint not found: {path}")
+        return path
+    if backbone == "tiny":
+        raise InputError("the tiny backbone has no pretrained weights: pass --checkpoint none")
+    found = library.checkpoint_path(backbone)
+    if found is None:
+        raise InputError(f"no SAM {backbone} checkpoint in the model library ({library.root}): run "
+                         f"`hfsam models download {backbone}` (or `hfsam models import-checkpoint FILE` offline), "
+                         "or pass --checkpoint FILE")
+    return found
+
+
+def load_model(
+    *,
+    adapter: str | None = None,
+    checkpoint: str | None = None,
+    backbone: str = "vit_b",
+    img_size: int = 512,
+    rank: int = 5,
+    fusion: str = "two_step",
+    classes=None,
+    library=None,
+    progress: Progress | None = None,
+) -> LoadedModel:
+    from .adapters import check_compatible, load_adapter
+    from .classes import resolve_classes
+    from .library import ModelLibrary
+    from .model.hfsam import ModelSpec
+
+    progress = progress or Progress("none")
+    library = library if library is not None else ModelLibrary()
+    if adapter:
+        path = library.resolve_adapter(adapter)
+        tensors, meta = load_adapter(path)
+        spec = ModelSpec(meta["backbone"], meta["img_size"], len(meta["classes"]), meta["rank"], meta["fusion"],
+                         tuple(meta.get("low_level_blocks") or ()) or None).resolved()
+        base_meta = meta.get("base_checkpoint")
+        if base_meta is None or base_meta.get("name") == "random-init":
+            if checkpoint and str(checkpoint).lower() != "none":
+                raise InputError(f"adapter {path.name} was trained on a random test model, not on {checkpoint}; "
+                                 "drop --checkpoint")
+            model, base = _random_base(spec, progress)
+        else:
+            ckpt = resolve_checkpoint(checkpoint, spec.backbone, library)
+            if ckpt is None:
+                raise InputError(f"adapter {path.name} needs its SAM base checkpoint {base_meta.get('name')}; "
+                                 "--checkpoint none cannot be used with it")
+            model, base = _checkpoint_base(spec, ckpt, progress)
+        check_compatible(meta, {**spec.as_dict(), "base_checkpoint": base})
+        model.load_trainable_state_dict(tensors)
+        class_list = meta["classes"]
+        if classes:
+            wanted = resolve_classes(classes)
+            if [c["name"] for c in wanted] != [c["name"] for c in class_list]:
+                raise InputError(f"adapter {path.name} segments {', '.join(c['name'] for c in class_list)}; "
+                                 "--classes cannot rename or change them (fine-tune a new adapter instead)")
+        return LoadedModel(model, class_list, base, path, meta)
+
+    class_list = resolve_classes(classes or "synapse")
+    spec = ModelSpec(backbone, img_size, len(class_list), rank, fusion).resolved()
+    ckpt = resolve_checkpoint(checkpoint, spec.backbone, library)
+    model, base = _random_base(spec, progress) if ckpt is None else _checkpoint_base(spec, ckpt, progress)
+    if adapter is None and ckpt is not None:
+        progress.warn("no adapter given: the class head is untrained, so the result is not meaningful; "
+                      "fine-tune one with `hfsam finetune` or pass --adapter")
+    return LoadedModel(model, class_list, base)

@@ -1,0 +1,1 @@
+"""HF-SAM model: backbone (SAM encoder + checkpoints), LoRA, AWFFM, decoder, assembly."""

@@ -1,0 +1,145 @@
+"""Inference over a volume: slices in canonical orientation, batched through HF-SAM.
+
+Slices stream through the model in batches: the only per-volume array kept is
+the uint8 label volume (logit maps exist for one batch at a time), so a
+500-slice CT costs no more memory than a 5-slice one. Resizing to the model
+input and back (logits, then argmax) is done on whole batches on the device.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch.nn import functional as F
+
+from .device import autocast, is_out_of_memory, peak_memory_mb, reset_peak_memory
+from .errors import InputError
+from .progress import Progress
+from .slices import SliceView, choose_preset, normalize, volume_stats
+
+
+def to_model_input(batch: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
+    """[b,h,w] float32 in [0,1] -> [b,1,size,size] on the device (bilinear, antialiased when shrinking)."""
+    x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device, non_blocking=True)[:, None]
+    if x.shape[-2:] == (size, size):
+        return x
+    shrink = x.shape[-2] > size or x.shape[-1] > size
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+class StageTimer:
+    """Wall time per stage, for the benchmark; a no-op unless asked for."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device, self.enabled, self.seconds = device, enabled, {}
+        self._t = 0.0
+
+    def start(self) -> None:
+        if self.enabled:
+            self._sync()
+            self._t = time.perf_counter()
+
+    def stop(self, stage: str) -> None:
+        if self.enabled:
+            self._sync()
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - self._t
+            self._t = time.perf_counter()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def segment_image(
+    image: sitk.Image,
+    model,
+    *,
+    preset: str = "auto",
+    axis: str = "axial",
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+    timings: dict | None = None,
+) -> tuple[sitk.Image, dict]:
+    """Segment every slice of ``image``; return (label image with image's geometry, run info).
+
+    Pass a dict as ``timings`` to get seconds per stage (preprocess, model,
+    postprocess) added to it; the benchmark does.
+    """
+    progress = progress or Progress("none")
+    device = torch.device(device)
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, not {batch_size}")
+    timer = StageTimer(device, timings is not None)
+    timer.start()
+    view = SliceView.from_image(image, axis)
+    array = sitk.GetArrayViewFromImage(image)
+    stack = view.to_slices(array)
+    preset = choose_preset(image) if preset == "auto" else preset
+    stats = volume_stats(array, preset)
+    n, h, w = stack.shape
+    out = np.zeros((n, h, w), dtype=np.uint8)
+    size = model.spec.img_size
+    model.eval().to(device)
+    reset_peak_memory(device)
+    timer.stop("preprocess")
+
+    start = 0
+    progress.progress("segment", 0, n)
+    with torch.inference_mode():
+        while start < n:
+            progress.check_cancelled()
+            stop = min(start + batch_size, n)
+            try:
+                timer.start()
+                x = to_model_input(normalize(stack[start:stop], preset, stats=stats), size, device)
+                timer.stop("preprocess")
+                with autocast(device, dtype):
+                    logits = model(x)
+                timer.stop("model")
+                logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+                out[start:stop] = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+                timer.stop("postprocess")
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc) or batch_size == 1:
+                    raise
+                batch_size = max(1, batch_size // 2)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                progress.warn(f"out of memory: retrying with batch size {batch_size}")
+                continue
+            start = stop
+            progress.progress("segment", start, n)
+
+    timer.start()
+    labels = sitk.GetImageFromArray(view.from_slices(out))
+    labels.CopyInformation(image)
+    timer.stop("postprocess")
+    if timings is not None:
+        for k, v in timer.seconds.items():
+            timings[k] = timings.get(k, 0.0) + v
+    info = {
+        "slices": n,
+        "axis": axis,
+        "intensity_preset": preset,
+        "batch_size": batch_size,
+        "device": str(device),
+        "precision": str(dtype).replace("torch.", ""),
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
+    }
+    return labels, info
+
+
+def sidecar_path(output: str | Path) -> Path:
+    """`seg.nrrd` -> `seg.json`, `seg.nii.gz` -> `seg.json`."""
+    output = Path(output)
+    name = output.name
+    for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd", ".nhdr"):
+        if name.lower().endswith(ext):
+            return output.with_name(name[: -len(ext)] + ".json")
+    return output.with_name(output.stem + ".json")

@@ -1,0 +1,552 @@
+"""Read, check and write volumes; compare geometry; bring label maps onto an image grid.
+
+Everything here speaks SimpleITK images, so that geometry (origin, spacing,
+direction) travels with the voxels from the file to the model and back. Three
+rules shape the code:
+
+* Refuse bad input early with one line that says what to do (``InputError``):
+  a 4D, RGB or 2D image, NaN voxels or a blank volume would otherwise fail deep
+  inside the model with a message nobody can act on.
+* Labels are matched to images by PHYSICAL position, never by array index: two
+  files of the same patient may store their axes in different orders or
+  directions (the sample DICOM labels have a flipped y axis), and pairing arrays
+  silently mirrors every slice.
+* Outputs are written atomically (temp name in the same folder, fsync,
+  ``os.replace``) and never overwrite unless asked, so a crash, a full disk or
+  a cancelled run never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import InputError
+
+#: File name endings SimpleITK reads and writes for us (longest first so that
+#: ".nii.gz" wins over ".gz").
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: Metadata key under which the DICOM modality (0008|0060) is kept on the image.
+MODALITY_KEY = "hfsam_modality"
+_SERIES_SEP = "::"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read a 3D scalar image: NIfTI, NRRD, MHA/MHD, or a folder holding a DICOM series.
+
+    ``"folder::SERIES_UID"`` picks one series from a folder that holds several.
+    A single ``.dcm`` file reads the whole series it belongs to. The pixel type
+    of the file is kept. For DICOM the modality (0008|0060) is stored as image
+    metadata ``hfsam_modality`` so that the intensity preset can be chosen from it.
+    """
+    image = _drop_single_time_point(_read_any(path))
+    _check_scalar_3d(image, _display(path))
+    arr = sitk.GetArrayViewFromImage(image)
+    _check_finite(arr, _display(path))
+    lo, hi = _min_max(arr)
+    if lo == hi:
+        raise InputError(
+            f"{_display(path)} is blank (every voxel is {lo:g}): choose the volume that holds the scan"
+        )
+    return image
+
+
+def read_labels(path: str | os.PathLike) -> sitk.Image:
+    """Read an integer label map (0 = background) with the same checks as ``read_image``.
+
+    Differences: a label map may be all zero (a volume with nothing labelled
+    yet); float files are accepted when every value is a whole number (some
+    tools save labels as float); negative values are refused. The result is
+    always unsigned: UInt8 when the largest label is below 256, else UInt16
+    (UInt32 above 65535), so that later code needs no pixel-type cases.
+    """
+    image = _drop_single_time_point(_read_any(path))
+    name = _display(path)
+    _check_scalar_3d(image, name)
+    return _as_label_image(image, name)
+
+
+def read_label_volumes(paths: Iterable[str | os.PathLike]) -> sitk.Image:
+    """Merge several binary volumes (one per class) into one label map.
+
+    Class ``i + 1`` is the non-zero voxels of ``paths[i]``. Every volume is
+    brought onto the FIRST volume's grid by physical position (nearest
+    neighbour), so the files may differ in grid and axis order. Where classes
+    overlap, the LATER class wins (the voxel gets the larger class value),
+    exactly as if the volumes were painted one after another.
+    """
+    paths = list(paths)
+    if not paths:
+        raise InputError("no label volumes given: pass one binary volume per class")
+    reference: sitk.Image | None = None
+    merged: np.ndarray | None = None
+    for i, p in enumerate(paths):
+        img = read_labels(p)
+        if reference is None:
+            reference = img
+            merged = np.zeros(sitk.GetArrayViewFromImage(img).shape, dtype=np.uint16)
+        else:
+            img = labels_onto_image(img, reference)
+        mask = sitk.GetArrayViewFromImage(img) != 0
+        merged[mask] = i + 1
+    assert reference is not None and merged is not None
+    out = sitk.GetImageFromArray(merged.astype(np.uint8 if len(paths) < 256 else np.uint16))
+    out.CopyInformation(reference)
+    return out
+
+
+def _read_any(path: str | os.PathLike) -> sitk.Image:
+    """Dispatch on what ``path`` is: a file, a DICOM folder, or ``folder::UID``."""
+    text = os.fspath(path)
+    uid: str | None = None
+    if not os.path.exists(text) and _SERIES_SEP in text:
+        text, uid = text.rsplit(_SERIES_SEP, 1)
+    p = Path(text)
+    if not p.exists():
+        raise InputError(f"{text} does not exist: check the path")
+    if p.is_dir():
+        return _read_dicom_folder(p, uid)
+    if uid is not None:
+        raise InputError(f"{text} is a file; the '::SERIES_UID' form needs a DICOM folder")
+    if p.name.lower().endswith(".dcm"):
+        return _read_dicom_file_series(p)
+    try:
+        with _quiet_itk():
+            image = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        detail = _first_line(exc)
+        hint = "" if _uninformative(detail) else f" ({detail})"
+        raise InputError(
+            f"cannot read {p}: damaged, truncated or not a NIfTI/NRRD/MHA image{hint}"
+        ) from None
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_complete(p, image)
+    return image
+
+
+def _check_nifti_complete(path: Path, image: sitk.Image) -> None:
+    """ITK's NIfTI reader fills a truncated file up with zeros instead of failing,
+    so compare the bytes that are really there with what the header promises."""
+    try:
+        ndim = int(image.GetMetaData("dim[0]"))
+        voxels = int(np.prod([int(image.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]))
+        expected = int(float(image.GetMetaData("vox_offset"))) + voxels * int(image.GetMetaData("bitpix")) // 8
+    except (RuntimeError, ValueError):
+        return  # header fields not exposed by this ITK version: nothing to compare with
+    try:
+        if path.name.lower().endswith(".gz"):
+            actual = 0
+            with gzip.open(path, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    actual += len(chunk)
+        else:
+            actual = path.stat().st_size
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"cannot read {path}: the compressed file is damaged or truncated ({exc})") from None
+    if actual < expected:
+        raise InputError(
+            f"cannot read {path}: the file is truncated ({actual} of {expected} bytes); copy or export it again"
+        )
+
+
+def _read_dicom_folder(folder: Path, uid: str | None) -> sitk.Image:
+    series = _list_series(folder)
+    if not series:
+        hint = " (it holds sub-folders: pass the one with the .dcm files)" if any(
+            c.is_dir() for c in folder.iterdir()
+        ) else ""
+        raise InputError(
+            f"no DICOM series in {folder}{hint}; for a NIfTI/NRRD file pass the file itself"
+        )
+    if uid is not None:
+        if uid not in series:
+            raise InputError(
+                f"series {uid!r} is not in {folder}; it holds: {_describe_series(series)}"
+            )
+        return _read_series(folder, uid, series[uid])
+    if len(series) > 1:
+        raise InputError(
+            f"{folder} holds {len(series)} DICOM series: {_describe_series(series)}; "
+            f"pass the series' own folder or '{folder}::SERIES_UID'"
+        )
+    (only_uid, files), = series.items()
+    return _read_series(folder, only_uid, files)
+
+
+def _read_dicom_file_series(file: Path) -> sitk.Image:
+    """A single .dcm file stands for the whole series it belongs to."""
+    target = file.resolve()
+    for uid, files in _list_series(file.parent).items():
+        if any(Path(f).resolve() == target for f in files):
+            return _read_series(file.parent, uid, files)
+    raise InputError(f"cannot read {file}: not a readable DICOM image file")
+
+
+def _list_series(folder: Path) -> dict[str, tuple[str, ...]]:
+    """Series UID -> sorted file names (GDCM sorts by position along the normal)."""
+    reader = sitk.ImageSeriesReader
+    try:
+        with _quiet_itk():  # GDCM warns "No Series were found" on stderr for a plain folder
+            uids = reader.GetGDCMSeriesIDs(str(folder))
+        return {uid: tuple(reader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in uids}
+    except RuntimeError as exc:
+        raise InputError(f"cannot scan {folder} for DICOM: {_first_line(exc)}") from None
+
+
+def _check_even_slices(reader: sitk.ImageSeriesReader, image: sitk.Image, name: str) -> None:
+    """ITK gives a series one slice spacing even when slices are missing or doubled,
+    which silently stretches the anatomy: refuse such a series instead."""
+    n = image.GetDepth()
+    if n < 3:
+        return
+    try:
+        positions = np.array(
+            [[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)]
+        )
+    except (RuntimeError, ValueError):
+        return  # no Image Position (Patient) on every slice: nothing to check against
+    if positions.shape != (n, 3):
+        return
+    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    gaps = np.diff(positions @ normal)
+    typical = float(np.median(np.abs(gaps)))
+    bad = np.flatnonzero(np.abs(np.abs(gaps) - typical) > max(0.01 * typical, 1e-3))
+    if typical == 0 or bad.size:
+        where = int(bad[0]) if bad.size else 0
+        raise InputError(
+            f"{name} has unevenly spaced slices (gap of {abs(gaps[where]):.3g} mm after slice {where}, "
+            f"typical {typical:.3g} mm): slices are missing or doubled; export the complete series"
+        )
+
+
+def _describe_series(series: dict[str, tuple[str, ...]]) -> str:
+    """One line per series is too long for a one-line error: join them with '; '."""
+    parts = []
+    for uid, files in series.items():
+        desc = _dicom_tag(files[0], "0008|103e")
+        label = uid if uid else "(no series UID)"
+        parts.append(f"{label} ({len(files)} files{', ' + desc if desc else ''})")
+    return "; ".join(parts)
+
+
+def _dicom_tag(file: str, tag: str) -> str:
+    """Read one tag from a file header only (cheap); '' when absent or unreadable."""
+    try:
+        r = sitk.ImageFileReader()
+        r.SetFileName(file)
+        r.ReadImageInformation()
+        return r.GetMetaData(tag).strip() if r.HasMetaDataKey(tag) else ""
+    except RuntimeError:
+        return ""
+
+
+def _read_series(folder: Path, uid: str, files: tuple[str, ...]) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(files))
+    reader.MetaDataDictionaryArrayUpdateOn()  # per-slice positions, to check the spacing below
+    label = uid or "(no series UID)"
+    try:
+        with _quiet_itk():  # ITK only warns about uneven slices; we refuse them below
+            image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(
+            f"cannot read DICOM series {label} in {folder}: {_first_line(exc)}"
+        ) from None
+    _check_even_slices(reader, image, f"DICOM series {label} in {folder}")
+    modality = _dicom_tag(files[0], "0008|0060").upper()
+    if modality:
+        image.SetMetaData(MODALITY_KEY, modality)
+    return image
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _drop_single_time_point(image: sitk.Image) -> sitk.Image:
+    """A 4D file with one time point is a 3D volume in disguise (NRRD keeps the size-1
+    axis, NIfTI drops it): treat both alike."""
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        size = list(image.GetSize()[:3]) + [0]
+        return sitk.Extract(
+            image, size, [0, 0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX
+        )
+    return image
+
+
+def _check_scalar_3d(image: sitk.Image, name: str) -> None:
+    dim = image.GetDimension()
+    if dim == 4:
+        raise InputError(f"{name} is a 4D image (a time series?): extract one 3D volume first")
+    if dim == 2:
+        raise InputError(f"{name} is a 2D image: HF-SAM needs a 3D volume (NIfTI, NRRD or a DICOM series)")
+    if dim != 3:
+        raise InputError(f"{name} has {dim} dimensions: HF-SAM needs a 3D volume")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"{name} has {image.GetNumberOfComponentsPerPixel()} components per voxel (RGB/vector): "
+            "convert it to a single grey-level volume first"
+        )
+    if sum(s > 1 for s in image.GetSize()) < 2:
+        raise InputError(f"{name} has size {image.GetSize()}: it needs at least two voxels along two axes")
+
+
+def _check_finite(arr: np.ndarray, name: str) -> None:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise InputError(f"{name} contains NaN or infinite voxels: fix or replace them before segmenting")
+
+
+def _min_max(arr: np.ndarray) -> tuple[float, float]:
+    return float(arr.min()), float(arr.max())
+
+
+def _as_label_image(image: sitk.Image, name: str) -> sitk.Image:
+    """Check label values and cast to the smallest unsigned type that holds them."""
+    arr = sitk.GetArrayViewFromImage(image)
+    if arr.dtype.kind == "f":
+        _check_finite(arr, name)
+        if not np.array_equal(arr, np.round(arr)):
+            raise InputError(
+                f"{name} has non-integer values, so it is not a label map: pass an integer label volume"
+            )
+    elif arr.dtype.kind not in "iu":
+        raise InputError(f"{name} has pixel type {image.GetPixelIDTypeAsString()}: a label map must be integer")
+    lo, hi = _min_max(arr)
+    if lo < 0:
+        raise InputError(f"{name} has negative label values (min {lo:g}): labels must be 0 (background) or positive")
+    pixel = _label_pixel_type(hi)
+    if image.GetPixelID() == pixel:
+        return image
+    out = sitk.Cast(image, pixel)
+    return out
+
+
+def _label_pixel_type(max_value: float) -> int:
+    if max_value < 256:
+        return sitk.sitkUInt8
+    if max_value < 65536:
+        return sitk.sitkUInt16
+    return sitk.sitkUInt32
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def labels_onto_image(labels: sitk.Image, image: sitk.Image) -> sitk.Image:
+    """Resample a label map onto ``image``'s grid by physical position (nearest neighbour).
+
+    Voxels outside the label map become 0. The result has the image's origin,
+    spacing, direction and size, and pixel type UInt8 (UInt16 when a label is
+    256 or more). Refuses label maps whose physical box does not meet the
+    image's at all: they belong to another scan or another coordinate frame.
+    """
+    if labels.GetDimension() != 3 or image.GetDimension() != 3:
+        raise InputError("labels and image must both be 3D volumes")
+    if labels.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("the label map has several components per voxel: pass a scalar label volume")
+    if not _boxes_overlap(_physical_box(labels), _physical_box(image)):
+        raise InputError(
+            "the label map and the image do not overlap in physical space: "
+            "they come from different scans or coordinate frames"
+        )
+    hi = float(sitk.GetArrayViewFromImage(labels).max()) if labels.GetNumberOfPixels() else 0.0
+    pixel = sitk.sitkUInt8 if hi < 256 else sitk.sitkUInt16
+    if hi >= 65536:
+        pixel = sitk.sitkUInt32
+    return sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, pixel)
+
+
+def _physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned physical box around the voxel EDGES (centres +- half a voxel)."""
+    size = np.asarray(image.GetSize(), dtype=float)
+    corners = np.array(np.meshgrid(*[[-0.5, s - 0.5] for s in size], indexing="ij")).reshape(3, -1).T
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    points = np.asarray(image.GetOrigin(), dtype=float) + (direction @ (corners * spacing).T).T
+    return points.min(axis=0), points.max(axis=0)
+
+
+def _boxes_overlap(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
+    return bool(np.all(a[0] < b[1]) and np.all(b[0] < a[1]))
+
+
+def geometry_mismatch(a: sitk.Image, b: sitk.Image, tol: float = 1e-6) -> str | None:
+    """None when ``a`` and ``b`` share size, origin, spacing and direction (within ``tol``),
+    else a short message naming what differs."""
+    if a.GetDimension() != b.GetDimension():
+        return f"dimension differs: {a.GetDimension()} vs {b.GetDimension()}"
+    if a.GetSize() != b.GetSize():
+        return f"size differs: {a.GetSize()} vs {b.GetSize()}"
+    for what, va, vb in (
+        ("origin", a.GetOrigin(), b.GetOrigin()),
+        ("spacing", a.GetSpacing(), b.GetSpacing()),
+        ("direction", a.GetDirection(), b.GetDirection()),
+    ):
+        if np.max(np.abs(np.subtract(va, vb))) > tol:
+            return f"{what} differs: {_fmt(va)} vs {_fmt(vb)}"
+    return None
+
+
+def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-6) -> bool:
+    """True when ``a`` and ``b`` lie on the same voxel grid (see ``geometry_mismatch``)."""
+    return geometry_mismatch(a, b, tol) is None
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_image(
+    image: sitk.Image, path: str | os.PathLike, *, overwrite: bool = False, compress: bool = True
+) -> Path:
+    """Write ``image`` atomically to ``path`` (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd).
+
+    SimpleITK writes into a private temp folder next to the target (same file
+    system, so the final ``os.replace`` is atomic); every file it produced is
+    fsynced and moved into place, data files before the header of a detached
+    format (.nhdr/.mhd), so the header never points at a missing file. On any
+    failure (disk full, no permission) the temp folder is removed and nothing
+    appears under the final name.
+    """
+    target = Path(path)
+    suffix = _image_suffix(target)
+    if suffix is None:
+        raise InputError(
+            f"cannot write {target.name}: use one of {', '.join(IMAGE_SUFFIXES)}"
+        )
+
+    def produce(tmp: Path) -> None:
+        written = tmp / target.name
+        with _quiet_itk():  # MetaImage warns about every NIfTI header field it cannot store
+            sitk.WriteImage(image, str(written), useCompression=compress)
+            # ITK's NIfTI writer ignores failed writes (full disk): read the file back, which
+            # fails on a short file, so that a damaged file never reaches the final name.
+            try:
+                back = sitk.ReadImage(str(written))
+            except RuntimeError as exc:
+                raise OSError(f"the written file does not read back ({_first_line(exc)})") from None
+        if suffix in (".nii", ".nii.gz"):
+            try:
+                _check_nifti_complete(written, back)
+            except InputError:
+                raise OSError("the written file is incomplete (disk full?)") from None
+
+    return _atomic_write(target, produce, overwrite=overwrite)
+
+
+def write_json(obj: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``obj`` as strict JSON (no NaN/Infinity: a ValueError means the caller
+    forgot to turn them into null) with the same atomic rules as ``write_image``."""
+    text = json.dumps(obj, indent=2, allow_nan=False, sort_keys=False) + "\n"
+    target = Path(path)
+
+    def produce(tmp: Path) -> None:
+        (tmp / target.name).write_text(text, encoding="utf-8")
+
+    return _atomic_write(target, produce, overwrite=overwrite)
+
+
+def _atomic_write(target: Path, produce, *, overwrite: bool) -> Path:
+    folder = target.parent
+    if not folder.is_dir():
+        raise InputError(f"cannot write {target}: folder {folder} does not exist")
+    if target.exists() and not overwrite:
+        raise InputError(f"{target} already exists: choose another name or allow overwriting")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder))
+    except OSError as exc:
+        raise InputError(f"cannot write in {folder}: {exc.strerror or exc}") from None
+    try:
+        try:
+            produce(tmp)
+            written = sorted(tmp.iterdir(), key=lambda f: f.name == target.name)  # header last
+            if not overwrite:
+                clash = [f.name for f in written if (folder / f.name).exists()]
+                if clash:
+                    raise InputError(f"{folder / clash[0]} already exists: choose another name or allow overwriting")
+            for f in written:
+                _fsync_file(f)
+            for f in written:
+                os.replace(f, folder / f.name)
+            _fsync_dir(folder)
+        except (OSError, RuntimeError) as exc:
+            raise InputError(f"could not write {target}: {_first_line(exc)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable; not possible on every OS (Windows), so best effort."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _image_suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in IMAGE_SUFFIXES if name.endswith(s) and len(name) > len(s)), None)
+
+
+def _display(path: str | os.PathLike) -> str:
+    return os.fspath(path)
+
+
+@contextlib.contextmanager
+def _quiet_itk():
+    """Silence ITK's stderr warnings for one call: they are noise to a user, and stderr
+    carries our own log lines. (A process-wide flag; restored afterwards.)"""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def _uninformative(detail: str) -> bool:
+    """ITK details that would mislead a user more than help (e.g. a truncated .mha
+    reports 'No such file or directory')."""
+    return any(s in detail for s in ("No such file", "Unable to determine ImageIO reader"))
+
+
+def _first_line(exc: BaseException) -> str:
+    """SimpleITK errors span many lines with C++ file names; keep the telling part."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for ln in lines:  # ITK puts the human sentence after "Description:" or on its own line
+        if ln.lower().startswith("description:"):
+            return ln.split(":", 1)[1].strip()
+    useful = [ln for ln in lines if not ln.startswith(("/", "itk::", "sitk::")) and ".cxx" not in ln]
+    return (useful or lines or [type(exc).__name__])[-1][:200]
+
+
+def _fmt(values: Iterable[float]) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"

@@ -1,0 +1,23 @@
+# The two commands of the README: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements-torch.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -r requirements-torch.txt
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+demo: setup
+	$(BIN)/hfsam demo --output demo_output
+
+test: setup
+	$(BIN)/python -m pytest -q Testing
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

@@ -1,0 +1,167 @@
+"""Few-shot training: slice selection, label geometry, loss, schedule, augmentation, determinism."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from HFSAMCore.errors import InputError
+from HFSAMCore.finetune import (TrainConfig, augment, hfsam_loss, lr_factor, prepare_training_set, soft_dice_loss,
+                                split_holdout, train)
+from HFSAMCore.model.hfsam import ModelSpec, build_hfsam
+from HFSAMCore.volume import read_image, read_labels
+
+
+@pytest.fixture(scope="module")
+def ct(ct3mm):
+    return read_image(ct3mm / "image.nii.gz"), read_labels(ct3mm / "labels_synapse8.nii.gz")
+
+
+def painted(labels: sitk.Image, keep: list[int]) -> sitk.Image:
+    """A label map where only the slices `keep` (z index) carry labels, as a clinician paints them."""
+    arr = sitk.GetArrayFromImage(labels)
+    mask = np.zeros(arr.shape[0], bool)
+    mask[keep] = True
+    arr[~mask] = 0
+    out = sitk.GetImageFromArray(arr)
+    out.CopyInformation(labels)
+    return out
+
+
+def test_auto_takes_exactly_the_painted_slices(ct):
+    image, labels = ct
+    data = prepare_training_set(image, painted(labels, [3, 17, 22]), num_classes=8, img_size=64)
+    assert data.slices == [3, 17, 22]
+    assert data.images.shape == (3, 1, 64, 64) and data.labels.shape == (3, 64, 64)
+    assert data.preset == "ct"
+    assert 0.0 <= float(data.images.min()) and float(data.images.max()) <= 1.0
+
+
+def test_explicit_slices_must_carry_labels(ct):
+    image, labels = ct
+    with pytest.raises(InputError, match="carry no label"):
+        prepare_training_set(image, painted(labels, [3, 17]), num_classes=8, img_size=64, slices=[3, 4])
+    data = prepare_training_set(image, painted(labels, [3, 17]), num_classes=8, img_size=64, slices=[17])
+    assert data.slices == [17]
+
+
+def test_no_labels_at_all_is_a_clear_error(ct):
+    image, labels = ct
+    with pytest.raises(InputError, match="no labeled voxel"):
+        prepare_training_set(image, painted(labels, []), num_classes=8, img_size=64)
+
+
+def test_more_label_values_than_class_names(ct):
+    image, labels = ct
+    with pytest.raises(InputError, match="class 8"):
+        prepare_training_set(image, labels, num_classes=5, img_size=64)
+
+
+def test_flipped_dicom_labels_land_on_the_right_pixels(ctdicom):
+    """The DICOM sample's label file has a flipped y axis: slices must match by physical position."""
+    image = read_image(ctdicom / "dicom")
+    labels = read_labels(ctdicom / "labels_synapse8.nii.gz")
+    data = prepare_training_set(image, labels, num_classes=8, img_size=512)
+    want = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    # canonical axial slices of a standard DICOM = the array slices (identity-like direction)
+    want_arr = sitk.GetArrayFromImage(want)
+    for i, k in enumerate(data.slices):
+        assert np.array_equal(data.labels[i].numpy(), want_arr[k]), k
+    # liver pixels sit on soft tissue (HU 0..200) of the image, not on air or fat
+    hu = sitk.GetArrayFromImage(image)
+    assert 0 < hu[want_arr == 5].mean() < 200
+
+
+def test_soft_dice_loss_is_zero_for_a_perfect_prediction():
+    target = torch.zeros(1, 8, 8, dtype=torch.long)
+    target[0, 2:5, 2:5] = 1
+    perfect = torch.nn.functional.one_hot(target, 2).permute(0, 3, 1, 2).float() * 50
+    assert soft_dice_loss(perfect, target) < 1e-4
+    assert hfsam_loss(perfect, target) < 1e-3
+    assert hfsam_loss(-perfect, target) > 0.5
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = [lr_factor(s, 100, 10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))
+    assert lr_factor(100, 100, 10) == 0.0
+
+
+def test_augmentation_moves_labels_with_the_image():
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.zeros(4, 64, 64, dtype=torch.long)
+    labels[:, 20:40, 10:30] = 1
+    labels[:, 45:55, 40:60] = 2
+    images = labels[:, None].float() / 2  # the image *is* the label map
+    out_img, out_lab = augment(images, labels, gen)
+    assert out_lab.dtype == torch.long and set(out_lab.unique().tolist()) <= {0, 1, 2}
+    agree = (out_img[:, 0] * 2).round().long() == out_lab
+    assert agree.float().mean() > 0.97  # only pixels on an edge may differ (bilinear vs nearest)
+    assert not torch.equal(out_lab, labels)  # something did move
+
+
+def test_holdout_split():
+    assert split_holdout(4, None) == ([0, 1, 2, 3], [])
+    assert split_holdout(5, None) == ([0, 1, 3, 4], [2])
+    with pytest.raises(InputError):
+        split_holdout(2, 2)
+
+
+def _train_once(data, seed):
+    torch.manual_seed(0)
+    model = build_hfsam(ModelSpec("tiny", 64, 8, 2))
+    report = train(model, data, TrainConfig(steps=12, batch_size=2, seed=seed, holdout=0))
+    return model, report
+
+
+def test_training_is_deterministic_on_the_cpu_and_the_loss_falls(ct):
+    image, labels = ct
+    data = prepare_training_set(image, labels, num_classes=8, img_size=64, slices=[10, 15, 20])
+    a, ra = _train_once(data, seed=1)
+    b, rb = _train_once(data, seed=1)
+    c, rc = _train_once(data, seed=2)
+    for k, v in a.trainable_state_dict().items():
+        assert torch.equal(v, b.trainable_state_dict()[k]), k
+    assert ra.losses == rb.losses and ra.losses != rc.losses
+    assert np.mean(ra.losses[-3:]) < np.mean(ra.losses[:3])
+    # frozen weights never move
+    torch.manual_seed(0)
+    fresh = build_hfsam(ModelSpec("tiny", 64, 8, 2)).state_dict()
+    trained = a.state_dict()
+    for name in ("image_encoder.blocks.0.attn.qkv.weight", "image_encoder.patch_embed.proj.weight"):
+        assert torch.equal(trained[name], fresh[name]), name
+    assert not torch.equal(trained["mask_decoder.awffm_2.fuse.weight"], fresh["mask_decoder.awffm_2.fuse.weight"])
+
+
+def test_minutes_budget_stops_training(ct):
+    image, labels = ct
+    data = prepare_training_set(image, labels, num_classes=8, img_size=64, slices=[15])
+    model = build_hfsam(ModelSpec("tiny", 64, 8, 2))
+    report = train(model, data, TrainConfig(steps=None, minutes=0.02, batch_size=1, holdout=0))
+    assert 1 <= report.steps and report.seconds < 10
+
+
+def test_out_of_memory_retries_with_a_smaller_batch(ct):
+    """CUDA OOM cannot happen on the CPU: the model raises torch's own OOM error once (a simulation)."""
+    image, labels = ct
+    data = prepare_training_set(image, labels, num_classes=8, img_size=64, slices=[15])
+    model = build_hfsam(ModelSpec("tiny", 64, 8, 2))
+    real_forward = model.forward
+    calls = []
+
+    def forward(x):
+        calls.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(x)
+
+    model.forward = forward
+    from HFSAMCore.progress import Progress
+    import io
+
+    err = io.StringIO()
+    report = train(model, data, TrainConfig(steps=3, batch_size=8, holdout=0), Progress("none", err=err))
+    assert report.batch_size == 2 and report.steps == 3
+    assert calls[:3] == [8, 4, 2]
+    assert "retrying with batch size 4" in err.getvalue()

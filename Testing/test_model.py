@@ -1,0 +1,297 @@
+"""The HF-SAM model: shapes, LoRA, AWFFM, freezing, and SAM checkpoint loading."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from HFSAMCore.errors import InputError
+from HFSAMCore.model.awffm import AWFFM
+from HFSAMCore.model.backbone import load_sam_weights, read_sam_state_dict
+from HFSAMCore.model.hfsam import HFSAM, ModelSpec, build_hfsam
+
+
+def tiny(**kw):
+    torch.manual_seed(kw.pop("seed", 0))
+    return build_hfsam(ModelSpec(**{"backbone": "tiny", "img_size": 224, "num_classes": 3, "rank": 4, **kw}))
+
+
+@pytest.mark.parametrize("img_size,fusion", [(224, "two_step"), (224, "released"), (512, "two_step")])
+def test_output_shapes(img_size, fusion):
+    model = tiny(img_size=img_size, fusion=fusion, num_classes=8).eval()
+    x = torch.rand(2, 1, img_size, img_size)
+    with torch.no_grad():
+        logits = model(x)
+        full = model.predict(x)
+        resized = model.predict(x, out_size=(101, 122))
+    assert logits.shape == (2, 9, img_size // 4, img_size // 4)
+    assert full.shape == (2, 9, img_size, img_size)
+    assert resized.shape == (2, 9, 101, 122)
+
+
+def test_vit_b_forward_shape_at_224():
+    torch.manual_seed(0)
+    model = build_hfsam(ModelSpec("vit_b", 224, 8, 5)).eval()
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 224, 224))
+    assert out.shape == (1, 9, 56, 56)
+
+
+@pytest.mark.parametrize("rank", [1, 5, 8])
+def test_lora_parameter_count_vit_b(rank):
+    with torch.device("meta"):
+        model = HFSAM(ModelSpec("vit_b", 512, 8, rank))
+    assert model.parameter_counts()["lora"] == 12 * 2 * 1536 * rank
+    if rank == 5:
+        assert model.parameter_counts()["lora"] == 184_320
+
+
+def test_lora_counts_other_backbones():
+    for name, depth, dim in (("vit_l", 24, 1024), ("vit_h", 32, 1280)):
+        with torch.device("meta"):
+            model = HFSAM(ModelSpec(name, 512, 8, 5))
+        assert model.parameter_counts()["lora"] == depth * 2 * 2 * dim * 5
+
+
+def _copy_base(src: HFSAM, dst: HFSAM) -> None:
+    theirs = src.state_dict()
+    with torch.no_grad():
+        for k, v in dst.state_dict().items():
+            v.copy_(theirs[k])
+
+
+def test_fresh_lora_changes_nothing_and_trained_lora_does():
+    with_lora = tiny(rank=4).eval()
+    without = tiny(rank=0).eval()
+    _copy_base(with_lora, without)  # every key of the rank-0 model exists in the LoRA model
+    x = torch.rand(2, 1, 224, 224)
+    with torch.no_grad():
+        a, b = with_lora(x), without(x)
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
+    # The test can fail: a non-zero B changes the output.
+    with torch.no_grad():
+        with_lora.image_encoder.blocks[0].attn.qkv.lora_B_q.weight.fill_(0.05)
+        assert (with_lora(x) - b).abs().max() > 1e-4
+
+
+def test_frozen_parameters_get_no_gradient():
+    model = tiny().train()
+    out = model(torch.rand(2, 1, 224, 224))
+    # B of LoRA is zero, so A's gradient is zero on the first step; B's is not.
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        if HFSAM.is_trainable_name(name):
+            assert p.requires_grad, name
+        else:
+            assert not p.requires_grad and p.grad is None, name
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["image_encoder.blocks.0.attn.qkv.lora_B_q.weight"].abs().sum() > 0
+    assert grads["mask_decoder.awffm_1.fuse.weight"].abs().sum() > 0
+    assert grads["low_level_proj.0.weight"].abs().sum() > 0
+    assert "image_encoder.blocks.0.attn.qkv.weight" not in grads
+    assert "prompt_encoder.no_mask_embed.weight" in grads
+
+
+def test_trainable_set_is_what_design_says():
+    names = tiny().trainable_state_dict().keys()
+    assert any(n.startswith("prompt_encoder.no_mask_embed") for n in names)
+    assert any(n.startswith("mask_decoder.transformer.") for n in names)
+    assert not any(n.startswith("image_encoder.") and ".lora_" not in n for n in names)
+    assert not any(n.startswith("prompt_encoder.point_embeddings") for n in names)
+
+
+def test_awffm_matches_hand_computation():
+    torch.manual_seed(1)
+    m = AWFFM(dim=8, reduction=4).eval()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    g = torch.randn(1, 8, 3, 4)
+    low = torch.randn(1, 8, 3, 4)
+    with torch.no_grad():
+        got = m(g, low).numpy()
+
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    G, L = g.numpy()[0], low.numpy()[0]
+    Wf, bf = m.fuse.weight.detach().numpy()[:, :, 0, 0], m.fuse.bias.detach().numpy()
+    X = np.einsum("oc,chw->ohw", Wf, np.concatenate([G, L])) + bf[:, None, None]
+    stats = np.stack([X.mean(0), X.max(0)])  # [2,h,w]
+    Ws = m.spatial.weight.detach().numpy()[0]  # [2,3,3]
+    padded = np.pad(stats, ((0, 0), (1, 1), (1, 1)))
+    S = np.zeros((3, 4))
+    for i in range(3):
+        for j in range(4):
+            S[i, j] = (padded[:, i:i + 3, j:j + 3] * Ws).sum()
+    Gp = G * sig(S)
+    W1 = m.channel_mlp[0].weight.detach().numpy()[:, :, 0, 0]
+    W2 = m.channel_mlp[2].weight.detach().numpy()[:, :, 0, 0]
+    M = lambda v: W2 @ np.maximum(W1 @ v, 0)  # noqa: E731
+    Ca = sig(M(Gp.mean((1, 2))) + M(Gp.max((1, 2))))
+    want = Gp + L * Ca[:, None, None]
+    np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_fusion_modes_have_the_right_modules():
+    two = tiny(fusion="two_step").mask_decoder
+    rel = tiny(fusion="released").mask_decoder
+    assert hasattr(two, "awffm_1") and hasattr(two, "awffm_2") and not hasattr(two, "awffm")
+    assert hasattr(rel, "awffm") and not hasattr(rel, "awffm_1")
+
+
+# -- SAM checkpoints --------------------------------------------------------------
+def sam_style_checkpoint(path, *, img_size=1024, extra=None, drop=None):
+    """A tiny checkpoint with the official SAM key layout at SAM's own 1024 px."""
+    torch.manual_seed(7)
+    model = build_hfsam(ModelSpec("tiny", img_size, 3, 0))
+    state = {k: v.clone() for k, v in model.state_dict().items()
+             if not k.startswith(("low_level_proj.", "mask_decoder.awffm", "mask_decoder.mask_tokens",
+                                  "mask_decoder.output_hypernetworks_mlps"))}
+    # SAM's own 3+1 mask outputs and IoU head: present in real checkpoints, not used by HF-SAM.
+    state["mask_decoder.mask_tokens.weight"] = torch.randn(4, 64)
+    state["mask_decoder.iou_prediction_head.layers.0.weight"] = torch.randn(64, 64)
+    state.update(extra or {})
+    for k in drop or ():
+        state.pop(k)
+    torch.save(state, path)
+    return state
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+    state = sam_style_checkpoint(tmp_path / "sam_tiny.pth")
+    model = build_hfsam(ModelSpec("tiny", 1024, 3, 4))
+    report = load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.cfg, 1024)
+    assert report["loaded"] == len(state) - 2
+    mine = model.state_dict()
+    compared = 0
+    for k, v in state.items():
+        if k not in report["skipped"]:
+            assert torch.equal(mine[k], v), k
+            compared += 1
+    assert compared == report["loaded"]
+
+
+def test_checkpoint_resizes_position_tables(tmp_path):
+    state = sam_style_checkpoint(tmp_path / "sam_tiny.pth")
+    model = build_hfsam(ModelSpec("tiny", 224, 3, 4))
+    load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.cfg, 224)
+    pos = model.image_encoder.pos_embed
+    assert pos.shape == (1, 14, 14, 64)
+    want = F.interpolate(state["image_encoder.pos_embed"].permute(0, 3, 1, 2), size=(14, 14), mode="bilinear",
+                         align_corners=False).permute(0, 2, 3, 1)
+    assert torch.allclose(pos, want)
+    # global blocks (1, 3) get 2*14-1 rows; windowed blocks keep 2*7-1
+    assert model.image_encoder.blocks[1].attn.rel_pos_h.shape == (27, 32)
+    assert model.image_encoder.blocks[0].attn.rel_pos_h.shape == (13, 32)
+    assert torch.equal(model.image_encoder.blocks[0].attn.rel_pos_h, state["image_encoder.blocks.0.attn.rel_pos_h"])
+
+
+def test_official_vit_b_key_layout_loads_strictly(tmp_path):
+    from segment_anything import sam_model_registry
+
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_b"]()  # random weights, official key names and shapes
+    torch.save(sam.state_dict(), tmp_path / "sam_vit_b_random.pth")
+    del sam
+    model = build_hfsam(ModelSpec("vit_b", 224, 8, 5))
+    report = load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_vit_b_random.pth"), model.cfg, 224)
+    assert any(k.startswith("mask_decoder.iou_prediction_head") for k in report["skipped"])
+    assert model.image_encoder.pos_embed.shape == (1, 14, 14, 768)
+    assert model.image_encoder.blocks[2].attn.rel_pos_h.shape == (27, 64)
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("unexpected", "unexpected"),
+    ("missing", "missing"),
+    ("wrong_width", "backbone"),
+])
+def test_checkpoint_mismatches_are_reported(tmp_path, case, fragment):
+    path = tmp_path / "bad.pth"
+    if case == "unexpected":
+        sam_style_checkpoint(path, extra={"image_encoder.extra_layer.weight": torch.zeros(3)})
+    elif case == "missing":
+        sam_style_checkpoint(path, drop=["image_encoder.neck.0.weight"])
+    else:
+        state = sam_style_checkpoint(path)
+        state["image_encoder.patch_embed.proj.weight"] = torch.zeros(768, 3, 16, 16)
+        torch.save(state, path)
+    model = build_hfsam(ModelSpec("tiny", 224, 3, 4))
+    with pytest.raises(InputError, match=fragment):
+        load_sam_weights(model, read_sam_state_dict(path), model.cfg, 224)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"image_encoder.patch_embed.proj.weight": _RunsCode(marker)}, f)
+    with pytest.raises(InputError, match="not a loadable SAM checkpoint"):
+        read_sam_state_dict(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint", b"PK\x03\x04truncated"])
+def test_garbage_checkpoints_are_refused(tmp_path, content):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(InputError):
+        read_sam_state_dict(path)
+
+
+def test_non_sam_state_dict_is_refused(tmp_path):
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "resnet.pth")
+    with pytest.raises(InputError, match="not a SAM checkpoint"):
+        read_sam_state_dict(tmp_path / "resnet.pth")
+
+
+def test_adapter_tensors_round_trip_bit_exact(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    a = tiny(seed=3)
+    for p in a.trainable_state_dict().values():
+        p.add_(torch.randn_like(p))  # make every tensor non-trivial
+    save_file({k: v.contiguous() for k, v in a.trainable_state_dict().items()}, tmp_path / "a.safetensors")
+    b = tiny(seed=4)
+    b.load_trainable_state_dict(load_file(tmp_path / "a.safetensors"))
+    for k, v in a.trainable_state_dict().items():
+        assert torch.equal(v, b.trainable_state_dict()[k]), k
+
+
+def test_adapter_for_another_shape_is_refused():
+    a = tiny(num_classes=3)
+    b = tiny(num_classes=5)
+    with pytest.raises(InputError, match="do not fit"):
+        b.load_trainable_state_dict(a.trainable_state_dict())
+
+
+@pytest.mark.parametrize("kw,fragment", [({"img_size": 100}, "img-size"), ({"rank": -1}, "rank"),
+                                         ({"fusion": "x"}, "fusion"), ({"backbone": "vit_x"}, "backbone")])
+def test_bad_specs(kw, fragment):
+    with pytest.raises(InputError, match=fragment):
+        ModelSpec(**{"backbone": "tiny", **kw}).resolved()
+
+
+@pytest.mark.parametrize("backbone,size", [("tiny", 224), ("vit_b", 224)])
+def test_sdpa_attention_equals_sams_own(backbone, size):
+    from HFSAMCore.model.attention import use_sdpa
+
+    torch.manual_seed(0)
+    model = build_hfsam(ModelSpec(backbone, size, 3, 4)).eval()
+    for name, p in model.named_parameters():
+        if "rel_pos" in name:  # SAM initialises them to zero; make the bias matter
+            torch.nn.init.normal_(p, std=0.5)
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        fast = model.encode(x)[0]
+        use_sdpa(model.image_encoder, False)
+        slow = model.encode(x)[0]
+    assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4)
+    assert (fast - slow).abs().max() < 1e-4
