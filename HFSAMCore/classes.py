@@ -21,24 +21,18 @@ from __future__ import annotations
 import colorsys
 import copy
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from .errors import HFSAMError, InputError
+from .resources import resources_dir
 
 PRESETS_FILE = "class_presets.json"
 #: Slicer's context name for the general anatomy terminology the presets follow.
 SLICER_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 SLICER_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 MAX_LABEL = 65535  # label maps are written as UInt8/UInt16
-
-
-def resources_dir() -> Path:
-    """The extension's Resources folder ($HFSAM_RESOURCES overrides, e.g. inside Slicer)."""
-    env = os.environ.get("HFSAM_RESOURCES")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "Resources"
 
 
 def load_presets() -> dict[str, list[dict[str, Any]]]:

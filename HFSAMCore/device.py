@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 
 import torch
@@ -22,18 +23,32 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA GPUs that support it, else fp16 on CUDA; fp32 on the CPU.
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU has bf16 matrix instructions (AVX512-BF16 or AMX).
 
-    CPU bf16 is offered explicitly (`--precision bf16`); the benchmark reports its
-    agreement with fp32 on real data.
+    Elsewhere oneDNN emulates bf16 and it is slower than fp32, so auto stays fp32.
+    Read from /proc/cpuinfo (Linux); other systems report False.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 autocast on CUDA GPUs that support it (fp16 on older ones) and on CPUs
+    with native bf16 instructions; fp32 elsewhere. `hfsam bench speed` reports the
+    agreement of bf16 with fp32 on real data (benchmarks/RESULTS.md).
     """
     if name not in PRECISIONS:
         raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, not {name!r}")
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if name == "fp16" and device.type == "cpu":
         raise InputError("--precision fp16 is for CUDA GPUs; on the CPU use bf16 or fp32")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]

@@ -36,6 +36,7 @@ from typing import Any
 
 from .adapters import fsync_dir
 from .errors import InputError
+from .resources import resources_dir
 from .progress import Progress
 
 CHECKPOINT_HINT = (
@@ -44,12 +45,6 @@ CHECKPOINT_HINT = (
 )
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FILENAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-
-
-def resources_dir() -> Path:
-    """Extension-level Resources/: ``$HFSAM_RESOURCES`` or the folder beside the package."""
-    env = os.environ.get("HFSAM_RESOURCES")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "Resources"
 
 
 # ---------------------------------------------------------------------------

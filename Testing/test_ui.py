@@ -1,0 +1,361 @@
+"""The panel (.ui) and the module file, checked without Slicer: the .ui loads with PySide6's
+QUiLoader (offscreen), every widget the module code uses exists, parameter bindings match the
+parameter node, heavy imports stay out, and the CMake/extension files list what is on disk.
+
+Run ``python Testing/test_ui.py --screenshot`` to render Resources/Screenshots/panel.png.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+REPO = Path(__file__).resolve().parents[1]
+MODULE_DIR = REPO / "HFSAMSegment"
+MODULE_FILE = MODULE_DIR / "HFSAMSegment.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "HFSAMSegment.ui"
+SCREENSHOT = REPO / "Resources" / "Screenshots" / "panel.png"
+
+QtWidgets = pytest.importorskip("PySide6.QtWidgets")
+from PySide6 import QtCore, QtGui  # noqa: E402
+from PySide6.QtCore import Property  # noqa: E402
+from PySide6.QtUiTools import QUiLoader  # noqa: E402
+
+# -- stand-ins for Slicer's widget classes ----------------------------------------------------------
+# The ONLY fakes in the test suite: ctk* and qMRML* widgets exist only inside Slicer (C++ classes
+# wrapped by PythonQt), not in PySide6. These minimal look-alikes let QUiLoader build the panel so
+# the layout, the widget names and the screenshot can be checked; they implement no behaviour.
+
+
+class ctkCollapsibleButton(QtWidgets.QGroupBox):  # noqa: N801 - must carry Slicer's class name
+    """Stand-in: a titled box (Slicer's collapses; the title is its 'text' property)."""
+
+    def _text(self):
+        return self.title()
+
+    def _set_text(self, value):
+        self.setTitle(("\u25b8 " if self._collapsed else "\u25be ") + value)
+
+    def _get_collapsed(self):
+        return self._collapsed
+
+    def _set_collapsed(self, value):
+        self._collapsed = bool(value)
+
+    _collapsed = False
+    text = Property(str, _text, _set_text)
+    collapsed = Property(bool, _get_collapsed, _set_collapsed)
+
+
+class qMRMLWidget(QtWidgets.QWidget):  # noqa: N801
+    """Stand-in: the panel's top-level widget."""
+
+
+class qMRMLNodeComboBox(QtWidgets.QComboBox):  # noqa: N801
+    """Stand-in: a node selector (shows one placeholder item)."""
+
+
+class qMRMLSegmentSelectorWidget(QtWidgets.QWidget):  # noqa: N801
+    """Stand-in: a segmentation selector plus a checkable segment list."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        layout = QtWidgets.QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.node = QtWidgets.QComboBox()
+        self.segments = QtWidgets.QListWidget()
+        self.segments.setFixedHeight(52)
+        layout.addWidget(self.node)
+        layout.addWidget(self.segments)
+
+
+class ctkPathLineEdit(QtWidgets.QLineEdit):  # noqa: N801
+    """Stand-in: a path field."""
+
+
+STAND_INS = (ctkCollapsibleButton, qMRMLWidget, qMRMLNodeComboBox, qMRMLSegmentSelectorWidget, ctkPathLineEdit)
+
+
+def app():
+    return QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+
+
+def load_panel():
+    app()
+    loader = QUiLoader()
+    for cls in STAND_INS:
+        loader.registerCustomWidget(cls)
+    handle = QtCore.QFile(str(UI_FILE))
+    assert handle.open(QtCore.QFile.ReadOnly)
+    try:
+        widget = loader.load(handle)
+    finally:
+        handle.close()
+    assert widget is not None, loader.errorString()
+    return widget
+
+
+# -- parsing helpers ------------------------------------------------------------------------------
+
+
+def ui_tree():
+    return ET.parse(UI_FILE).getroot()
+
+
+def ui_widgets() -> dict[str, ET.Element]:
+    return {w.get("name"): w for w in ui_tree().iter("widget")}
+
+
+def ui_property(widget: ET.Element, name: str):
+    for prop in widget.findall("property"):
+        if prop.get("name") == name:
+            value = prop[0]
+            if value.tag == "stringlist":
+                return [s.text for s in value]
+            return value.text
+    return None
+
+
+def module_ast() -> ast.Module:
+    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=str(MODULE_FILE))
+
+
+def ui_names_used_by_module() -> set[str]:
+    names = set()
+    for node in ast.walk(module_ast()):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+            names.add(node.attr)
+    return names
+
+
+def parameter_fields() -> dict[str, str]:
+    for node in module_ast().body:
+        if isinstance(node, ast.ClassDef) and node.name == "HFSAMSegmentParameterNode":
+            return {item.target.id: ast.unparse(item.annotation) for item in node.body if isinstance(item, ast.AnnAssign)}
+    raise AssertionError("HFSAMSegmentParameterNode not found")
+
+
+# -- the .ui ------------------------------------------------------------------------------------------
+
+
+def test_panel_loads_and_has_every_widget_the_module_uses():
+    panel = load_panel()
+    assert type(panel).__name__ == "qMRMLWidget" and panel.objectName() == "HFSAMSegment"
+    loaded = {w.objectName() for w in panel.findChildren(QtWidgets.QWidget)}
+    used = ui_names_used_by_module()
+    assert len(used) >= 20, sorted(used)  # the regex/ast really found the module's widget uses
+    assert used - loaded == set(), f"used by HFSAMSegment.py but missing from the .ui: {sorted(used - loaded)}"
+    # and the reverse for interactive widgets: nothing in the panel is left unwired
+    interactive = {n for n, w in ui_widgets().items() if w.get("class") in
+                   ("QPushButton", "QComboBox", "qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget", "QLineEdit",
+                    "QSpinBox", "ctkPathLineEdit", "QTableWidget", "QProgressBar", "QPlainTextEdit")}
+    bound = {n for n, w in ui_widgets().items() if ui_property(w, "SlicerParameterName")}
+    assert interactive - used - bound == set()
+
+
+def test_parameter_bindings_match_the_parameter_node():
+    fields = parameter_fields()
+    assert {"inputVolume", "outputSegmentation", "device", "adapterName", "steps", "model"} <= set(fields)
+    for name, widget in ui_widgets().items():
+        parameter = ui_property(widget, "SlicerParameterName")
+        if not parameter:
+            continue
+        assert parameter in fields, f"{name} is bound to unknown parameter {parameter!r}"
+        annotation, cls = fields[parameter], widget.get("class")
+        if cls == "qMRMLNodeComboBox":
+            assert annotation.startswith("vtkMRML") and annotation in ui_property(widget, "nodeTypes"), (name, annotation)
+        elif cls == "QComboBox":
+            assert annotation.startswith("Annotated[str, Choice("), (name, annotation)  # Slicer's combo connector needs Choice
+        elif cls == "QLineEdit":
+            assert annotation == "str", (name, annotation)
+        elif cls == "QSpinBox":
+            assert annotation.startswith("Annotated[int") or annotation == "int", (name, annotation)
+        else:
+            raise AssertionError(f"{name}: no parameterNodeWrapper connector for {cls}")
+
+
+def test_every_mrml_widget_receives_the_scene():
+    root = ui_tree()
+    mrml = {n for n, w in ui_widgets().items() if w.get("class") in ("qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget")}
+    receivers = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)" and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    assert mrml and mrml == receivers
+
+
+def test_segment_selector_is_multi_selection_and_output_can_be_new():
+    widgets = ui_widgets()
+    assert ui_property(widgets["trainingSegmentSelector"], "multiSelection") == "true"
+    output = widgets["outputSegmentationSelector"]
+    assert ui_property(output, "noneEnabled") == "true" and ui_property(output, "noneDisplay") == "Create new segmentation"
+
+
+def render_panel(path: Path) -> QtGui.QImage:
+    """Render the panel offscreen with example content (Slicer fills these from the scene at run time)."""
+    panel = load_panel()
+    panel.findChild(QtWidgets.QComboBox, "inputVolumeSelector").addItem("CT abdomen")
+    panel.findChild(QtWidgets.QComboBox, "modelSelector").addItem("liver_spleen_5slices (vit_b, 2 classes)")
+    panel.findChild(QtWidgets.QComboBox, "deviceSelector").addItems(["auto", "cuda", "cpu"])
+    panel.findChild(QtWidgets.QComboBox, "outputSegmentationSelector").addItem("Create new segmentation")
+    panel.findChild(QtWidgets.QComboBox, "baseModelSelector").addItem("SAM ViT-B (new adapter)")
+    selector = panel.findChild(QtWidgets.QWidget, "trainingSegmentSelector")
+    selector.node.addItem("my labels")
+    for name in ("liver", "spleen"):
+        item = QtWidgets.QListWidgetItem(name)
+        item.setCheckState(QtCore.Qt.Checked)
+        selector.segments.addItem(item)
+    panel.findChild(QtWidgets.QLabel, "labeledSlicesLabel").setText("5 slices (K index): 8, 12, 16, 20, 24")
+    panel.findChild(QtWidgets.QLineEdit, "adapterNameLineEdit").setText("liver_spleen_5slices")
+    panel.findChild(QtWidgets.QPushButton, "segmentButton").setEnabled(True)
+    finetune = panel.findChild(QtWidgets.QPushButton, "finetuneButton")
+    finetune.setText("Fine-tune on these 5 labeled slices")
+    finetune.setEnabled(True)
+    panel.findChild(QtWidgets.QProgressBar, "progressBar").setValue(40)
+    panel.findChild(QtWidgets.QLabel, "lossLabel").setText("step 120: loss 0.2143, held-out Dice 0.812")
+    panel.findChild(QtWidgets.QLabel, "statusLabel").setText("finetune 120/300, about 1 min 30 s left")
+    table = panel.findChild(QtWidgets.QTableWidget, "adaptersTable")
+    table.setRowCount(1)
+    for column, text in enumerate(["liver_spleen_5slices", "vit_b", "liver, spleen", "2025-06-01T10:12:00Z"]):
+        table.setItem(0, column, QtWidgets.QTableWidgetItem(text))
+    table.resizeColumnsToContents()
+    panel.findChild(QtWidgets.QLabel, "checkpointStatusLabel").setText("Base SAM checkpoint (ViT-B): ~/.hfsam/checkpoints/sam_vit_b_01ec64.pth")
+    panel.findChild(QtWidgets.QPushButton, "downloadCheckpointButton").setEnabled(False)
+    panel.resize(520, 960)  # grows to the layout's minimum size if that is larger
+    panel.show()
+    for _ in range(3):  # layouts settle over a few passes (word-wrapped labels need their width first)
+        panel.layout().activate()
+        app().processEvents()
+    image = panel.grab().toImage()
+    assert image.save(str(path)), f"could not write {path}"
+    panel.close()
+    return image
+
+
+def test_panel_renders(tmp_path):
+    image = render_panel(tmp_path / "panel.png")
+    assert image.width() >= 520 and image.height() >= 960
+    assert QtGui.QImage(str(tmp_path / "panel.png")).size() == image.size()
+    colours = {image.pixel(x, y) for x in range(0, image.width(), 7) for y in range(0, image.height(), 7)}
+    assert len(colours) > 20, "the rendered panel is blank"
+    assert SCREENSHOT.is_file(), "run `python Testing/test_ui.py --screenshot` to create the README screenshot"
+
+
+# -- the module file -------------------------------------------------------------------------------------
+
+
+def test_module_metadata_and_citation():
+    text = MODULE_FILE.read_text(encoding="utf-8")
+    assert re.search(r'self\.parent\.title = _\("HF-SAM Segment"\)', text)
+    assert 'translate("qSlicerAbstractCoreModule", "Segmentation")' in text
+    for needle in ("Liu &amp; Xu", "104389", "Computer Vision and Image Understanding 258 (2025)", "Kirillov et al."):
+        assert needle in text, needle
+    classes = {n.name: [ast.unparse(b) for b in n.bases] for n in module_ast().body if isinstance(n, ast.ClassDef)}
+    assert classes["HFSAMSegment"] == ["ScriptedLoadableModule"]
+    assert classes["HFSAMSegmentWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
+    assert classes["HFSAMSegmentLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert classes["HFSAMSegmentTest"] == ["ScriptedLoadableModuleTest"]
+    assert "parameterNodeWrapper" in [ast.unparse(d) for d in next(
+        n for n in module_ast().body if isinstance(n, ast.ClassDef) and n.name == "HFSAMSegmentParameterNode").decorator_list]
+
+
+HEAVY = {"torch", "torchvision", "segment_anything", "HFSAMCore", "safetensors"}
+
+
+def imports_of(path: Path, top_level_only: bool) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_no_heavy_imports_and_no_qt_in_lib():
+    lib_files = sorted((MODULE_DIR / "HFSAMSegmentLib").glob("*.py"))
+    for path in [MODULE_FILE, *lib_files]:
+        assert imports_of(path, top_level_only=False) & HEAVY == set(), f"{path.name} imports the engine or torch"
+    for path in lib_files:
+        assert imports_of(path, top_level_only=False) & {"qt", "ctk", "PySide6", "PyQt5", "PythonQt"} == set(), path.name
+        if path.stem not in ("mrml_adapter", "selftest"):
+            assert imports_of(path, top_level_only=True) & {"slicer", "vtk", "vtkmodules"} == set(), f"{path.name} touches MRML"
+    # Slicer imports every scripted module at start-up: keep its top level light.
+    assert imports_of(MODULE_FILE, top_level_only=True) <= {"importlib", "logging", "sys", "typing", "qt", "slicer", "vtk",
+                                                             "HFSAMSegmentLib"}
+
+
+def test_lib_pieces_import_without_mrml_or_simpleitk():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]);"
+            "import HFSAMSegmentLib.progress_parser, HFSAMSegmentLib.process_runner, HFSAMSegmentLib.engine_command,"
+            " HFSAMSegmentLib.library_bridge, HFSAMSegmentLib.installer, HFSAMSegmentLib.terminology;"
+            "print(sorted(m for m in ('slicer', 'vtk', 'SimpleITK', 'torch', 'numpy') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+# -- packaging ---------------------------------------------------------------------------------------
+
+
+def cmake_list(text: str, variable: str) -> list[str]:
+    block = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S).group(1)
+    return [line.strip().replace("${MODULE_NAME}", "HFSAMSegment") for line in block.splitlines() if line.strip()]
+
+
+def test_module_cmakelists_lists_every_script_and_resource():
+    text = (MODULE_DIR / "CMakeLists.txt").read_text()
+    scripts, resources = cmake_list(text, "MODULE_PYTHON_SCRIPTS"), cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    on_disk = sorted(str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts)
+    assert sorted(scripts) == on_disk
+    resources_on_disk = sorted(str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file())
+    assert sorted(resources) == resources_on_disk
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+    assert "slicerMacroBuildScriptedModule(" in text
+
+
+def test_extension_cmakelists_and_s4ext_agree():
+    top = (REPO / "CMakeLists.txt").read_text()
+    assert "add_subdirectory(HFSAMSegment)" in top
+    for needle in ("HFSAMCore/*.py", "HFSAMCore/model/*.py", "Resources/*.json", "ctkMacroCompilePythonScript(",
+                   "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}"):
+        assert needle in top, needle
+    meta = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', top))
+    s4ext = {}
+    for line in (REPO / "HFSAMExtension.s4ext").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            s4ext[key] = value.strip()
+    for key in ("scm", "scmurl", "scmrevision", "depends", "homepage", "contributors", "category", "iconurl", "status",
+                "description", "screenshoturls", "enabled"):
+        assert s4ext.get(key), f"s4ext lacks {key}"
+    assert s4ext["scm"] == "git" and s4ext["scmrevision"] == "main" and s4ext["enabled"] == "1"
+    assert s4ext["category"] == meta["EXTENSION_CATEGORY"] == "Segmentation"
+    assert s4ext["depends"] == meta["EXTENSION_DEPENDS"] == "PyTorch"
+    assert s4ext["homepage"] == meta["EXTENSION_HOMEPAGE"] and s4ext["scmurl"].startswith(meta["EXTENSION_HOMEPAGE"])
+    assert s4ext["iconurl"] == meta["EXTENSION_ICONURL"] and s4ext["iconurl"].endswith("Resources/Icons/HFSAM.png")
+    assert s4ext["screenshoturls"].endswith("Resources/Screenshots/panel.png")
+
+
+def test_icons_are_128_pixel_pngs():
+    for path in (REPO / "Resources" / "Icons" / "HFSAM.png", MODULE_DIR / "Resources" / "Icons" / "HFSAMSegment.png"):
+        image = QtGui.QImage(str(path))
+        assert not image.isNull() and (image.width(), image.height()) == (128, 128), path
+
+
+if __name__ == "__main__":
+    if "--screenshot" in sys.argv:
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        render_panel(SCREENSHOT)
+        print(f"wrote {SCREENSHOT}")
+    else:
+        print(__doc__)
