@@ -19,5 +19,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q Testing
 
+# Benchmarks (not tests): results go to benchmarks/results/, summarised in benchmarks/RESULTS.md.
+bench: setup
+	$(BIN)/hfsam bench fewshot --checkpoint none --backbone tiny -o benchmarks/results
+	$(BIN)/hfsam bench speed --checkpoint none --backbone vit_b --img-size 512 -o benchmarks/results
+
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import platform
 import statistics
 import sys

@@ -22,7 +22,6 @@ import colorsys
 import copy
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 from .errors import HFSAMError, InputError

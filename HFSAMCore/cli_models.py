@@ -131,7 +131,7 @@ def run_models(args: argparse.Namespace, progress: Progress) -> int:
             f"  model       {meta['backbone']}, input {meta['img_size']}, LoRA rank {meta['rank']}, "
             f"fusion {meta['fusion']}, low-level blocks {meta['low_level_blocks']}",
             f"  base        {(meta['base_checkpoint'] or {}).get('name', 'none (random init)')}",
-            f"  classes     " + ", ".join(f"{c['value']} {c['name']}" for c in meta["classes"]),
+            "  classes     " + ", ".join(f"{c['value']} {c['name']}" for c in meta["classes"]),
             f"  intensity   {meta['intensity_preset']}, axis {meta['axis']}",
             f"  created     {meta['created']} (HF-SAM {meta['hfsam_version']})",
             f"  training    {json.dumps(meta['training'])}",

@@ -102,7 +102,7 @@ def run_demo(args, progress: Progress) -> int:
     from .metrics import evaluate, format_table
     from .sample_data import locate_sample
     from .segment import segment_image
-    from .slices import SliceView, choose_preset, labeled_slices, volume_stats
+    from .slices import SliceView, labeled_slices, volume_stats
     from .volume import labels_onto_image, read_image, read_labels, write_image, write_json
 
     out = Path(args.output)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -120,22 +121,38 @@ def prepare_training_set(
 
 
 # -- loss ---------------------------------------------------------------------
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
-    """1 - soft Dice of the softmax, per class over the batch, averaged over all classes (background too)."""
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """1 - soft Dice of the softmax, per class over the batch, averaged over all classes (background too).
+
+    The Dice pools the whole batch (as H-SAM's DiceLoss does), so it is not a mean
+    of per-sample terms. ``reduce`` sums the per-class pooled sums over the
+    processes of a distributed run (a differentiable all-reduce); the loss is then
+    the Dice of the GLOBAL batch, which is what one process with the whole batch
+    (or nn.DataParallel, as the authors trained) computes.
+    """
     probs = logits.softmax(dim=1)
     onehot = F.one_hot(target, probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
     dims = (0, 2, 3)
-    inter = (probs * onehot).sum(dims)
-    denom = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
+    sums = torch.stack(((probs * onehot).sum(dims), (probs * probs).sum(dims) + (onehot * onehot).sum(dims)))
+    if reduce is not None:
+        sums = reduce(sums)
+    inter, denom = sums[0], sums[1]
     return (1 - (2 * inter + smooth) / (denom + smooth)).mean()
 
 
-def hfsam_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """0.1 CE + 0.9 soft Dice on the H/4 logits; target is resized to them (nearest)."""
+def hfsam_loss(logits: torch.Tensor, target: torch.Tensor,
+               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """0.1 CE + 0.9 soft Dice on the H/4 logits; target is resized to them (nearest).
+
+    ``reduce``: see ``soft_dice_loss`` (distributed training only). The CE is a
+    per-pixel mean, which DDP's gradient averaging already makes global when
+    every process holds a batch of the same size.
+    """
     logits = logits.float()
     if target.shape[-2:] != logits.shape[-2:]:
         target = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
-    return CE_WEIGHT * F.cross_entropy(logits, target) + DICE_WEIGHT * soft_dice_loss(logits, target)
+    return CE_WEIGHT * F.cross_entropy(logits, target) + DICE_WEIGHT * soft_dice_loss(logits, target, reduce=reduce)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -147,6 +164,31 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 
 def default_warmup(total: int) -> int:
     return max(1, min(250, total // 10))
+
+
+# -- one optimisation step (shared with dataset training, train_dataset.py) ----
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.999) over the trainable parameters only, in the model's parameter order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+
+
+def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor, *, lr: float, precision: torch.dtype,
+               loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Set the step's learning rate, then forward, HF-SAM loss, backward, AdamW step; returns the loss.
+
+    ``x`` [B,1|3,S,S] and ``y`` [B,S,S] are already on the device and augmented;
+    ``lr`` is the base rate times ``lr_factor``. ``model`` may be wrapped in DDP.
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(x.device, precision):
+        logits = model(x)
+    loss = hfsam_loss(logits, y, reduce=loss_reduce)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 # -- augmentation -------------------------------------------------------------
@@ -217,8 +259,7 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
     train_idx, held_idx = split_holdout(len(data.slices), cfg.holdout)
     report = TrainReport(slices=[data.slices[i] for i in train_idx], heldout_slices=[data.slices[i] for i in held_idx])
     gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else int(time.time()))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
 
     total = cfg.steps if cfg.steps is not None else 10**9  # refined from the first steps' timing
     warmup = cfg.warmup or default_warmup(total if cfg.steps is not None else 100)
@@ -240,19 +281,13 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
                 budget = max(step + 1, int(cfg.minutes * 60 / per_step))
                 total = budget if cfg.steps is None else min(cfg.steps, budget)
                 warmup = cfg.warmup or default_warmup(total)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, total if total < 10**9 else 100, warmup)
+        lr = cfg.lr * lr_factor(step, total if total < 10**9 else 100, warmup)
         pick = torch.randint(len(train_idx), (batch_size,), generator=gen).to(device)
         x, y = train_images[pick], train_labels[pick]
         if cfg.augment:
             x, y = augment(x, y, gen)
         try:
-            with autocast(device, cfg.precision):
-                logits = model(x)
-            loss = hfsam_loss(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, x, y, lr=lr, precision=cfg.precision)
         except RuntimeError as exc:
             if not is_out_of_memory(exc) or batch_size == 1:
                 raise

@@ -11,7 +11,7 @@ must match between a model and an adapter (see adapters.check_compatible).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn

@@ -1,0 +1,268 @@
+"""``hfsam train`` and ``hfsam evaluate-dataset``: reproducing the paper on whole datasets.
+
+``cli.py`` calls :func:`add_parsers` with its subparsers; each command is a
+function ``(args, progress) -> int`` that parses nothing itself and calls
+:mod:`HFSAMCore.train_dataset` or :mod:`HFSAMCore.evaluate_dataset`.
+``python -m HFSAMCore.cli_dataset`` runs the two commands on their own (same
+exit codes), for a checkout whose cli.py does not register them.
+
+Multi-GPU: launch the same command with torchrun, e.g.
+``torchrun --nproc_per_node 2 -m HFSAMCore train ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import InputError
+from .progress import Progress
+
+TRAIN_HELP = "Train HF-SAM on a dataset (Synapse, ACDC, NIfTI folders): the paper's few-shot regimes."
+TRAIN_EXAMPLE = """examples:
+  # the paper's Synapse setting: 10 % of the training slices, drawn as H-SAM does (random.sample, seed 2345)
+  hfsam train --dataset synapse --root data/Synapse/train_npz --list lists/lists_Synapse/train.txt \\
+      --fraction 0.1 --seed 2345 --preset hfsam-synapse --checkpoint sam_vit_b_01ec64.pth -o runs/synapse10
+  # ACDC with 7 labeled patients (SSL4MIS: the first 7 patients of train_slices.list)
+  hfsam train --dataset acdc --root data/ACDC --patients 7 -o runs/acdc7
+  # two GPUs (global batch 16, as the authors trained): the same command under torchrun
+  torchrun --nproc_per_node 2 -m HFSAMCore train --dataset synapse ... -o runs/synapse10
+  # continue after an interruption, from the last checkpoint
+  hfsam train -o runs/synapse10 --resume
+  # CPU smoke test: tiny random model
+  hfsam train --dataset nifti --root my_nnunet_task --classes liver --preset tiny --checkpoint none -o runs/smoke"""
+
+EVAL_HELP = ("Per case and per class Dice and HD95 of an adapter on a test set, in the paper's convention "
+             "and in mm; writes the paper-style table as Markdown and CSV.")
+EVAL_EXAMPLE = """examples:
+  hfsam evaluate-dataset --dataset synapse --root data/Synapse/test_vol_h5 \\
+      --list lists/lists_Synapse/test_vol.txt --adapter runs/synapse10/adapter.safetensors \\
+      --checkpoint sam_vit_b_01ec64.pth --raw-dir data/Synapse/RawData/Training -o results/synapse10
+  hfsam evaluate-dataset --dataset acdc --root data/ACDC --adapter runs/acdc7/adapter.safetensors -o results/acdc7"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Examples verbatim; a default shown only where there is one (train's come from --preset)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (under torchrun: each process its own GPU)")
+    g.add_argument("--library", metavar="DIR", help="model library folder (default: $HFSAM_HOME or ~/.hfsam)")
+    g.add_argument("--progress", default="auto", choices=["auto", "json", "tty", "none"],
+                   help="json: one event per line on stdout; tty: a bar on stderr")
+
+
+def _dataset_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=["synapse", "acdc", "nifti"], required=required,
+                   help="synapse: TransUNet's npz/h5; acdc: SSL4MIS's h5; nifti: imagesTr/labelsTr folders")
+    g.add_argument("--root", required=required,
+                   help="synapse: train_npz (train) or test_vol_h5 (evaluate); acdc: the folder holding data/ "
+                        "and the .list files; nifti: the folder holding imagesTr/labelsTr (imagesTs/labelsTs)")
+    g.add_argument("--list", help="list file (synapse train.txt / test_vol.txt; acdc default train_slices.list / "
+                                  "test.list in --root; nifti: case names); default: everything in --root")
+    g.add_argument("--subset", choices=["Tr", "Ts"], help="nifti: imagesTr/labelsTr or imagesTs/labelsTs "
+                                                          "(default: Tr to train, Ts to evaluate)")
+    g.add_argument("--axis", choices=["axial", "coronal", "sagittal"], help="nifti: slice direction (default axial)")
+    g.add_argument("--intensity", choices=["auto", "ct", "mr"],
+                   help="nifti: intensity preset (auto: from the first case); the .h5/.npz data is already in [0, 1]")
+
+
+# --------------------------------------------------------------------------- train
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help=TRAIN_HELP, description=TRAIN_HELP, epilog=TRAIN_EXAMPLE,
+                              formatter_class=_Formatter)
+    p.add_argument("-o", "--output", required=True, help="run folder: config.json, train_selected.txt, "
+                                                         "checkpoints/, adapter.safetensors")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output from its last checkpoint (its config.json decides everything)")
+    _dataset_args(p, required=False)
+    g = p.add_argument_group("few-shot regime")
+    g.add_argument("--fraction", type=float, help="train on this share of the listed slices, drawn with "
+                                                  "random.sample after random.seed(--seed), as H-SAM (0.1 = the paper)")
+    g.add_argument("--patients", type=int, help="train on every slice of K patients (ACDC: 3 or 7, as SSL4MIS)")
+    g.add_argument("--patient-order", choices=["list", "random"],
+                   help="--patients: the first K of the list (SSL4MIS, default) or random.sample with --seed")
+    g.add_argument("--seed", type=int, help="seed of the draw, the shuffling and the augmentation (default 2345)")
+    g = p.add_argument_group("recipe (defaults: the --preset)")
+    g.add_argument("--preset", choices=["hfsam-synapse", "hfsam-acdc", "tiny"],
+                   help="hfsam-synapse / hfsam-acdc: the paper's recipe (vit_b, 512 px, rank 5, batch 8 per GPU, "
+                        "AdamW lr 0.0025, 250 warm-up steps, 300 epochs); tiny: CPU smoke tests")
+    g.add_argument("--classes", help="class preset (synapse, acdc) or names in label order; default from --dataset")
+    g.add_argument("--checkpoint", metavar="C", help="SAM base checkpoint file; default: the library's; "
+                                                    "'none' = random initialisation (tests only)")
+    g.add_argument("--backbone", choices=["vit_b", "vit_l", "vit_h", "tiny"])
+    g.add_argument("--img-size", type=int)
+    g.add_argument("--rank", type=int, help="LoRA rank")
+    g.add_argument("--fusion", choices=["two_step", "released"])
+    g.add_argument("--batch-size", type=int, help="slices per batch PER PROCESS (global batch = this x processes)")
+    g.add_argument("--lr", type=float, help="base learning rate (AdamW)")
+    g.add_argument("--weight-decay", type=float)
+    g.add_argument("--warmup", type=int, help="linear warm-up steps before the poly(0.9) decay")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--save-every", type=int, help="epochs between checkpoints (the last epoch is always saved)")
+    g.add_argument("--no-augment", dest="augment", action="store_const", const=False,
+                   help="no rotation / crop / elastic augmentation")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on recent GPUs, fp32 CPU")
+    g.add_argument("--name", help="adapter name (default: the output folder's name)")
+    g.add_argument("--description", help="free text stored in the adapter")
+    _common(p)
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per training process "
+                                                               "(4-8 on a GPU machine)")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+_TRAIN_KEYS = ("dataset", "root", "list", "subset", "axis", "intensity", "fraction", "patients", "patient_order",
+               "seed", "preset", "classes", "checkpoint", "backbone", "img_size", "rank", "fusion", "batch_size",
+               "lr", "weight_decay", "warmup", "epochs", "save_every", "augment", "precision", "name", "description")
+
+
+def cmd_train(args, progress: Progress) -> int:
+    from .library import ModelLibrary
+    from .train_dataset import make_config, train_on_dataset
+
+    given = {k: getattr(args, k) for k in _TRAIN_KEYS if getattr(args, k) is not None}
+    cfg = None
+    if args.resume:
+        if given:
+            names = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise InputError(f"--resume takes every setting from {args.output}/config.json; drop {names}")
+    else:
+        if "dataset" not in given or "root" not in given:
+            raise InputError("give --dataset and --root (or --resume a run folder)")
+        options = {k: v for k, v in given.items() if k not in ("dataset", "root", "preset")}
+        cfg = make_config(given["dataset"], given["root"], preset=given.get("preset"), **options)
+    if args.num_workers < 0:
+        raise InputError(f"--num-workers must be 0 or more, not {args.num_workers}")
+    result = train_on_dataset(cfg, args.output, resume=args.resume, device=args.device,
+                              num_workers=args.num_workers, library=ModelLibrary(args.library), progress=progress)
+    if result.adapter:
+        progress.log(f"trained {result.steps} steps ({result.epochs} epochs) in {result.seconds:.0f} s; "
+                     f"evaluate with: hfsam evaluate-dataset --adapter {result.adapter} ...")
+        progress.result(**result.as_dict())
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate-dataset
+
+
+def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("evaluate-dataset", help=EVAL_HELP, description=EVAL_HELP, epilog=EVAL_EXAMPLE,
+                              formatter_class=_Formatter)
+    _dataset_args(p, required=True)
+    p.add_argument("-o", "--output", required=True, help="folder for table.md, table.csv, per_class.csv, "
+                                                         "per_case.csv, results.json")
+    p.add_argument("--adapter", required=True, help="adapter (library name or .safetensors file), e.g. a run's "
+                                                    "adapter.safetensors")
+    p.add_argument("--checkpoint", metavar="C", help="the adapter's SAM base checkpoint file (default: the library's)")
+    p.add_argument("--method", help="name of the table row (default: the adapter's name)")
+    p.add_argument("--raw-dir", help="original NIfTI files (e.g. Synapse RawData/Training, ACDC database/): "
+                                     "their headers give the spacing for the mm metrics")
+    p.add_argument("--spacing", help="JSON {case: [z, y, x]} in mm, instead of --raw-dir")
+    p.add_argument("--save-predictions", action="store_true", help="also write predictions/CASE.nii.gz")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per batch")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate_dataset)
+    return p
+
+
+def cmd_evaluate_dataset(args, progress: Progress) -> int:
+    from .datasets import open_dataset
+    from .device import resolve_device, resolve_precision
+    from .evaluate_dataset import check_outputs, evaluate_dataset, spacing_lookup, write_tables
+    from .library import ModelLibrary
+    from .loading import load_model
+
+    output = Path(args.output).expanduser()
+    check_outputs(output, overwrite=args.overwrite, predictions=args.save_predictions)
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, not {args.batch_size}")
+    spacing = spacing_lookup(args.raw_dir, args.spacing) if (args.raw_dir or args.spacing) else None
+    device = resolve_device(args.device)
+    dtype = resolve_precision(args.precision, device)
+    lm = load_model(adapter=args.adapter, checkpoint=args.checkpoint, library=ModelLibrary(args.library),
+                    progress=progress)
+    trained_preset = (lm.adapter_metadata or {}).get("intensity_preset", "ct")
+    if args.dataset == "nifti":
+        intensity = args.intensity or "auto"
+        reader = open_dataset("nifti", args.root, subset=args.subset or "Ts", axis=args.axis or "axial",
+                              preset=trained_preset if intensity == "auto" else intensity)
+    else:
+        reader = open_dataset(args.dataset, args.root)
+        if reader.intensity_preset != trained_preset:
+            progress.warn(f"the adapter was trained on {trained_preset.upper()} data, this is {args.dataset} "
+                          f"({reader.intensity_preset.upper()})")
+    names = reader.volume_names(args.list)  # default: every volume in --root (acdc: its test.list)
+    class_names = [c["name"] for c in lm.classes]
+    progress.log(f"evaluating {lm.adapter_path.name if lm.adapter_path else 'the model'} on {len(names)} "
+                 f"{args.dataset} case(s)")
+    result = evaluate_dataset(lm.model, reader, names, class_names, batch_size=args.batch_size, device=device,
+                              dtype=dtype, spacing=spacing,
+                              predictions_dir=output / "predictions" if args.save_predictions else None,
+                              overwrite=args.overwrite, progress=progress)
+    method = args.method or (lm.adapter_metadata or {}).get("name") or "HF-SAM"
+    written = write_tables(result, output, method, class_names, overwrite=args.overwrite)
+    m = result["summary"]["mean"]
+    progress.log(f"mean Dice {100 * m['dice_paper']:.2f} %, HD95 {m['hd95_paper']:.2f} voxels (paper convention); "
+                 f"wrote {', '.join(p.name for p in written)} in {output}")
+    progress.result(output=str(output), summary=result["summary"], notes=result["notes"])
+    return 0
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def add_parsers(subparsers) -> None:
+    """Add ``train`` and ``evaluate-dataset`` to cli.py's subparsers."""
+    add_train_parser(subparsers)
+    add_evaluate_parser(subparsers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The two commands on their own, with cli.main's exit codes (0, 2 bad input, 130 cancelled, 1 other)."""
+    import sys
+    import traceback
+
+    from .errors import Cancelled, HFSAMError
+
+    parser = argparse.ArgumentParser(prog="hfsam", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    progress = Progress(args.progress)
+    progress.install_signal_handlers()
+    try:
+        return int(args.func(args, progress) or 0)
+    except InputError as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else "bad input"
+        progress.error(message, exit_code=2)
+        progress.log(f"hfsam: error: {message}")
+        return 2
+    except (Cancelled, KeyboardInterrupt) as exc:
+        message = str(exc) if isinstance(exc, Cancelled) and str(exc) else "cancelled"
+        progress.error(message, exit_code=130)
+        progress.log(f"hfsam: {message}")
+        return 130
+    except HFSAMError as exc:
+        progress.error(str(exc), exit_code=exc.exit_code)
+        progress.log(f"hfsam: error: {exc}")
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the last line of defence reports and exits 1
+        traceback.print_exc(file=sys.stderr)
+        progress.error(f"{type(exc).__name__}: {exc}", exit_code=1)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

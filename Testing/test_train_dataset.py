@@ -1,0 +1,266 @@
+"""Dataset training: the draw, the run folder, checkpoints, resume after a kill, and DDP on two CPU processes.
+
+Every run uses the tiny random model at 64 px on a few synthetic slices written
+by test_datasets.py's writers, so a run takes seconds.
+"""
+
+import argparse
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_datasets import write_acdc, write_synapse
+
+from HFSAMCore.adapters import load_adapter
+from HFSAMCore.datasets import AcdcData, read_list, sample_fraction, sample_patients
+from HFSAMCore.errors import InputError
+from HFSAMCore.finetune import make_optimizer
+from HFSAMCore.loading import load_model
+from HFSAMCore.model.hfsam import ModelSpec, build_hfsam
+from HFSAMCore.progress import Progress
+from HFSAMCore.train_dataset import load_checkpoint, make_config, save_checkpoint, train_on_dataset
+
+
+def cli_module() -> str:
+    """`python -m HFSAMCore` once cli.py registers the commands, else the stand-alone cli_dataset."""
+    from HFSAMCore import cli
+
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return "HFSAMCore" if "train" in sub.choices else "HFSAMCore.cli_dataset"
+
+
+def run_cli(*args, launcher=(), check=0, timeout=300):
+    """One `hfsam` process. One thread each: on 2 shared cores, spinning OpenMP threads only slow it down."""
+    cmd = [sys.executable, *launcher, "-m", cli_module(), *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    if check is not None:
+        assert proc.returncode == check, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process training on one thread, like the child processes: on 2 shared CPU cores a second
+    OpenMP thread mostly waits for the first, and bit-level comparisons want equal thread counts."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def synapse(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synapse")
+    write_synapse(root)  # 2 cases x 4 slices = 8 training slices
+    return root
+
+
+def tiny(synapse, **options):
+    options = {"list": str(synapse / "lists" / "train.txt"), "checkpoint": "none", **options}
+    return make_config("synapse", synapse / "train_npz", preset="tiny", **options)
+
+
+def weights(path):
+    return load_adapter(path)[0]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_presets_hold_the_papers_recipe(synapse):
+    cfg = make_config("synapse", synapse / "train_npz", fraction=0.1)
+    assert (cfg.backbone, cfg.img_size, cfg.rank, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup,
+            cfg.epochs) == ("vit_b", 512, 5, 8, 0.0025, 0.1, 250, 300)
+    assert cfg.preset == "hfsam-synapse" and cfg.classes == "synapse" and cfg.seed == 2345
+    cfg = make_config("synapse", synapse / "train_npz", preset="tiny", epochs=7, lr=0.001)
+    assert (cfg.backbone, cfg.epochs, cfg.lr) == ("tiny", 7, 0.001)
+    assert make_config("acdc", synapse, patients=3).classes == "acdc"
+    with pytest.raises(InputError, match="either --fraction"):
+        make_config("synapse", synapse, fraction=0.1, patients=3)
+    with pytest.raises(InputError, match="--epochs"):
+        make_config("synapse", synapse, epochs=0)
+    with pytest.raises(InputError, match="name the classes"):
+        make_config("nifti", synapse)
+
+
+# --------------------------------------------------------------------------- a run
+
+
+def test_a_run_writes_its_draw_config_checkpoints_and_an_adapter(synapse, tmp_path):
+    cfg = tiny(synapse, fraction=0.5, seed=11, epochs=3, batch_size=2)
+    result = train_on_dataset(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    names = read_list(synapse / "lists" / "train.txt")
+    assert read_list(run / "train_selected.txt") == sample_fraction(names, 0.5, 11)  # the H-SAM draw, written out
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["fraction"] == 0.5 and saved["seed"] == 11 and saved["world_size"] == 1 and saved["epochs"] == 3
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"epoch_000{e}.safetensors" for e in (1, 2, 3)]
+    assert result.steps == 3 * 2 and result.n_slices == 4 and result.global_batch == 2
+    assert np.mean(result.losses[-2:]) < np.mean(result.losses[:2])  # it learns
+    # the adapter is a normal one: `hfsam segment --adapter` loads it onto the same random test base
+    lm = load_model(adapter=str(run / "adapter.safetensors"))
+    assert [c["name"] for c in lm.classes][:2] == ["spleen", "right kidney"]
+    meta = lm.adapter_metadata
+    assert meta["intensity_preset"] == "ct" and meta["training"]["steps"] == 6
+    assert meta["extra"]["dataset_training"]["n_slices"] == 4
+    trained = weights(run / "adapter.safetensors")
+    for k, v in lm.model.trainable_state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    with pytest.raises(InputError, match="--resume"):  # a second run never lands in the same folder
+        train_on_dataset(cfg, run)
+
+
+def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
+    torch.manual_seed(0)
+    model = build_hfsam(ModelSpec("tiny", 64, 3, 2))
+    opt = make_optimizer(model, 0.0025, 0.1)
+    x, y = torch.rand(2, 1, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    from HFSAMCore.finetune import train_step
+
+    for _ in range(2):
+        train_step(model, opt, x, y, lr=0.001, precision=torch.float32)
+    base = {"name": "random-init", "sha256": None, "seed": 0}
+    path = save_checkpoint(tmp_path / "c.safetensors", model, opt, epoch=4, step=9, digest="abc", base=base)
+    torch.manual_seed(0)  # the same frozen base, the untrained head and a fresh optimizer
+    fresh = build_hfsam(ModelSpec("tiny", 64, 3, 2))
+    fresh_opt = make_optimizer(fresh, 0.5, 0.0)
+    assert not torch.equal(fresh.trainable_state_dict()["mask_decoder.iou_token.weight"],
+                           model.trainable_state_dict()["mask_decoder.iou_token.weight"])
+    assert load_checkpoint(path, fresh, fresh_opt, digest="abc", base=base) == {"epoch": 4, "step": 9}
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(v, fresh.trainable_state_dict()[k]), k
+    a, b = opt.state_dict(), fresh_opt.state_dict()
+    assert b["param_groups"][0]["lr"] == 0.001 and b["param_groups"][0]["weight_decay"] == 0.1
+    assert b["param_groups"][0]["betas"] == (0.9, 0.999)
+    for i, entry in a["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, b["state"][i][key]), (i, key)
+    # one more identical step on both: the same result
+    train_step(model, opt, x, y, lr=0.001, precision=torch.float32)
+    train_step(fresh, fresh_opt, x, y, lr=0.001, precision=torch.float32)
+    for k, v in model.trainable_state_dict().items():
+        assert torch.equal(v, fresh.trainable_state_dict()[k]), k
+    with pytest.raises(InputError, match="another configuration"):
+        load_checkpoint(path, fresh, fresh_opt, digest="xyz", base=base)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="not a readable training checkpoint"):
+        load_checkpoint(tmp_path / "bad.safetensors", fresh, fresh_opt, digest="abc", base=base)
+
+
+def test_acdc_k_patients_from_the_command_line(tmp_path):
+    write_acdc(tmp_path / "acdc", patients=(1, 2, 3, 4))
+    proc = run_cli("train", "--dataset", "acdc", "--root", tmp_path / "acdc", "--patients", 2, "--preset", "tiny",
+                   "--checkpoint", "none", "--epochs", 1, "-o", tmp_path / "run", "--progress", "json")
+    acdc = AcdcData(tmp_path / "acdc")
+    names = acdc.slice_names()
+    drawn = read_list(tmp_path / "run" / "train_selected.txt")
+    assert drawn == sample_patients(names, acdc.patient_of, 2) == names[:12]  # SSL4MIS: the first 2 patients
+    result = [json.loads(line) for line in proc.stdout.splitlines()][-1]
+    assert result["event"] == "result" and result["n_slices"] == 12 and result["steps"] == 6
+    meta = load_adapter(tmp_path / "run" / "adapter.safetensors")[1]
+    assert [c["name"] for c in meta["classes"]] == ["right ventricle", "myocardium", "left ventricle"]
+    assert meta["intensity_preset"] == "mr"
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_after_a_kill_continues_from_the_last_checkpoint(synapse, tmp_path):
+    common = ["--dataset", "synapse", "--root", synapse / "train_npz", "--list", synapse / "lists" / "train.txt",
+              "--preset", "tiny", "--checkpoint", "none", "--epochs", 6, "--batch-size", 4]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", cli_module(), "train", *map(str, common), "-o", str(run),
+                             "--progress", "json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    killed_after = None
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "checkpoint":
+            proc.send_signal(signal.SIGKILL)  # no chance to clean up: as a crash or a preempted job
+            killed_after = event["epoch"]
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and killed_after == 1
+    assert not (run / "adapter.safetensors").exists()
+    assert not [p for p in run.rglob(".*")], "a temporary file was left behind"
+
+    resumed = run_cli("train", "-o", run, "--resume", "--progress", "json")
+    result = json.loads(resumed.stdout.splitlines()[-1])
+    assert 1 <= result["resumed_from_epoch"] < 6 and result["steps"] == 12
+    assert "resuming from epoch_000" in resumed.stderr
+
+    whole = run_cli("train", *common, "-o", tmp_path / "whole", "--progress", "json")  # the same, uninterrupted
+    assert json.loads(whole.stdout.splitlines()[-1])["resumed_from_epoch"] is None
+    # all randomness derives from (seed, epoch, sample): the resumed run repeats the uninterrupted one
+    assert max_diff(weights(run / "adapter.safetensors"), weights(tmp_path / "whole" / "adapter.safetensors")) < 1e-6
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_one_before(synapse, tmp_path):
+    run = tmp_path / "run"
+    train_on_dataset(tiny(synapse, epochs=2), run)
+    first = weights(run / "adapter.safetensors")
+    last = run / "checkpoints" / "epoch_0002.safetensors"
+    last.write_bytes(last.read_bytes()[:1000])  # e.g. a copy cut short
+    err = io.StringIO()
+    result = train_on_dataset(None, run, resume=True, progress=Progress("none", err=err))
+    assert result.resumed_from_epoch == 1 and "skipping checkpoint epoch_0002.safetensors" in err.getvalue()
+    assert max_diff(weights(run / "adapter.safetensors"), first) < 1e-6  # epoch 2 done again, identically
+
+
+def test_resume_takes_its_settings_from_the_run_folder(synapse, tmp_path):
+    train_on_dataset(tiny(synapse, epochs=1), tmp_path / "run")
+    proc = run_cli("train", "-o", tmp_path / "run", "--resume", "--epochs", 5, check=2)
+    assert "drop --epochs" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("train", "-o", tmp_path / "nothing", "--resume", check=2)
+    assert "not a training run folder" in proc.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["world_size"] = 2
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="nproc_per_node 2"):
+        train_on_dataset(None, tmp_path / "run", resume=True)
+    proc = run_cli("train", "--dataset", "synapse", "--root", synapse / "train_npz", "--fraction", 0.01,
+                   "--preset", "tiny", "--checkpoint", "none", "-o", tmp_path / "few", check=2)
+    assert "less than one slice" in proc.stderr
+    assert not (tmp_path / "few").exists()  # nothing written for a run that cannot start
+    proc = run_cli("train", "--dataset", "synapse", "--root", synapse / "train_npz", "--preset", "hfsam-synapse",
+                   "--checkpoint", tmp_path / "sam_vit_b.pth", "-o", tmp_path / "nockpt", check=2)
+    assert "checkpoint not found" in proc.stderr and not (tmp_path / "nockpt").exists()
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(synapse, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo, CPU), batch 2 each == one process with batch 4, augmentation on."""
+    args = ["train", "--dataset", "synapse", "--root", synapse / "train_npz", "--list", synapse / "lists" / "train.txt",
+            "--preset", "tiny", "--checkpoint", "none", "--epochs", 2, "--progress", "json"]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = run_cli(*args, "--batch-size", 2, "-o", tmp_path / "ddp", launcher=launcher, timeout=240)
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["world_size"] == 2 and result["global_batch"] == 4 and result["steps"] == 4
+    assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
+
+    single = train_on_dataset(tiny(synapse, epochs=2, batch_size=4), tmp_path / "one")
+    ddp_losses = [e["loss"] for e in map(json.loads, proc.stdout.splitlines()) if e.get("stage") == "train"]
+    np.testing.assert_allclose(ddp_losses, single.losses, atol=1e-4)  # the events round to 4 digits
+    ddp_w, one_w = weights(tmp_path / "ddp" / "adapter.safetensors"), weights(tmp_path / "one" / "adapter.safetensors")
+    # Equal up to float summation order. Adam divides by sqrt(v): where a gradient is zero in exact
+    # arithmetic (attention key biases) rounding noise becomes a step of its own, hence 2e-5, not 1e-7.
+    assert max_diff(ddp_w, one_w) < 2e-5
+    # ... and the test can tell: another global batch, or a Dice not pooled over both processes
+    # (measured at ~9e-3 when developing), lands far away.
+    other = train_on_dataset(tiny(synapse, epochs=2, batch_size=2), tmp_path / "other")
+    assert other.steps == 8 and max_diff(weights(tmp_path / "other" / "adapter.safetensors"), one_w) > 1e-3
