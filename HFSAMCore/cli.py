@@ -9,6 +9,7 @@ Heavy imports (torch, SAM) happen inside the commands so that ``--help`` is inst
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -31,6 +32,8 @@ commands:
   info       architecture summary and parameter counts
   models     the local model library: adapters and base SAM checkpoints
   demo       the whole job on the sample CT: fine-tune on 5 slices, segment, evaluate
+  train      train on a dataset (Synapse, ACDC, NIfTI folders); torchrun for many GPUs
+  evaluate-dataset  per case/class Dice and HD95 on a test set, laid out like the paper's table
   bench      speed / memory / few-shot benchmarks (writes a results table)
 
 exit codes: 0 done, 2 bad input, 130 cancelled, 1 other error.
@@ -42,17 +45,33 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
 
 
 # -- shared option groups -------------------------------------------------------
+class _Explicit(argparse.Action):
+    """Store the value and note that the user typed it: an adapter fixes the model's
+    architecture, so an explicit --backbone/--img-size/--rank/--fusion that contradicts
+    it is an error, while the defaults simply give way."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, "explicit", set(getattr(namespace, "explicit", ()) or ()) | {self.dest})
+
+
+# Options an adapter fixes: argparse dest -> (option, adapter metadata field).
+ADAPTER_FIXES = {"backbone": ("--backbone", "backbone"), "img_size": ("--img-size", "img_size"),
+                 "rank": ("--rank", "rank"), "fusion": ("--fusion", "fusion")}
+
+
 def _add_model_args(p: argparse.ArgumentParser, *, adapter_help: str) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--adapter", metavar="A", help=adapter_help)
     g.add_argument("--checkpoint", metavar="C",
                    help="SAM base checkpoint file; default: the library's for the backbone; "
                         "'none' = random initialisation (tests and benchmarks only)")
-    g.add_argument("--backbone", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"],
-                   help="SAM image encoder (ignored with --adapter, which fixes it)")
-    g.add_argument("--img-size", type=int, default=512, help="model input size in pixels (512 or 224)")
-    g.add_argument("--rank", type=int, default=5, help="LoRA rank")
-    g.add_argument("--fusion", default="two_step", choices=["two_step", "released"],
+    g.add_argument("--backbone", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"], action=_Explicit,
+                   help="SAM image encoder (with --adapter: the adapter's; another value is refused)")
+    g.add_argument("--img-size", type=int, default=512, action=_Explicit,
+                   help="model input size in pixels (512 or 224; with --adapter: the adapter's)")
+    g.add_argument("--rank", type=int, default=5, action=_Explicit, help="LoRA rank (with --adapter: the adapter's)")
+    g.add_argument("--fusion", default="two_step", choices=["two_step", "released"], action=_Explicit,
                    help="two_step: the paper's decoder; released: the authors' released code")
     g.add_argument("--library", metavar="DIR", help="model library folder (default: $HFSAM_HOME or ~/.hfsam)")
 
@@ -154,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_models.add_parser(sub)
 
+    from . import cli_dataset
+
+    cli_dataset.add_parsers(sub)
+
     p = _sub(sub, "bench", "Benchmarks: machine ceiling, FLOPs, inference and fine-tuning speed, memory, "
                            "and few-shot Dice for N labeled slices. Writes Markdown and JSON.",
              "hfsam bench speed --checkpoint none --backbone vit_b --img-size 512 -o benchmarks/results\n"
@@ -191,6 +214,34 @@ def _library(args):
     return ModelLibrary(getattr(args, "library", None))
 
 
+def _adapter_metadata(args, library) -> dict | None:
+    """The --adapter's validated metadata (None without one), read from its header only,
+    so that a wrong adapter is refused before torch is even imported. Refuses model
+    options the user typed that the adapter contradicts."""
+    if not args.adapter:
+        return None
+    from .adapters import read_metadata
+
+    path = library.resolve_adapter(args.adapter)
+    meta = read_metadata(path)
+    wrong = [f"{option} {getattr(args, dest)}" for dest, (option, field) in ADAPTER_FIXES.items()
+             if dest in (getattr(args, "explicit", None) or ()) and getattr(args, dest) != meta[field]]
+    if wrong:
+        raise InputError(f"adapter {path.name} was trained for backbone {meta['backbone']}, img-size "
+                         f"{meta['img_size']}, rank {meta['rank']}, fusion {meta['fusion']}, not {', '.join(wrong)}: "
+                         "drop the option (an adapter fixes the model) or choose an adapter trained for it")
+    return meta
+
+
+def _claim(stack: contextlib.ExitStack, folder: Path, name: str, what: str = "output") -> None:
+    """Lock ``folder/.NAME.lock`` for the rest of the run: a second process writing the
+    same output or library entry is refused at once with a clear message, with or
+    without --overwrite, instead of racing this one to the final rename."""
+    from .library import entry_lock
+
+    stack.enter_context(entry_lock(folder, name, what=what))
+
+
 def _device_and_dtype(args):
     from .device import resolve_device, resolve_precision
 
@@ -200,17 +251,28 @@ def _device_and_dtype(args):
 
 # -- commands --------------------------------------------------------------------
 def cmd_segment(args, progress: Progress) -> int:
-    from .loading import load_model
-    from .segment import segment_image, sidecar_path
-    from .volume import read_image, write_image, write_json
+    from .volume import read_image, sidecar_path
 
+    # Every check that needs no model comes first, before torch is even imported.
     output = check_output(args.output, args.overwrite)
     sidecar = check_output(sidecar_path(output), args.overwrite)
+    library = _library(args)
+    _adapter_metadata(args, library)
     image = read_image(args.input)
+    with contextlib.ExitStack() as claims:
+        _claim(claims, output.parent, output.name)  # one lock covers the label volume and its sidecar
+        return _segment(args, progress, image, output, sidecar, library)
+
+
+def _segment(args, progress: Progress, image, output: Path, sidecar: Path, library) -> int:
+    from .loading import load_model
+    from .segment import segment_image
+    from .volume import write_image
+
     device, dtype = _device_and_dtype(args)
     lm = load_model(adapter=args.adapter, checkpoint=args.checkpoint, backbone=args.backbone,
                     img_size=args.img_size, rank=args.rank, fusion=args.fusion, classes=args.classes,
-                    library=_library(args), progress=progress)
+                    library=library, progress=progress)
     preset = args.preset
     trained = (lm.adapter_metadata or {}).get("intensity_preset")
     if preset == "auto" and trained:
@@ -222,16 +284,25 @@ def cmd_segment(args, progress: Progress) -> int:
         preset = trained
     labels, info = segment_image(image, lm.model, preset=preset, axis=args.axis, batch_size=args.batch_size,
                                  device=device, dtype=dtype, progress=progress)
-    write_json({"classes": lm.classes, "model": lm.describe(), "input": str(args.input), "run": info},
-               sidecar, overwrite=args.overwrite)
-    try:
-        write_image(labels, output, overwrite=args.overwrite)
-    except BaseException:
-        sidecar.unlink(missing_ok=True)  # never leave a sidecar without its label volume
-        raise
+    progress.check_cancelled()  # a cancel that came after the last batch still means "write nothing"
+    # One atomic step for both files; the label volume is renamed last, so once it exists
+    # under its name its sidecar is complete too.
+    write_image(labels, output, overwrite=args.overwrite,
+                sidecar={"classes": lm.classes, "model": lm.describe(), "input": str(args.input), "run": info})
     progress.log(f"wrote {output} ({info['slices']} slices, {info['device']}, {info['precision']}) and {sidecar.name}")
     progress.result(output=str(output), sidecar=str(sidecar), classes=lm.classes, **info)
     return 0
+
+
+def _restore(path: Path, old: bytes | None) -> None:
+    """Put back what ``path`` held before this run (or remove it if it was new)."""
+    from .adapters import atomic_write
+
+    with contextlib.suppress(Exception):  # best effort: the original error is what the user must see
+        if old is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write(path, lambda fh: fh.write(old), overwrite=True)
 
 
 def _class_list(spec, labels_max: int):
@@ -243,17 +314,12 @@ def _class_list(spec, labels_max: int):
 
 
 def cmd_finetune(args, progress: Progress) -> int:
-    import numpy as np
     import SimpleITK as sitk
-    import torch
 
-    from . import __version__ as version
-    from .adapters import save_adapter
-    from .finetune import TrainConfig, prepare_training_set, train
-    from .loading import load_model
     from .slices import SliceView, parse_slice_list
-    from .volume import read_image, read_label_volumes, read_labels
+    from .volume import labels_onto_image, read_image, read_label_volumes, read_labels
 
+    # Every check that needs no model comes first, before torch is even imported.
     if not args.output and not args.name:
         raise InputError("say where the adapter goes: -o FILE.safetensors and/or --name NAME (model library)")
     output = check_output(args.output, args.overwrite) if args.output else None
@@ -265,27 +331,52 @@ def cmd_finetune(args, progress: Progress) -> int:
         if not args.overwrite and args.name in {e["name"] for e in library.list_adapters()}:
             raise InputError(f"the library already has an adapter named {args.name!r}; pass --overwrite or "
                              "choose another name")
+    adapter_meta = _adapter_metadata(args, library)
+    image = read_image(args.image)
+    labels = read_labels(args.labels[0]) if len(args.labels) == 1 else read_label_volumes(args.labels)
+    labels = labels_onto_image(labels, image)  # by physical position; refuses labels of another scan
+    view = SliceView.from_image(image, args.axis)
+    slices = parse_slice_list(args.slices, view.n_slices)
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(labels)
+    top = int(stats.GetMaximum())
+    if adapter_meta is not None:
+        names = [c["name"] for c in adapter_meta["classes"]]
+        if top > len(names):
+            raise InputError(f"the labels hold value {top} but adapter {adapter_meta['name']!r} knows "
+                             f"{len(names)} class(es) ({', '.join(names)}); continuing training keeps its "
+                             f"classes: use label values 0..{len(names)} only, or fine-tune a new adapter")
+        if args.classes:
+            from .classes import resolve_classes
+
+            if [c["name"] for c in resolve_classes(args.classes)] != names:
+                raise InputError("--classes differs from the adapter's classes; continuing training keeps them: "
+                                 + ", ".join(names))
+    with contextlib.ExitStack() as claims:
+        if output:
+            _claim(claims, output.parent, output.name)
+        if args.name:
+            _claim(claims, library.ensure_folder(library.adapters_dir), args.name, what="library entry")
+        return _finetune(args, progress, image, labels, slices, top, output, library)
+
+
+def _finetune(args, progress: Progress, image, labels, slices, top: int, output: Path | None, library) -> int:
+    import numpy as np
+    import torch
+
+    from . import __version__ as version
+    from .adapters import save_adapter
+    from .finetune import TrainConfig, prepare_training_set, train
+    from .loading import load_model
+
     if args.seed is not None:
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
-    image = read_image(args.image)
-    labels = read_labels(args.labels[0]) if len(args.labels) == 1 else read_label_volumes(args.labels)
-    view = SliceView.from_image(image, args.axis)
-    slices = parse_slice_list(args.slices, view.n_slices)
     device, dtype = _device_and_dtype(args)
-
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(labels)
     lm = load_model(adapter=args.adapter, checkpoint=args.checkpoint, backbone=args.backbone,
                     img_size=args.img_size, rank=args.rank, fusion=args.fusion,
-                    classes=None if args.adapter else _class_list(args.classes, int(stats.GetMaximum())),
+                    classes=None if args.adapter else _class_list(args.classes, top),
                     library=library, progress=progress)
-    if args.adapter and args.classes:
-        from .classes import resolve_classes
-
-        if [c["name"] for c in resolve_classes(args.classes)] != [c["name"] for c in lm.classes]:
-            raise InputError("--classes differs from the adapter's classes; continuing training keeps them: "
-                             + ", ".join(c["name"] for c in lm.classes))
     model = lm.model.to(device)
     data = prepare_training_set(image, labels, num_classes=len(lm.classes), img_size=lm.spec.img_size,
                                 slices=slices, axis=args.axis, preset=args.preset, device=device)
@@ -294,6 +385,7 @@ def cmd_finetune(args, progress: Progress) -> int:
     cfg = TrainConfig(steps=steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       holdout=args.holdout, precision=dtype)
     report = train(model, data, cfg, progress)
+    progress.check_cancelled()  # a cancel during the last step's bookkeeping still means "write nothing"
 
     metadata = {
         "name": args.name or (output.stem if output else "adapter"),
@@ -315,12 +407,18 @@ def cmd_finetune(args, progress: Progress) -> int:
     metadata.pop("num_classes", None)
     tensors = model.trainable_state_dict()
     written = []
-    if output:
-        save_adapter(output, tensors, metadata, overwrite=args.overwrite)
-        written.append(str(output))
-    if args.name:
-        path = library.save_adapter(args.name, tensors, metadata, overwrite=args.overwrite)
-        written.append(str(path))
+    old_output = output.read_bytes() if output and args.overwrite and output.is_file() else None
+    try:
+        if output:
+            save_adapter(output, tensors, metadata, overwrite=args.overwrite)
+            written.append(str(output))
+        if args.name:
+            path = library.save_adapter(args.name, tensors, metadata, overwrite=args.overwrite)
+            written.append(str(path))
+    except BaseException:
+        if written:  # -o was written but the library entry failed: a failed run leaves nothing behind
+            _restore(output, old_output)
+        raise
     progress.log(f"trained {report.steps} steps in {report.seconds:.0f} s (loss {report.final_loss:.3f}"
                  + (f", held-out Dice {report.heldout_dice:.3f}" if report.heldout_dice is not None else "")
                  + f"); wrote {', '.join(written)}")
@@ -331,8 +429,7 @@ def cmd_finetune(args, progress: Progress) -> int:
 
 def cmd_evaluate(args, progress: Progress) -> int:
     from .metrics import evaluate, format_table
-    from .segment import sidecar_path
-    from .volume import read_labels
+    from .volume import read_labels, sidecar_path
 
     reference = read_labels(args.reference)
     prediction = read_labels(args.prediction)
@@ -420,9 +517,21 @@ def main(argv: list[str] | None = None) -> int:
         progress.log(f"hfsam: error: {exc}")
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - the last line of defence reports and exits 1
+        if _out_of_memory(exc):  # even batch size 1 did not fit: say what to do, not where it happened
+            message = ("out of memory even at batch size 1; close other programs using the GPU, "
+                       "use a smaller --img-size, or run on the CPU (--device cpu)")
+            progress.error(message, exit_code=1)
+            progress.log(f"hfsam: error: {message}")
+            return 1
         traceback.print_exc(file=sys.stderr)
         progress.error(f"{type(exc).__name__}: {exc}", exit_code=1)
         return 1
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA) or a host MemoryError, recognised without importing torch."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 if __name__ == "__main__":

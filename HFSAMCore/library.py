@@ -113,10 +113,22 @@ def _lock_is_stale(lock: Path) -> bool:
     return fields[1] == socket.gethostname() and not _pid_alive(int(fields[0]))
 
 
+# Locks this process holds: a command may claim an entry for its whole run (so that a
+# second process fails at once, not after an hour of training) and then save it.
+_HELD: set[Path] = set()
+
+
 @contextlib.contextmanager
-def entry_lock(folder: Path, name: str) -> Iterator[Path]:
-    """Hold ``folder/.<name>.lock`` while writing entry ``name`` (see the module docstring)."""
+def entry_lock(folder: Path, name: str, *, what: str = "library entry") -> Iterator[Path]:
+    """Hold ``folder/.<name>.lock`` while writing entry ``name`` (see the module docstring).
+
+    Re-entrant within one process; ``what`` names the thing in the error message
+    (the CLI also locks its output files this way: ``what="output"``).
+    """
     lock = folder / f".{name}.lock"
+    if lock in _HELD:
+        yield lock
+        return
     for attempt in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -126,17 +138,20 @@ def entry_lock(folder: Path, name: str) -> Iterator[Path]:
                     lock.unlink()
                 continue
             raise InputError(
-                f"library entry '{name}' is being written by another process; wait for it to finish "
+                f"{what} '{name}' is being written by another process; wait for it to finish "
                 f"(if no HF-SAM is running, delete {lock})"
             ) from None
         except OSError as exc:
-            raise InputError(f"cannot write in the model library {folder}: {exc.strerror or exc}") from None
+            where = "the model library " if what == "library entry" else ""
+            raise InputError(f"cannot write in {where}{folder}: {exc.strerror or exc}") from None
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(f"{os.getpid()} {socket.gethostname()}\n")
         break
+    _HELD.add(lock)
     try:
         yield lock
     finally:
+        _HELD.discard(lock)
         with contextlib.suppress(FileNotFoundError):
             lock.unlink()
 

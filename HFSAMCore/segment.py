@@ -9,7 +9,6 @@ input and back (logits, then argmax) is done on whole batches on the device.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -20,6 +19,7 @@ from .device import autocast, is_out_of_memory, peak_memory_mb, reset_peak_memor
 from .errors import InputError
 from .progress import Progress
 from .slices import SliceView, choose_preset, normalize, volume_stats
+from .volume import sidecar_path  # noqa: F401 - its old home; it lives with the writers now
 
 
 def to_model_input(batch: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
@@ -133,13 +133,3 @@ def segment_image(
         "peak_memory_mb": round(peak_memory_mb(device), 1),
     }
     return labels, info
-
-
-def sidecar_path(output: str | Path) -> Path:
-    """`seg.nrrd` -> `seg.json`, `seg.nii.gz` -> `seg.json`."""
-    output = Path(output)
-    name = output.name
-    for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd", ".nhdr"):
-        if name.lower().endswith(ext):
-            return output.with_name(name[: -len(ext)] + ".json")
-    return output.with_name(output.stem + ".json")

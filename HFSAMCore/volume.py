@@ -23,6 +23,7 @@ import gzip
 import json
 import os
 import shutil
+import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -137,29 +138,49 @@ def _read_any(path: str | os.PathLike) -> sitk.Image:
     return image
 
 
+# NIfTI datatype codes of the float types, and their numpy item type (byte order added per file).
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+_NIFTI_HEADER_SIZES = (348, 540)  # NIfTI-1, NIfTI-2: the first int32 tells the byte order
+
+
 def _check_nifti_complete(path: Path, image: sitk.Image) -> None:
-    """ITK's NIfTI reader fills a truncated file up with zeros instead of failing,
-    so compare the bytes that are really there with what the header promises."""
+    """Check the raw bytes of a NIfTI file for what ITK's reader hides.
+
+    * A truncated file is filled up with zeros instead of failing: compare the
+      bytes that are really there with what the header promises.
+    * NaN and infinite voxels are silently read as 0 (the bundled nifticlib does
+      it; ITK 6 keeps them), so a float volume is scanned for them here.
+    The file is streamed once, in 4 MiB blocks, so this costs one read of it.
+    """
     try:
         ndim = int(image.GetMetaData("dim[0]"))
         voxels = int(np.prod([int(image.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]))
-        expected = int(float(image.GetMetaData("vox_offset"))) + voxels * int(image.GetMetaData("bitpix")) // 8
+        offset = int(float(image.GetMetaData("vox_offset")))
+        expected = offset + voxels * int(image.GetMetaData("bitpix")) // 8
+        item = _NIFTI_FLOATS.get(int(image.GetMetaData("datatype")))
     except (RuntimeError, ValueError):
         return  # header fields not exposed by this ITK version: nothing to compare with
+    actual, dtype, carry, finite = 0, None, b"", True
     try:
-        if path.name.lower().endswith(".gz"):
-            actual = 0
-            with gzip.open(path, "rb") as fh:
-                while chunk := fh.read(1 << 22):
-                    actual += len(chunk)
-        else:
-            actual = path.stat().st_size
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as fh:
+            while block := fh.read(1 << 22):
+                if item and finite:
+                    if dtype is None:
+                        little = int.from_bytes(block[:4], "little") in _NIFTI_HEADER_SIZES
+                        dtype = np.dtype(("<" if little else ">") + item)
+                    data = carry + block[max(0, offset - actual): max(0, expected - actual)]
+                    whole = len(data) - len(data) % dtype.itemsize
+                    finite = bool(np.isfinite(np.frombuffer(data[:whole], dtype)).all())
+                    carry = data[whole:]
+                actual += len(block)
     except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"cannot read {path}: the compressed file is damaged or truncated ({exc})") from None
     if actual < expected:
         raise InputError(
             f"cannot read {path}: the file is truncated ({actual} of {expected} bytes); copy or export it again"
         )
+    if not finite:
+        raise _non_finite(str(path))
 
 
 def _read_dicom_folder(folder: Path, uid: str | None) -> sitk.Image:
@@ -305,7 +326,11 @@ def _check_scalar_3d(image: sitk.Image, name: str) -> None:
 
 def _check_finite(arr: np.ndarray, name: str) -> None:
     if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise InputError(f"{name} contains NaN or infinite voxels: fix or replace them before segmenting")
+        raise _non_finite(name)
+
+
+def _non_finite(name: str) -> InputError:
+    return InputError(f"{name} contains NaN or infinite voxels: fix or replace them before segmenting")
 
 
 def _min_max(arr: np.ndarray) -> tuple[float, float]:
@@ -408,7 +433,8 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tol: float = 1e-6) -> bool:
 
 
 def write_image(
-    image: sitk.Image, path: str | os.PathLike, *, overwrite: bool = False, compress: bool = True
+    image: sitk.Image, path: str | os.PathLike, *, overwrite: bool = False, compress: bool = True,
+    sidecar: Any = None,
 ) -> Path:
     """Write ``image`` atomically to ``path`` (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd).
 
@@ -418,6 +444,11 @@ def write_image(
     format (.nhdr/.mhd), so the header never points at a missing file. On any
     failure (disk full, no permission) the temp folder is removed and nothing
     appears under the final name.
+
+    ``sidecar``: a JSON-ready object written as ``sidecar_path(path)`` in the same
+    step, completed before anything is renamed and renamed just before the image:
+    a crash or a kill never leaves one without the other being complete, and the
+    image's existence implies its sidecar's.
     """
     target = Path(path)
     suffix = _image_suffix(target)
@@ -425,10 +456,15 @@ def write_image(
         raise InputError(
             f"cannot write {target.name}: use one of {', '.join(IMAGE_SUFFIXES)}"
         )
+    side_text = None if sidecar is None else _json_text(sidecar)
 
     def produce(tmp: Path) -> None:
+        if side_text is not None:
+            (tmp / sidecar_path(target).name).write_text(side_text, encoding="utf-8")
         written = tmp / target.name
-        with _quiet_itk():  # MetaImage warns about every NIfTI header field it cannot store
+        # MetaImage warns about every NIfTI header field it cannot store; nifticlib prints its
+        # own "** ERROR" lines for a short write. We report failures ourselves, in one line.
+        with _quiet_itk(), _c_stderr_silenced():
             sitk.WriteImage(image, str(written), useCompression=compress)
             # ITK's NIfTI writer ignores failed writes (full disk): read the file back, which
             # fails on a short file, so that a damaged file never reaches the final name.
@@ -448,13 +484,28 @@ def write_image(
 def write_json(obj: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``obj`` as strict JSON (no NaN/Infinity: a ValueError means the caller
     forgot to turn them into null) with the same atomic rules as ``write_image``."""
-    text = json.dumps(obj, indent=2, allow_nan=False, sort_keys=False) + "\n"
+    text = _json_text(obj)
     target = Path(path)
 
     def produce(tmp: Path) -> None:
         (tmp / target.name).write_text(text, encoding="utf-8")
 
     return _atomic_write(target, produce, overwrite=overwrite)
+
+
+def _json_text(obj: Any) -> str:
+    return json.dumps(obj, indent=2, allow_nan=False, sort_keys=False) + "\n"
+
+
+def sidecar_path(output: str | os.PathLike) -> Path:
+    """The JSON sidecar (class names, colours, model) beside a label volume:
+    `seg.nrrd` -> `seg.json`, `seg.nii.gz` -> `seg.json`."""
+    output = Path(output)
+    name = output.name
+    for ext in (".nii.gz", ".seg.nrrd", ".nrrd", ".nii", ".mha", ".mhd", ".nhdr"):
+        if name.lower().endswith(ext):
+            return output.with_name(name[: -len(ext)] + ".json")
+    return output.with_name(output.stem + ".json")
 
 
 def _atomic_write(target: Path, produce, *, overwrite: bool) -> Path:
@@ -528,6 +579,31 @@ def _quiet_itk():
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+@contextlib.contextmanager
+def _c_stderr_silenced():
+    """Point file descriptor 2 at the null device for one call: C libraries under SimpleITK
+    (nifticlib) print straight to it, past Python and past ITK's warning switch. Process-wide,
+    like ``_quiet_itk``: fine for the engine, which runs in its own process."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2 (e.g. a GUI process)
+        saved = None
+    if saved is None:
+        yield
+        return
+    try:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 2)
+        finally:
+            os.close(null)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _uninformative(detail: str) -> bool:

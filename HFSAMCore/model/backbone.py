@@ -8,6 +8,9 @@ resized bilinearly (as SAMed does). Windowed blocks keep their 14x14 tables.
 
 from __future__ import annotations
 
+import pickle
+import re
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -99,10 +102,20 @@ def read_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise InputError(f"checkpoint not found: {path}; download it with `hfsam models download vit_b` "
                          "or pass --checkpoint none --backbone tiny for a random test model")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path} is not a loadable SAM checkpoint (refused or unreadable: {first})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols mean nothing to a user
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():  # torch's wording when it refuses an object
+            raise InputError(f"{path} is not a loadable SAM checkpoint: it holds objects other than tensors, "
+                             "which could run code when loaded, so it was refused; use an official SAM "
+                             "checkpoint") from None
+        raise InputError(f"{path} is not a loadable SAM checkpoint (damaged or another format)") from None
+    except Exception as exc:  # a damaged file fails in many ways (OSError, RuntimeError, EOFError, KeyError...)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours some messages
+        first = text.splitlines()[0][:120] if text else type(exc).__name__
+        raise InputError(f"{path} is not a loadable SAM checkpoint (damaged, truncated or another format: "
+                         f"{first})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
