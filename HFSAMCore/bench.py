@@ -295,7 +295,8 @@ def _fewshot_worker(n_labeled, backbone, checkpoint, img_size, steps, device_nam
     dtype = resolve_precision("auto", device)
     image, reference = read_image(image_path), read_labels(labels_path)
     view = SliceView.from_image(image)
-    ref_stack = view.to_slices(sitk.GetArrayViewFromImage(labels_onto_image(reference, image)))
+    ref_on_grid = labels_onto_image(reference, image)  # keep it alive: the array view below borrows its memory
+    ref_stack = view.to_slices(sitk.GetArrayViewFromImage(ref_on_grid))
     picked = spread(labeled_slices(ref_stack), n_labeled)
     torch.manual_seed(0)
     lm = load_model(checkpoint=checkpoint, backbone=backbone, img_size=img_size, classes="synapse",
@@ -306,6 +307,11 @@ def _fewshot_worker(n_labeled, backbone, checkpoint, img_size, steps, device_nam
     report = train(lm.model, data, TrainConfig(steps=steps, holdout=0, seed=0, precision=dtype))
     pred, _ = segment_image(image, lm.model, device=device, dtype=dtype)
     wall = time.perf_counter() - t
+    agreement = None
+    if dtype != torch.float32:  # the same trained model in fp32: does reduced precision change the labels?
+        pred32, _ = segment_image(image, lm.model, device=device, dtype=torch.float32)
+        a, b = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(pred32)
+        agreement = round(100 * float((a == b).mean()), 3)
     held = np.ones(view.n_slices, bool)
     held[picked] = False
 
@@ -320,7 +326,8 @@ def _fewshot_worker(n_labeled, backbone, checkpoint, img_size, steps, device_nam
 
     return {"n_labeled": n_labeled, "slices": data.slices, "steps": report.steps, "wall_s": round(wall, 1),
             "peak_memory_mb": round(peak_memory_mb(device), 0),
-            "dice": {c["name"]: c["dice"] for c in res["classes"]}, "mean_dice": res["mean"]["dice"]}
+            "dice": {c["name"]: c["dice"] for c in res["classes"]}, "mean_dice": res["mean"]["dice"],
+            "precision": str(dtype).replace("torch.", ""), "voxels_equal_to_fp32_pct": agreement}
 
 
 def run_fewshot(args, progress: Progress) -> dict:
@@ -362,11 +369,13 @@ def to_markdown(which: str, result: dict, command: str) -> str:
     if which == "fewshot":
         organs = list(result["rows"][0]["dice"])
         rows = [{"N": r["n_labeled"], "slices": ",".join(map(str, r["slices"])), "steps": r["steps"],
-                 "wall s": r["wall_s"], "peak MB": r["peak_memory_mb"], "mean": r["mean_dice"], **r["dice"]}
+                 "wall s": r["wall_s"], "peak MB": r["peak_memory_mb"], "mean": r["mean_dice"], **r["dice"],
+                 "precision": r["precision"], "= fp32 %": r["voxels_equal_to_fp32_pct"]}
                 for r in result["rows"]]
         return (head + f"\n{result['backbone']} at {result['img_size']} px, checkpoint {result['checkpoint']}; "
                 "Dice on the held-out slices of ct_abdomen_3mm\n\n"
-                + _table(rows, ["N", "slices", "steps", "wall s", "peak MB", "mean", *organs]) + "\n")
+                + _table(rows, ["N", "slices", "steps", "wall s", "peak MB", "mean", *organs, "precision", "= fp32 %"])
+                + "\n\n`= fp32 %`: share of voxels whose label is the same when the trained model runs in fp32.\n")
     s = result["spec"]
     out = [head, f"\nModel: {s['backbone']} at {s['img_size']} px, rank {s['rank']}, fusion {s['fusion']}: "
                  f"{result['gflop_per_slice']} GFLOP per slice (forward)\n",

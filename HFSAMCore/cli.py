@@ -80,7 +80,7 @@ def _add_run_args(p: argparse.ArgumentParser, *, batch_size: int) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16/fp16 autocast on CUDA, fp32 on the CPU")
+                   help="auto: bf16 autocast on CUDA (fp16 on GPUs without bf16) and on CPUs with bf16 instructions, else fp32")
     g.add_argument("--batch-size", type=int, default=batch_size, help="slices per batch")
     g.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"],
                    help="slice direction, in patient terms (whatever the voxel order)")
@@ -273,6 +273,9 @@ def _segment(args, progress: Progress, image, output: Path, sidecar: Path, libra
     lm = load_model(adapter=args.adapter, checkpoint=args.checkpoint, backbone=args.backbone,
                     img_size=args.img_size, rank=args.rank, fusion=args.fusion, classes=args.classes,
                     library=library, progress=progress)
+    if not args.adapter and lm.base.get("sha256"):
+        progress.warn("no adapter given: the class head is untrained, so the result is not meaningful; "
+                      "fine-tune one with `hfsam finetune` or pass --adapter")
     preset = args.preset
     trained = (lm.adapter_metadata or {}).get("intensity_preset")
     if preset == "auto" and trained:
@@ -296,7 +299,7 @@ def _segment(args, progress: Progress, image, output: Path, sidecar: Path, libra
 
 def _restore(path: Path, old: bytes | None) -> None:
     """Put back what ``path`` held before this run (or remove it if it was new)."""
-    from .adapters import atomic_write
+    from .atomic import atomic_write
 
     with contextlib.suppress(Exception):  # best effort: the original error is what the user must see
         if old is None:

@@ -111,7 +111,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, help="epochs between checkpoints (the last epoch is always saved)")
     g.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                    help="no rotation / crop / elastic augmentation")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on recent GPUs, fp32 CPU")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA and on CPUs with bf16 instructions, else fp32")
     g.add_argument("--name", help="adapter name (default: the output folder's name)")
     g.add_argument("--description", help="free text stored in the adapter")
     _common(p)

@@ -92,7 +92,7 @@ def read_list(path: str | Path) -> list[str]:
 
 def write_list(names: list[str], path: str | Path, *, overwrite: bool = False) -> Path:
     """Write names one per line, atomically (the draw, as H-SAM writes its train.txt)."""
-    from .adapters import atomic_write
+    from .atomic import atomic_write
 
     text = "".join(f"{n}\n" for n in names).encode("utf-8")
     return atomic_write(path, lambda fh: fh.write(text), overwrite=overwrite)

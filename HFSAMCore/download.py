@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .adapters import fsync_dir
+from .atomic import fsync_dir
 from .errors import InputError
 from .resources import resources_dir
 from .progress import Progress

@@ -281,7 +281,7 @@ def _csv(rows: list[list[Any]]) -> str:
 
 def write_tables(result: dict, output: Path, method: str, class_names: list[str], *, overwrite: bool) -> list[Path]:
     """Write the five result files atomically (see the module docstring)."""
-    from .adapters import atomic_write
+    from .atomic import atomic_write
 
     s = result["summary"]
     per_class = [["class", "name", "dice_paper", "hd95_paper", "dice", "hd95_mm", "cases_with_class"]]

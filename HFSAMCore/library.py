@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from . import adapters as _adapters
+from . import atomic as _atomic
 from . import download as _download
 from .errors import InputError
 from .progress import NULL, Progress
@@ -161,7 +162,7 @@ def _copy_file(src: Path, dest: Path, *, overwrite: bool) -> Path:
         with open(src, "rb") as source:
             shutil.copyfileobj(source, fh, 1 << 20)
 
-    return _adapters.atomic_write(dest, write, overwrite=overwrite)
+    return _atomic.atomic_write(dest, write, overwrite=overwrite)
 
 
 class ModelLibrary:
@@ -359,7 +360,7 @@ class ModelLibrary:
             raise InputError(f"{src} has {size} bytes, which is not the size of {what}; "
                              f"use an official file, e.g. {candidates[0]['url']}")
         folder = self.ensure_folder(self.checkpoints_dir)
-        tmp = _adapters.temp_path(folder / src.name, ".import")
+        tmp = _atomic.temp_path(folder / src.name, ".import")
         digest = self._copy_hashing(src, tmp, progress)
         try:
             matches = [b for b, e in entries.items() if e["sha256"] == digest]
@@ -376,7 +377,7 @@ class ModelLibrary:
             entry = entries[backbone or matches[0]]
             dest = folder / entry["filename"]
             with entry_lock(folder, entry["filename"]):
-                _adapters.publish(tmp, dest, overwrite=True)  # same hash: replacing is harmless
+                _atomic.publish(tmp, dest, overwrite=True)  # same hash: replacing is harmless
             return dest
         finally:
             with contextlib.suppress(FileNotFoundError):

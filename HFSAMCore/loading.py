@@ -140,7 +140,4 @@ def load_model(
     spec = ModelSpec(backbone, img_size, len(class_list), rank, fusion).resolved()
     ckpt = resolve_checkpoint(checkpoint, spec.backbone, library)
     model, base = _random_base(spec, progress) if ckpt is None else _checkpoint_base(spec, ckpt, progress)
-    if adapter is None and ckpt is not None:
-        progress.warn("no adapter given: the class head is untrained, so the result is not meaningful; "
-                      "fine-tune one with `hfsam finetune` or pass --adapter")
     return LoadedModel(model, class_list, base)

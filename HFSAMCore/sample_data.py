@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from . import adapters as _adapters
+from . import atomic as _atomic
 from . import download as _download
 from .errors import InputError
 from .progress import NULL, Progress
@@ -65,12 +65,12 @@ def remap_labels(src: Path, dest: Path, remap: dict[str, int]) -> Path:
     out = sitk.GetImageFromArray(table[array.astype(np.int64)])
     out.CopyInformation(labels)
     # SimpleITK picks the format from the extension, so the temp name keeps it.
-    tmp = _adapters.temp_path(dest, ".tmp.nii.gz")
+    tmp = _atomic.temp_path(dest, ".tmp.nii.gz")
     try:
         sitk.WriteImage(out, str(tmp), True)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        return _adapters.publish(tmp, dest, overwrite=True)
+        return _atomic.publish(tmp, dest, overwrite=True)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import math
 import os
@@ -400,7 +399,7 @@ def save_checkpoint(path: Path, model, optimizer, *, epoch: int, step: int, dige
     """Trainable tensors + AdamW state as safetensors, position and hyper-parameters as JSON; atomic."""
     from safetensors.torch import save
 
-    from .adapters import atomic_write
+    from .atomic import atomic_write
 
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     tensors = {f"model.{n}": t.detach().cpu().contiguous().clone() for n, t in model.trainable_state_dict().items()}
@@ -562,14 +561,9 @@ def train_on_dataset(cfg: DatasetTrainConfig | None, output: str | os.PathLike, 
 def _load_base_model(cfg: DatasetTrainConfig, library, progress: Progress):
     from .loading import load_model
 
-    # load_model's messages are muted: its "no adapter given" warning is for inference, not training.
-    quiet = Progress("none", err=io.StringIO())
     lm = load_model(checkpoint=cfg.checkpoint, backbone=cfg.backbone, img_size=cfg.img_size, rank=cfg.rank,
-                    fusion=cfg.fusion, classes=cfg.classes, library=library, progress=quiet)
-    if lm.base.get("name") == "random-init":
-        progress.warn(f"training on a RANDOMLY INITIALISED {cfg.backbone} base (--checkpoint none): "
-                      "for tests only, the result is not a medical model")
-    else:
+                    fusion=cfg.fusion, classes=cfg.classes, library=library, progress=progress)
+    if lm.base.get("sha256"):
         progress.log(f"base: {lm.base['name']} (sha256 {lm.base['sha256'][:12]}...)")
     values = [c["value"] for c in lm.classes]
     if values != list(range(1, len(values) + 1)):

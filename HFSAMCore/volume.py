@@ -32,6 +32,7 @@ from typing import Any, Iterable
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import fsync_dir
 from .errors import InputError
 
 #: File name endings SimpleITK reads and writes for us (longest first so that
@@ -530,7 +531,7 @@ def _atomic_write(target: Path, produce, *, overwrite: bool) -> Path:
                 _fsync_file(f)
             for f in written:
                 os.replace(f, folder / f.name)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except (OSError, RuntimeError) as exc:
             raise InputError(f"could not write {target}: {_first_line(exc)}") from None
     finally:
@@ -541,20 +542,6 @@ def _atomic_write(target: Path, produce, *, overwrite: bool) -> Path:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable; not possible on every OS (Windows), so best effort."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- small helpers

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
-from HFSAMCore import adapters
+from HFSAMCore import adapters, atomic
 from HFSAMCore.errors import InputError
 
 SHA_B = "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"
@@ -102,7 +102,7 @@ def test_interrupted_write_leaves_nothing(tmp_path):
         raise KeyboardInterrupt  # e.g. a second Ctrl-C mid-write
 
     with pytest.raises(KeyboardInterrupt):
-        adapters.atomic_write(dest, write)
+        atomic.atomic_write(dest, write)
     assert os.listdir(tmp_path) == []
 
 

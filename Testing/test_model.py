@@ -295,3 +295,17 @@ def test_sdpa_attention_equals_sams_own(backbone, size):
         slow = model.encode(x)[0]
     assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4)
     assert (fast - slow).abs().max() < 1e-4
+
+
+def test_merged_lora_inference_equals_the_training_path():
+    model = tiny(rank=4).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B" in name:
+                p.normal_(std=0.05)  # an adapter that changes the output
+    x = torch.rand(2, 1, 224, 224)
+    with torch.no_grad():
+        merged = model(x)  # inference: LoRA folded into the qkv weight
+    with torch.enable_grad():
+        unmerged = model(x)  # training path: separate low-rank branches
+    assert torch.allclose(merged, unmerged.detach(), atol=1e-5, rtol=1e-5)

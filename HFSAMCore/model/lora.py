@@ -49,7 +49,18 @@ class LoRAQKV(nn.Linear):
                 module.bias.copy_(linear.bias)
         return module
 
+    def merged_weight(self) -> torch.Tensor:
+        """W + [B_q A_q; 0; B_v A_v]: the adapted projection as one matrix."""
+        zero = torch.zeros_like(self.weight[: self.dim])
+        delta = torch.cat((self.lora_B_q.weight @ self.lora_A_q.weight, zero,
+                           self.lora_B_v.weight @ self.lora_A_v.weight))
+        return self.weight + delta
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            # Inference: one matmul with the merged weight (a few MFLOP to form) instead of
+            # two low-rank paths and a concatenation over every token.
+            return F.linear(x, self.merged_weight(), self.bias)
         qkv = F.linear(x, self.weight, self.bias)
         dq = self.lora_B_q(self.lora_A_q(x))
         dv = self.lora_B_v(self.lora_A_v(x))
