@@ -511,9 +511,11 @@ def main(argv: list[str] | None = None) -> int:
         progress.error(message, exit_code=2)
         progress.log(f"hfsam: error: {message}")
         return 2
-    except (Cancelled, KeyboardInterrupt):
-        progress.error("cancelled; nothing was written", exit_code=130)
-        progress.log("hfsam: cancelled; nothing was written")
+    except (Cancelled, KeyboardInterrupt) as exc:
+        # A Cancelled says what was kept (e.g. `train` keeps its finished checkpoints).
+        message = str(exc) if isinstance(exc, Cancelled) and str(exc) else "cancelled; nothing was written"
+        progress.error(message, exit_code=130)
+        progress.log(f"hfsam: {message}")
         return 130
     except HFSAMError as exc:
         progress.error(str(exc), exit_code=exc.exit_code)

@@ -3,8 +3,6 @@
 ``cli.py`` calls :func:`add_parsers` with its subparsers; each command is a
 function ``(args, progress) -> int`` that parses nothing itself and calls
 :mod:`HFSAMCore.train_dataset` or :mod:`HFSAMCore.evaluate_dataset`.
-``python -m HFSAMCore.cli_dataset`` runs the two commands on their own (same
-exit codes), for a checkout whose cli.py does not register them.
 
 Multi-GPU: launch the same command with torchrun, e.g.
 ``torchrun --nproc_per_node 2 -m HFSAMCore train ...``.
@@ -227,42 +225,3 @@ def add_parsers(subparsers) -> None:
     """Add ``train`` and ``evaluate-dataset`` to cli.py's subparsers."""
     add_train_parser(subparsers)
     add_evaluate_parser(subparsers)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The two commands on their own, with cli.main's exit codes (0, 2 bad input, 130 cancelled, 1 other)."""
-    import sys
-    import traceback
-
-    from .errors import Cancelled, HFSAMError
-
-    parser = argparse.ArgumentParser(prog="hfsam", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_parsers(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    progress = Progress(args.progress)
-    progress.install_signal_handlers()
-    try:
-        return int(args.func(args, progress) or 0)
-    except InputError as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else "bad input"
-        progress.error(message, exit_code=2)
-        progress.log(f"hfsam: error: {message}")
-        return 2
-    except (Cancelled, KeyboardInterrupt) as exc:
-        message = str(exc) if isinstance(exc, Cancelled) and str(exc) else "cancelled"
-        progress.error(message, exit_code=130)
-        progress.log(f"hfsam: {message}")
-        return 130
-    except HFSAMError as exc:
-        progress.error(str(exc), exit_code=exc.exit_code)
-        progress.log(f"hfsam: error: {exc}")
-        return exc.exit_code
-    except Exception as exc:  # noqa: BLE001 - the last line of defence reports and exits 1
-        traceback.print_exc(file=sys.stderr)
-        progress.error(f"{type(exc).__name__}: {exc}", exit_code=1)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

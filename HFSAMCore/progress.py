@@ -131,7 +131,7 @@ class Progress:
 
     def check_cancelled(self) -> None:
         if self._cancel.is_set():
-            raise Cancelled("cancelled by the user; nothing was written")
+            raise Cancelled("cancelled; nothing was written")
 
     def install_signal_handlers(self) -> None:
         """Turn SIGINT/SIGTERM into a cooperative cancel (main thread only)."""

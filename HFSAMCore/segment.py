@@ -19,7 +19,6 @@ from .device import autocast, is_out_of_memory, peak_memory_mb, reset_peak_memor
 from .errors import InputError
 from .progress import Progress
 from .slices import SliceView, choose_preset, normalize, volume_stats
-from .volume import sidecar_path  # noqa: F401 - its old home; it lives with the writers now
 
 
 def to_model_input(batch: np.ndarray, size: int, device: torch.device) -> torch.Tensor:

@@ -38,3 +38,15 @@ def ctdicom(data_dir) -> Path:
 @pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """In-process training on one thread, like the child processes: on 2 shared CPU cores a second
+    OpenMP thread mostly waits for the first, and bit-level comparisons want equal thread counts."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

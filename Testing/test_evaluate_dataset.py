@@ -7,19 +7,11 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from test_datasets import write_synapse
 from test_train_dataset import run_cli
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process training on one thread, like the child processes: on 2 shared CPU cores a second
-    OpenMP thread mostly waits for the first, and bit-level comparisons want equal thread counts."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from HFSAMCore.evaluate_dataset import case_metrics, summarize
 from HFSAMCore.metrics import hd95_mm

@@ -4,7 +4,6 @@ Every run uses the tiny random model at 64 px on a few synthetic slices written
 by test_datasets.py's writers, so a run takes seconds.
 """
 
-import argparse
 import io
 import json
 import os
@@ -27,18 +26,9 @@ from HFSAMCore.progress import Progress
 from HFSAMCore.train_dataset import load_checkpoint, make_config, save_checkpoint, train_on_dataset
 
 
-def cli_module() -> str:
-    """`python -m HFSAMCore` once cli.py registers the commands, else the stand-alone cli_dataset."""
-    from HFSAMCore import cli
-
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return "HFSAMCore" if "train" in sub.choices else "HFSAMCore.cli_dataset"
-
-
 def run_cli(*args, launcher=(), check=0, timeout=300):
     """One `hfsam` process. One thread each: on 2 shared cores, spinning OpenMP threads only slow it down."""
-    cmd = [sys.executable, *launcher, "-m", cli_module(), *map(str, args)]
+    cmd = [sys.executable, *launcher, "-m", "HFSAMCore", *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if check is not None:
@@ -46,14 +36,7 @@ def run_cli(*args, launcher=(), check=0, timeout=300):
     return proc
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process training on one thread, like the child processes: on 2 shared CPU cores a second
-    OpenMP thread mostly waits for the first, and bit-level comparisons want equal thread counts."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +165,7 @@ def test_resume_after_a_kill_continues_from_the_last_checkpoint(synapse, tmp_pat
     common = ["--dataset", "synapse", "--root", synapse / "train_npz", "--list", synapse / "lists" / "train.txt",
               "--preset", "tiny", "--checkpoint", "none", "--epochs", 6, "--batch-size", 4]
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", cli_module(), "train", *map(str, common), "-o", str(run),
+    proc = subprocess.Popen([sys.executable, "-m", "HFSAMCore", "train", *map(str, common), "-o", str(run),
                              "--progress", "json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     killed_after = None
