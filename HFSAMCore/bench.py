@@ -123,8 +123,8 @@ def _inference_worker(spec_kw, device_name, dtype_name, batch, repeats, sdpa):
 def _finetune_worker(spec_kw, device_name, dtype_name, batch, repeats):
     import torch
 
-    from .device import autocast, peak_memory_mb, reset_peak_memory
-    from .finetune import hfsam_loss
+    from .device import peak_memory_mb, reset_peak_memory
+    from .finetune import make_optimizer, train_step
 
     device = torch.device(device_name)
     dtype = getattr(torch, dtype_name)
@@ -132,15 +132,11 @@ def _finetune_worker(spec_kw, device_name, dtype_name, batch, repeats):
     size = spec_kw["img_size"]
     x = torch.rand(batch, 1, size, size, device=device)
     y = torch.randint(0, spec_kw["num_classes"] + 1, (batch, size // 4, size // 4), device=device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.1)
+    opt = make_optimizer(model, lr=1e-4, weight_decay=0.1)
     reset_peak_memory(device)
 
     def step():
-        with autocast(device, dtype):
-            loss = hfsam_loss(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(model, opt, x, y, lr=1e-4, precision=dtype)
 
     seconds = _median_time(step, device, repeats)
     return {"batch": batch, "seconds_per_step": seconds, "peak_memory_mb": peak_memory_mb(device)}
@@ -277,16 +273,14 @@ def _default_volume():
 
 # -- few-shot ---------------------------------------------------------------------------
 def _fewshot_worker(n_labeled, backbone, checkpoint, img_size, steps, device_name, image_path, labels_path, library):
-    import numpy as np
     import SimpleITK as sitk
     import torch
 
-    from .demo import spread
-    from .device import resolve_precision
+    from .demo import evaluate_held_out, spread
+    from .device import peak_memory_mb, resolve_precision
     from .finetune import TrainConfig, prepare_training_set, train
     from .library import ModelLibrary
     from .loading import load_model
-    from .metrics import evaluate
     from .segment import segment_image
     from .slices import SliceView, labeled_slices
     from .volume import labels_onto_image, read_image, read_labels
@@ -312,18 +306,8 @@ def _fewshot_worker(n_labeled, backbone, checkpoint, img_size, steps, device_nam
         pred32, _ = segment_image(image, lm.model, device=device, dtype=torch.float32)
         a, b = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(pred32)
         agreement = round(100 * float((a == b).mean()), 3)
-    held = np.ones(view.n_slices, bool)
-    held[picked] = False
-
-    def only_held(stack):
-        img = sitk.GetImageFromArray(view.from_slices(np.where(held[:, None, None], stack, 0).astype(np.uint8)))
-        img.CopyInformation(image)
-        return img
-
     names = {c["value"]: c["name"] for c in lm.classes}
-    res = evaluate(only_held(ref_stack), only_held(view.to_slices(sitk.GetArrayViewFromImage(pred))), names)
-    from .device import peak_memory_mb
-
+    res = evaluate_held_out(image, view, ref_stack, view.to_slices(sitk.GetArrayViewFromImage(pred)), picked, names)
     return {"n_labeled": n_labeled, "slices": data.slices, "steps": report.steps, "wall_s": round(wall, 1),
             "peak_memory_mb": round(peak_memory_mb(device), 0),
             "dice": {c["name"]: c["dice"] for c in res["classes"]}, "mean_dice": res["mean"]["dice"],

@@ -31,6 +31,24 @@ def spread(labeled: list[int], n: int) -> list[int]:
     return [labeled[p] for p in sorted(set(positions))]
 
 
+def evaluate_held_out(image: sitk.Image, view, ref_stack: np.ndarray, pred_stack: np.ndarray,
+                      trained: list[int], names: dict[int, str]) -> dict:
+    """metrics.evaluate on the slices the model never saw (canonical indices ``trained`` blanked in both)."""
+    from .metrics import evaluate
+
+    held = np.ones(view.n_slices, bool)
+    held[trained] = False
+
+    def held_only(stack: np.ndarray) -> sitk.Image:
+        img = sitk.GetImageFromArray(view.from_slices(np.where(held[:, None, None], stack, 0).astype(np.uint8)))
+        img.CopyInformation(image)
+        return img
+
+    result = evaluate(held_only(ref_stack), held_only(pred_stack), names)
+    result["evaluated_slices"] = int(held.sum())
+    return result
+
+
 def choose_model(args, library, device, progress: Progress) -> tuple[str, str | None]:
     """(backbone, checkpoint) the demo runs: vit_b with a checkpoint and a GPU, else tiny."""
     wanted = args.backbone
@@ -99,7 +117,7 @@ def run_demo(args, progress: Progress) -> int:
     from .finetune import TrainConfig, prepare_training_set, train
     from .library import ModelLibrary
     from .loading import load_model
-    from .metrics import evaluate, format_table
+    from .metrics import format_table
     from .sample_data import locate_sample
     from .segment import segment_image
     from .slices import SliceView, labeled_slices, volume_stats
@@ -148,29 +166,20 @@ def run_demo(args, progress: Progress) -> int:
 
     # Score only the slices the model never saw.
     pred_stack = view.to_slices(sitk.GetArrayViewFromImage(prediction))
-    held_mask = np.ones(view.n_slices, bool)
-    held_mask[train_canonical] = False
-
-    def held_out_only(stack: np.ndarray) -> sitk.Image:
-        kept = np.where(held_mask[:, None, None], stack, 0).astype(np.uint8)
-        img = sitk.GetImageFromArray(view.from_slices(kept))
-        img.CopyInformation(image)
-        return img
-
     names = {c["value"]: c["name"] for c in classes}
-    result = evaluate(held_out_only(ref_stack), held_out_only(pred_stack), names)
+    result = evaluate_held_out(image, view, ref_stack, pred_stack, train_canonical, names)
     result["setup"] = {"backbone": backbone, "checkpoint": lm.base.get("name"), "steps": report.steps,
-                       "train_slices": train_slices, "evaluated_slices": int(held_mask.sum()),
+                       "train_slices": train_slices, "evaluated_slices": result["evaluated_slices"],
                        "train_seconds": report.seconds, "device": str(device)}
     table = format_table(result)
     banner = ("" if backbone != "tiny" else
               "> Tiny random-init configuration (no SAM weights): shows the pipeline, not HF-SAM's quality.\n\n")
-    (out / "dice.md").write_text(f"# hfsam demo: Dice on the {int(held_mask.sum())} held-out slices\n\n"
+    (out / "dice.md").write_text(f"# hfsam demo: Dice on the {result['evaluated_slices']} held-out slices\n\n"
                                  f"{banner}Trained on slices {train_slices} ({report.steps} steps, {backbone}, "
                                  f"{report.seconds:.0f} s on {device}).\n\n{table}\n")
     (out / "dice.json").write_text(json.dumps(result, indent=2))
 
-    held = [s for s in range(view.n_slices) if held_mask[s] and ref_stack[s].any()]
+    held = [s for s in range(view.n_slices) if s not in train_canonical and ref_stack[s].any()]
     show = [held[int(i)] for i in np.linspace(0, len(held) - 1, min(3, len(held)))] if held else []
     write_figure(out / "figure.png", view.to_slices(sitk.GetArrayViewFromImage(image)), ref_stack, pred_stack,
                  show, classes, data.preset, volume_stats(sitk.GetArrayViewFromImage(image), data.preset))

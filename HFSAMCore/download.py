@@ -241,9 +241,7 @@ def download(
     fails. Raises InputError (offline, HTTP error, SHA256 mismatch, gave up
     after ``retries`` interruptions) or Cancelled.
     """
-    from .progress import NULL
-
-    progress = progress or NULL
+    progress = progress or Progress("none")
     dest = Path(dest)
     expected = _norm_sha(sha256)
     host = _check_url(url)

@@ -40,7 +40,7 @@ from . import adapters as _adapters
 from . import atomic as _atomic
 from . import download as _download
 from .errors import InputError
-from .progress import NULL, Progress
+from .progress import Progress
 
 ADAPTER_SUFFIX = ".safetensors"
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
@@ -344,7 +344,7 @@ class ModelLibrary:
         Without ``backbone`` the file is identified by its hash. The bytes are
         hashed while they are copied, so what is verified is what was written.
         """
-        progress = progress or NULL
+        progress = progress or Progress("none")
         catalog = catalog or _download.load_catalog()
         entries = catalog["checkpoints"]
         if backbone is not None and backbone not in entries:

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import atomic as _atomic
 from . import download as _download
 from .errors import InputError
-from .progress import NULL, Progress
+from .progress import Progress
 
 SAMPLE = "ct_abdomen_3mm"
 SAMPLE_HINT = (
@@ -102,7 +102,7 @@ def locate_sample(
         return found
     from .library import ModelLibrary, entry_lock
 
-    progress = progress or NULL
+    progress = progress or Progress("none")
     spec = load_sample_catalog(catalog)["samples"].get(name)
     if spec is None:
         raise InputError(f"unknown sample {name!r}")

@@ -48,6 +48,7 @@ from HFSAMCore import adapters  # noqa: E402
 from HFSAMCore.errors import InputError  # noqa: E402
 from HFSAMCore.library import ModelLibrary, validate_name  # noqa: E402
 from HFSAMCore.progress import Progress  # noqa: E402
+from test_volume import _copy_dicom_with_series_uid  # noqa: E402
 
 TINY = ("--checkpoint", "none", "--backbone", "tiny", "--img-size", "64")
 SERIES_A, SERIES_B = "1.2.826.0.1.3680043.8.498.1001", "1.2.826.0.1.3680043.8.498.1002"
@@ -165,22 +166,6 @@ class _RunsCode:
         return (open, (self.marker, "w"))
 
 
-def _dicom_copy(src: Path, dst: Path, series_uid: str) -> None:
-    """The same slice (pixels, position) under another SeriesInstanceUID."""
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(src))
-    original = reader.Execute()
-    img = sitk.GetImageFromArray(sitk.GetArrayFromImage(original))
-    img.CopyInformation(original)
-    for tag in ("0008|0060", "0008|103e"):
-        img.SetMetaData(tag, reader.GetMetaData(tag))
-    img.SetMetaData("0020|000e", series_uid)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    writer.SetFileName(str(dst))
-    writer.Execute(img)
-
-
 def _small(array: np.ndarray, spacing=(3.0, 3.0, 3.0)) -> sitk.Image:
     img = sitk.GetImageFromArray(array)
     img.SetSpacing(spacing[: img.GetDimension()])
@@ -201,9 +186,9 @@ def inputs(tmp_path_factory, ct3mm, ctdicom) -> Path:
     (d / "two_series").mkdir()
     files = sorted((ctdicom / "dicom").glob("*.dcm"))
     for i, f in enumerate(files[:2]):
-        _dicom_copy(f, d / "two_series" / f"a{i}.dcm", SERIES_A)
+        _copy_dicom_with_series_uid(f, d / "two_series" / f"a{i}.dcm", SERIES_A)
     for i, f in enumerate(files[5:8]):
-        _dicom_copy(f, d / "two_series" / f"b{i}.dcm", SERIES_B)
+        _copy_dicom_with_series_uid(f, d / "two_series" / f"b{i}.dcm", SERIES_B)
 
     (d / "text.nii.gz").write_text("this is a text file, not an image\n")
     whole = (ct3mm / "image.nii.gz").read_bytes()
