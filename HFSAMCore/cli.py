@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import Cancelled, HFSAMError, InputError
+from .malloc import keep_freed_memory
 from .progress import Progress
 
 DESCRIPTION = """\
@@ -504,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     progress = Progress(getattr(args, "progress", "auto") or "auto")
     progress.install_signal_handlers()
+    keep_freed_memory()
     try:
         return int(args.func(args, progress) or 0)
     except InputError as exc:

@@ -51,10 +51,9 @@ def predict_stack(model, stack: np.ndarray, *, batch_size: int = 4, device="cpu"
                   progress: Progress | None = None) -> np.ndarray:
     """Label map [D,H,W] (uint8) of a stack of slices [D,H,W] already in [0, 1]."""
     import torch
-    from torch.nn import functional as F
 
     from .device import autocast
-    from .segment import to_model_input
+    from .segment import logits_to_labels, to_model_input
 
     dtype = dtype or torch.float32
     device = torch.device(device)
@@ -69,8 +68,7 @@ def predict_stack(model, stack: np.ndarray, *, batch_size: int = 4, device="cpu"
             x = to_model_input(stack[start:start + batch_size], size, device)
             with autocast(device, dtype):
                 logits = model(x)
-            logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-            out[start:start + batch_size] = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+            out[start:start + batch_size] = logits_to_labels(logits, (h, w)).cpu().numpy()
     return out
 
 

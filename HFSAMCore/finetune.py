@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from .device import autocast, is_out_of_memory, peak_memory_mb, reset_peak_memory
 from .errors import InputError
 from .progress import Progress
-from .segment import to_model_input
+from .segment import logits_to_labels, to_model_input
 from .slices import SliceView, choose_preset, labeled_slices, normalize, volume_stats
 from .volume import labels_onto_image
 
@@ -225,7 +225,7 @@ def slice_dice(model, images: torch.Tensor, labels: torch.Tensor, dtype: torch.d
     model.eval()
     with autocast(images.device, dtype):
         logits = model(images)
-    pred = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+    pred = logits_to_labels(logits, labels.shape[-2:])
     model.train(was_training)
     scores = []
     for c in labels.unique().tolist():

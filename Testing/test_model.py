@@ -279,22 +279,51 @@ def test_bad_specs(kw, fragment):
         ModelSpec(**{"backbone": "tiny", **kw}).resolved()
 
 
-@pytest.mark.parametrize("backbone,size", [("tiny", 224), ("vit_b", 224)])
-def test_sdpa_attention_equals_sams_own(backbone, size):
-    from HFSAMCore.model.attention import use_sdpa
+# 224 px: whole windows; 160 (tiny) and 320 (vit_b): the token grid is padded to whole windows.
+@pytest.mark.parametrize("backbone,size", [("tiny", 224), ("tiny", 160), ("vit_b", 224), ("vit_b", 320)])
+@pytest.mark.parametrize("path", ["inference", "training"])
+def test_fast_encoder_equals_sams_own_blocks(backbone, size, path):
+    from HFSAMCore.model.attention import use_fast_encoder
 
     torch.manual_seed(0)
     model = build_hfsam(ModelSpec(backbone, size, 3, 4)).eval()
-    for name, p in model.named_parameters():
-        if "rel_pos" in name:  # SAM initialises them to zero; make the bias matter
-            torch.nn.init.normal_(p, std=0.5)
-    x = torch.rand(2, 3, size, size)
     with torch.no_grad():
-        fast = model.encode(x)[0]
-        use_sdpa(model.image_encoder, False)
-        slow = model.encode(x)[0]
-    assert torch.allclose(fast, slow, atol=1e-4, rtol=1e-4)
-    assert (fast - slow).abs().max() < 1e-4
+        for name, p in model.named_parameters():
+            if "rel_pos" in name or ".lora_B" in name:  # zero at init; make them matter
+                p.normal_(std=0.5 if "rel_pos" in name else 0.05)
+    x = torch.rand(2, 3, size, size)
+    # inference: chunked CPU attention and merged LoRA; training: fused SDPA and LoRA branches
+    with torch.set_grad_enabled(path == "training"):
+        fast = model.encode(x)[0].detach()
+        use_fast_encoder(model.image_encoder, False)
+        slow = model.encode(x)[0].detach()
+    assert fast.shape == slow.shape
+    assert (fast - slow).abs().max() < 1e-4 * slow.abs().max()
+
+
+def test_padded_window_tokens_project_to_the_qkv_bias():
+    """The premise of skipping the padding's qkv projection: a zero token projects to the bias."""
+    torch.manual_seed(0)
+    model = build_hfsam(ModelSpec("tiny", 160, 3, 4)).eval()
+    qkv = model.image_encoder.blocks[0].attn.qkv
+    with torch.no_grad():
+        qkv.lora_B_q.weight.normal_()
+        assert torch.equal(qkv(torch.zeros(1, 1, 64)), qkv.bias.view(1, 1, -1))
+
+
+def test_chunked_attention_equals_softmax_attention():
+    from HFSAMCore.model import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 50, 16) for _ in range(3))
+    reference = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+    for chunk_bytes in (1, 50 * 50 * 4 * 5, 1 << 30):  # one head per chunk, 5 (uneven), all at once
+        old, attention.CHUNK_BYTES = attention.CHUNK_BYTES, chunk_bytes
+        try:
+            out = attention.chunked_attention(q, k, v)
+        finally:
+            attention.CHUNK_BYTES = old
+        assert (out - reference).abs().max() < 1e-5
 
 
 def test_merged_lora_inference_equals_the_training_path():
@@ -309,3 +338,17 @@ def test_merged_lora_inference_equals_the_training_path():
     with torch.enable_grad():
         unmerged = model(x)  # training path: separate low-rank branches
     assert torch.allclose(merged, unmerged.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_logits_to_labels_equals_resize_then_argmax_over_nchw():
+    from torch.nn import functional as F
+
+    from HFSAMCore.segment import logits_to_labels
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 9, 32, 32).bfloat16()  # bf16 like the model's output; ties are likely
+    for size in ((128, 128), (100, 77)):
+        reference = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).argmax(1)
+        labels = logits_to_labels(logits, size)
+        assert labels.dtype == torch.uint8 and labels.shape == (3, *size)
+        assert torch.equal(labels.long(), reference)

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from segment_anything.modeling import PromptEncoder
 
 from ..errors import InputError
-from .attention import use_sdpa
+from .attention import use_fast_encoder
 from .backbone import PATCH_SIZE, BackboneConfig, build_image_encoder, get_backbone
 from .decoder import FUSION_MODES, HFSAMDecoder
 from .lora import add_lora, is_lora_parameter
@@ -64,7 +64,7 @@ class ModelSpec:
 
 
 class HFSAM(nn.Module):
-    def __init__(self, spec: ModelSpec, *, sdpa: bool = True):
+    def __init__(self, spec: ModelSpec, *, fast_encoder: bool = True):
         super().__init__()
         spec = spec.resolved()
         cfg: BackboneConfig = get_backbone(spec.backbone)
@@ -73,7 +73,7 @@ class HFSAM(nn.Module):
         embed_size = spec.img_size // PATCH_SIZE
         self.image_encoder = build_image_encoder(cfg, spec.img_size)
         self.lora_parameter_count = add_lora(self.image_encoder, spec.rank)
-        use_sdpa(self.image_encoder, sdpa)
+        use_fast_encoder(self.image_encoder, fast_encoder)  # False: SAM's own blocks, for reference
         self.prompt_encoder = PromptEncoder(
             embed_dim=cfg.prompt_dim,
             image_embedding_size=(embed_size, embed_size),
