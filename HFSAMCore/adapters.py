@@ -19,6 +19,8 @@ Metadata schema, ``format_version`` 1 (R = required, others get the default show
 ``img_size``    R  model input size: 16..2048, a multiple of 16 (224 and 512 in practice)
 ``rank``        R  LoRA rank, 0..256 (0: no LoRA, a decoder-only ablation)
 ``fusion``      R  "two_step" (the paper) | "released" (the authors' released code)
+``pixel_norm``     "imagenet" | "unit": how a [0, 1] slice is normalised before the encoder
+                   (default "imagenet", what every adapter before this field was trained with)
 ``low_level_blocks`` list of encoder block indices feeding the low-level branch;
                    default the first global-attention block (vit_b [2], vit_l [5],
                    vit_h [7]); required for "tiny"
@@ -59,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .atomic import atomic_write
 from .errors import InputError
+from .model.registry import PIXEL_NORMS
 
 if TYPE_CHECKING:  # torch is imported lazily: listing adapters must not pay for it
     import torch
@@ -78,7 +81,7 @@ ENCODER_DEPTH = {"vit_b": 12, "vit_l": 24, "vit_h": 32}
 
 _FIELDS = (
     "format", "format_version", "hfsam_version", "created", "name", "backbone", "img_size",
-    "rank", "fusion", "low_level_blocks", "base_checkpoint", "classes", "intensity_preset",
+    "rank", "fusion", "low_level_blocks", "pixel_norm", "base_checkpoint", "classes", "intensity_preset",
     "axis", "training", "metrics", "description", "extra",
 )
 _TRAINING_FIELDS = ("image", "slices", "heldout_slices", "steps", "seed", "batch_size", "lr", "minutes", "started_from")
@@ -86,7 +89,7 @@ _CLASS_FIELDS = ("value", "name", "color", "terminology")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # The fields check_compatible compares: a mismatch in any of them makes the
 # adapter's tensors meaningless (wrong shapes, or right shapes on the wrong base).
-COMPAT_FIELDS = ("backbone", "img_size", "rank", "fusion", "low_level_blocks")
+COMPAT_FIELDS = ("backbone", "img_size", "rank", "fusion", "low_level_blocks", "pixel_norm")
 RANDOM_INIT = "random-init"  # base_checkpoint name of a randomly initialised base
 
 
@@ -297,6 +300,7 @@ def validate_metadata(metadata: Any, *, source: str = "adapter metadata") -> dic
     out["rank"] = _int(src, "rank", m.get("rank"), 0, 256)
     out["fusion"] = _choice(src, "fusion", m.get("fusion"), FUSIONS)
     out["low_level_blocks"] = _low_level(src, m.get("low_level_blocks"), out["backbone"])
+    out["pixel_norm"] = _choice(src, "pixel_norm", m.get("pixel_norm", "imagenet"), tuple(PIXEL_NORMS))
     out["base_checkpoint"] = _base_checkpoint(src, m.get("base_checkpoint"))
     out["classes"] = _classes(src, m.get("classes"))
     out["intensity_preset"] = _choice(src, "intensity_preset", m.get("intensity_preset", "ct"), PRESETS)

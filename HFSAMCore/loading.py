@@ -113,7 +113,7 @@ def load_model(
         path = library.resolve_adapter(adapter)
         tensors, meta = load_adapter(path)
         spec = ModelSpec(meta["backbone"], meta["img_size"], len(meta["classes"]), meta["rank"], meta["fusion"],
-                         tuple(meta.get("low_level_blocks") or ()) or None).resolved()
+                         tuple(meta.get("low_level_blocks") or ()) or None, meta["pixel_norm"]).resolved()
         base_meta = meta.get("base_checkpoint")
         if base_meta is None or base_meta.get("name") == "random-init":
             if checkpoint and str(checkpoint).lower() != "none":

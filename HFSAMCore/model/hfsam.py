@@ -23,10 +23,8 @@ from .attention import use_fast_encoder
 from .backbone import PATCH_SIZE, BackboneConfig, build_image_encoder, get_backbone
 from .decoder import FUSION_MODES, HFSAMDecoder
 from .lora import add_lora, is_lora_parameter
+from .registry import PIXEL_NORMS, get_backbone_info
 
-# SAM normalises 0..255 RGB with ImageNet statistics.
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 IMG_SIZES = (224, 512)
 
 
@@ -37,7 +35,8 @@ class ModelSpec:
     num_classes: int = 8
     rank: int = 5
     fusion: str = "two_step"
-    low_level_blocks: tuple[int, ...] | None = None  # None: the backbone's first global block
+    low_level_blocks: tuple[int, ...] | None = None  # None: the backbone's default taps
+    pixel_norm: str | None = None  # None: the backbone's own (registry.PIXEL_NORMS)
 
     def resolved(self) -> "ModelSpec":
         """Validate and fill defaults; raises InputError on impossible values."""
@@ -54,8 +53,11 @@ class ModelSpec:
         blocks = tuple(self.low_level_blocks) if self.low_level_blocks else (cfg.first_global_block,)
         if any(not 0 <= b < cfg.depth for b in blocks):
             raise InputError(f"low-level blocks {blocks} are outside the {self.backbone} encoder (0..{cfg.depth - 1})")
+        norm = self.pixel_norm or get_backbone_info(self.backbone).pixel_norm
+        if norm not in PIXEL_NORMS:
+            raise InputError(f"pixel normalisation must be one of {', '.join(PIXEL_NORMS)}, not {norm!r}")
         return ModelSpec(self.backbone, int(self.img_size), int(self.num_classes), int(self.rank), self.fusion,
-                         tuple(int(b) for b in blocks))
+                         tuple(int(b) for b in blocks), norm)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -92,8 +94,9 @@ class HFSAM(nn.Module):
             num_heads=cfg.decoder_heads,
             fusion=spec.fusion,
         )
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1) / 255.0, persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1) / 255.0, persistent=False)
+        mean, std = PIXEL_NORMS[spec.pixel_norm]
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.freeze_base()
 
     # -- parameters -----------------------------------------------------------
