@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 from HFSAMCore.errors import InputError
 from HFSAMCore.model.awffm import AWFFM
-from HFSAMCore.model.backbone import load_sam_weights, read_sam_state_dict
+from HFSAMCore.model.sam_vit import load_sam_weights, read_sam_state_dict
 from HFSAMCore.model.hfsam import HFSAM, ModelSpec, build_hfsam
 
 
@@ -160,7 +160,7 @@ def sam_style_checkpoint(path, *, img_size=1024, extra=None, drop=None):
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     state = sam_style_checkpoint(tmp_path / "sam_tiny.pth")
     model = build_hfsam(ModelSpec("tiny", 1024, 3, 4))
-    report = load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.cfg, 1024)
+    report = load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.info, 1024)
     assert report["loaded"] == len(state) - 2
     mine = model.state_dict()
     compared = 0
@@ -174,7 +174,7 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
 def test_checkpoint_resizes_position_tables(tmp_path):
     state = sam_style_checkpoint(tmp_path / "sam_tiny.pth")
     model = build_hfsam(ModelSpec("tiny", 224, 3, 4))
-    load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.cfg, 224)
+    load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.info, 224)
     pos = model.image_encoder.pos_embed
     assert pos.shape == (1, 14, 14, 64)
     want = F.interpolate(state["image_encoder.pos_embed"].permute(0, 3, 1, 2), size=(14, 14), mode="bilinear",
@@ -194,7 +194,7 @@ def test_official_vit_b_key_layout_loads_strictly(tmp_path):
     torch.save(sam.state_dict(), tmp_path / "sam_vit_b_random.pth")
     del sam
     model = build_hfsam(ModelSpec("vit_b", 224, 8, 5))
-    report = load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_vit_b_random.pth"), model.cfg, 224)
+    report = load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_vit_b_random.pth"), model.info, 224)
     assert any(k.startswith("mask_decoder.iou_prediction_head") for k in report["skipped"])
     assert model.image_encoder.pos_embed.shape == (1, 14, 14, 768)
     assert model.image_encoder.blocks[2].attn.rel_pos_h.shape == (27, 64)
@@ -217,7 +217,7 @@ def test_checkpoint_mismatches_are_reported(tmp_path, case, fragment):
         torch.save(state, path)
     model = build_hfsam(ModelSpec("tiny", 224, 3, 4))
     with pytest.raises(InputError, match=fragment):
-        load_sam_weights(model, read_sam_state_dict(path), model.cfg, 224)
+        load_sam_weights(model, read_sam_state_dict(path), model.info, 224)
 
 
 class _RunsCode:

@@ -13,6 +13,9 @@ fusion="released" (the authors' code, where the step-1 result is overwritten):
                                  src = image_embedding + dense
                                  hs, src = transformer(src, pe, tokens)
                                  src = AWFFM(src, L)     (one shared module)
+fusion="none" (an ablation: SAM's decoder with K+1 class tokens, no low-level feature):
+                                 src = image_embedding + dense
+                                 hs, src = transformer(src, pe, tokens)
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from segment_anything.modeling.mask_decoder import MLP
 from segment_anything.modeling.transformer import TwoWayTransformer
 
 from .awffm import AWFFM
+from .registry import FUSIONS
 
-FUSION_MODES = ("two_step", "released")
+FUSION_MODES = tuple(FUSIONS)
 
 
 class HFSAMDecoder(nn.Module):
@@ -62,13 +66,13 @@ class HFSAMDecoder(nn.Module):
         if fusion == "two_step":
             self.awffm_1 = AWFFM(transformer_dim)
             self.awffm_2 = AWFFM(transformer_dim)
-        else:
+        elif fusion == "released":
             self.awffm = AWFFM(transformer_dim)
 
     def forward(
         self,
         image_embedding: torch.Tensor,
-        low_level: torch.Tensor,
+        low_level: torch.Tensor | None,
         image_pe: torch.Tensor,
         dense_embedding: torch.Tensor,
     ) -> torch.Tensor:
@@ -83,7 +87,10 @@ class HFSAMDecoder(nn.Module):
             src = image_embedding + dense_embedding
         hs, src = self.transformer(src, image_pe, tokens)
         src = src.transpose(1, 2).reshape(b, c, h, w)
-        src = self.awffm_2(src, low_level) if self.fusion == "two_step" else self.awffm(src, low_level)
+        if self.fusion == "two_step":
+            src = self.awffm_2(src, low_level)
+        elif self.fusion == "released":
+            src = self.awffm(src, low_level)
 
         upscaled = self.output_upscaling(src)
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
