@@ -98,6 +98,7 @@ def load_model(
     img_size: int = 512,
     rank: int = 5,
     fusion: str = "two_step",
+    pixel_norm: str | None = None,
     classes=None,
     library=None,
     progress: Progress | None = None,
@@ -137,7 +138,7 @@ def load_model(
         return LoadedModel(model, class_list, base, path, meta)
 
     class_list = resolve_classes(classes or "synapse")
-    spec = ModelSpec(backbone, img_size, len(class_list), rank, fusion).resolved()
+    spec = ModelSpec(backbone, img_size, len(class_list), rank, fusion, pixel_norm=pixel_norm).resolved()
     ckpt = resolve_checkpoint(checkpoint, spec.backbone, library)
     model, base = _random_base(spec, progress) if ckpt is None else _checkpoint_base(spec, ckpt, progress)
     return LoadedModel(model, class_list, base)
