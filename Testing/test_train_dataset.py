@@ -400,3 +400,18 @@ def test_loss_scaling_steps_alike_skips_overflows_and_resumes(tmp_path):
     restored = torch.amp.GradScaler("cpu")
     load_checkpoint(path, other, other_opt, digest="d", base=base, scaler=restored)
     assert restored.state_dict() == scaler.state_dict()
+
+
+def test_out_of_memory_stops_with_what_to_do_and_keeps_the_batch(synapse, tmp_path, monkeypatch):
+    """CUDA OOM cannot happen on the CPU: the model raises torch's own OOM error (a simulation). Unlike
+    `hfsam finetune`, a dataset run never shrinks its batch by itself: that would change the recipe."""
+    from HFSAMCore.errors import HFSAMError
+    from HFSAMCore.model.hfsam import HFSAM
+
+    def forward(self, images):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(HFSAM, "forward", forward)
+    with pytest.raises(HFSAMError, match="out of memory at 4 slices of 64 px per process .* --nproc_per_node"):
+        train_on_dataset(tiny(synapse, batch_size=4), tmp_path / "run")
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
