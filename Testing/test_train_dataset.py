@@ -347,13 +347,17 @@ def test_train_list_is_used_as_it_is(synapse, tmp_path):
     names = ["case0006_slice002", "case0005_slice000", "case0006_slice003"]
     listed = tmp_path / "authors_train.txt"
     listed.write_text("".join(n + "\n" for n in names))
-    common = ["train", "--dataset", "synapse", "--root", synapse / "train_npz", "--preset", "tiny", "--checkpoint",
-              "none", "--epochs", 1, "--batch-size", 3]
-    proc = run_cli(*common, "--train-list", listed, "-o", tmp_path / "run", "--progress", "json")
+    from HFSAMCore.cli import build_parser
+
+    args = build_parser().parse_args(map(str, [
+        "train", "--dataset", "synapse", "--root", synapse / "train_npz", "--preset", "tiny", "--checkpoint", "none",
+        "--epochs", 1, "--batch-size", 3, "--train-list", listed, "-o", tmp_path / "run"]))
+    out = io.StringIO()
+    assert args.func(args, Progress("json", out=out, err=io.StringIO())) == 0  # `hfsam train`, in this process
     assert read_list(tmp_path / "run" / "train_selected.txt") == names  # no draw, the file's order
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["train_list"] == str(listed) and saved["train_list_sha256"] == hashlib.sha256(listed.read_bytes()).hexdigest()
-    assert json.loads(proc.stdout.splitlines()[-1])["n_slices"] == 3
+    assert json.loads(out.getvalue().splitlines()[-1])["n_slices"] == 3
     with pytest.raises(InputError, match="drop --list, --fraction"):
         tiny(synapse, train_list=str(listed), fraction=0.5)  # tiny() passes --list too
     listed.write_text("case0005_slice000\ncase0005_slice042\n")
