@@ -101,6 +101,8 @@ def _sub(subparsers, name: str, help_: str, example: str) -> argparse.ArgumentPa
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .model.registry import PIXEL_NORMS
+
     parser = argparse.ArgumentParser(prog="hfsam", description=DESCRIPTION, formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"hfsam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -157,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default="8", help="number of classes, a preset or names")
     p.add_argument("--rank", type=int, default=5)
     p.add_argument("--fusion", default="two_step", choices=tuple(FUSIONS))
+    p.add_argument("--pixel-norm", choices=list(PIXEL_NORMS), help="default: the backbone's own")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
@@ -471,7 +474,7 @@ def cmd_info(args, progress: Progress) -> int:
 
     k = int(args.classes) if args.classes.isdigit() else len(resolve_classes(args.classes))
     spec = ModelSpec(args.backbone, args.img_size or get_backbone_info(args.backbone).default_img_size, k, args.rank,
-                     args.fusion).resolved()
+                     args.fusion, pixel_norm=args.pixel_norm).resolved()
     with torch.device("meta"):  # counts without allocating vit_h's weights
         model = HFSAM(spec)
     tokens = spec.img_size // 16
@@ -487,7 +490,8 @@ def cmd_info(args, progress: Progress) -> int:
     else:
         c = info["parameters"]
         print(f"HF-SAM {spec.backbone} at {spec.img_size} px, {k} classes + background, LoRA rank {spec.rank}, "
-              f"fusion {spec.fusion}, low-level block(s) {list(spec.low_level_blocks)}")
+              f"fusion {spec.fusion}, low-level block(s) {list(spec.low_level_blocks)}, "
+              f"pixel normalisation {spec.pixel_norm}")
         print(f"parameters: total {c['total']:,}  trainable {c['trainable']:,}  LoRA {c['lora']:,}  "
               f"frozen {c['frozen']:,}")
     return 0

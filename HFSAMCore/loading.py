@@ -112,6 +112,7 @@ def load_model(
     img_size: int | None = None,
     rank: int = 5,
     fusion: str = "two_step",
+    pixel_norm: str | None = None,
     classes=None,
     library=None,
     progress: Progress | None = None,
@@ -154,7 +155,7 @@ def load_model(
     if backbone in (None, "auto"):
         backbone = default_backbone_in(library)
     img_size = img_size or get_backbone_info(backbone).default_img_size
-    spec = ModelSpec(backbone, img_size, len(class_list), rank, fusion).resolved()
+    spec = ModelSpec(backbone, img_size, len(class_list), rank, fusion, pixel_norm=pixel_norm).resolved()
     ckpt = resolve_checkpoint(checkpoint, spec.backbone, library, progress)
     model, base = _random_base(spec, progress) if ckpt is None else _checkpoint_base(spec, ckpt, progress)
     return LoadedModel(model, class_list, base)

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import InputError
 from .registry import BackboneInfo
-from .sam_vit import load_tensor_file
+from .sam_vit import NEW_PARAMETER_MARKERS, load_tensor_file
 from .tinyvit import TinyViT, add_tinyvit_lora, freeze_batchnorm, use_fast_tinyvit
 
 # The checkpoint's decoder outputs: token 0 (and its MLP) is SAM's single-mask output, the one
@@ -60,11 +60,10 @@ class LiteMedSAMFamily:
         skipped = [k for k in state if k.startswith(SKIPPED_PREFIXES)]
         usable = {k: v for k, v in state.items() if not k.startswith(SKIPPED_PREFIXES + EXPANDED_PREFIXES)}
         usable.update(_expanded_outputs(state, model.mask_decoder.num_mask_tokens))
-        new = ("lora_", "low_level_proj.", "awffm")
         unexpected = sorted(k for k in usable if k not in target)
         wrong = sorted(f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
                        for k, v in usable.items() if k in target and v.shape != target[k].shape)
-        missing = sorted(k for k in target if k not in usable and not any(m in k for m in new))
+        missing = sorted(k for k in target if k not in usable and not any(m in k for m in NEW_PARAMETER_MARKERS))
         problems = [f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
                     for label, keys in (("unexpected", unexpected), ("missing", missing), ("wrong shape", wrong))
                     if keys]

@@ -37,7 +37,7 @@ PIXEL_NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, flo
 #: Decoder fusion modes, with what each means (the --fusion choices and the adapter field).
 FUSIONS: dict[str, str] = {
     "two_step": "the paper's two-step skip fusion: AWFFM before and after the two-way transformer",
-    "released": "the authors' released code: one AWFFM after the transformer",
+    "released": "the authors' released network: one AWFFM after H-SAM's cross-attention-first transformer, hf_token",
     "none": "ablation: SAM's decoder with one mask token per class, no low-level feature",
 }
 

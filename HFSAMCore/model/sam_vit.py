@@ -55,7 +55,7 @@ UNUSED_CHECKPOINT_PREFIXES = (
 )
 # Parameters HF-SAM adds to SAM: never expected in a SAM checkpoint.
 NEW_PARAMETER_MARKERS = (".lora_", "low_level_proj.", "awffm", "mask_decoder.mask_tokens.",
-                         "mask_decoder.output_hypernetworks_mlps.")
+                         "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.hf_token.")
 
 
 def load_tensor_file(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
