@@ -288,7 +288,7 @@ def test_sam_weights_load_by_name_into_the_released_blocks(tmp_path):
     state = sam_style_checkpoint(tmp_path / "sam_tiny.pth")
     torch.manual_seed(1)
     model = build_hfsam(ModelSpec("tiny", 1024, 3, 4, "released"))
-    report = load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.cfg, 1024)
+    report = load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.info, 1024)
     assert report["loaded"] == len(state) - 2  # the SAM-only mask tokens and IoU head are skipped, as theirs
     mine = model.state_dict()
     transformer = [k for k in state if k.startswith("mask_decoder.transformer.")]
