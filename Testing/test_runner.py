@@ -508,3 +508,35 @@ def test_checkpoint_import_through_the_bridge(engine, checkpoint_server, tmp_pat
     result = bridge.import_checkpoint(checkpoint_server["file"]).wait(120)
     assert result.ok, (result.message, result.stderr_tail)
     assert bridge.checkpoint_status("vit_b").read_bytes() == checkpoint_server["payload"]
+
+
+def test_pip_goes_through_slicers_own_helper_pip_ensure_from_5_12(monkeypatch):
+    """slicer.packaging.pip_ensure (Slicer 5.12+: progress dialog, restart prompt) when it exists, else
+    slicer.util.pip_install. Slicer's helpers exist only in Slicer: recording stand-ins here."""
+    import types
+
+    slicer = pytest.importorskip("slicer")
+    calls = []
+    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: calls.append(("util", requirements)))
+    monkeypatch.delitem(sys.modules, "slicer.packaging", raising=False)
+    monkeypatch.delattr(slicer, "packaging", raising=False)
+    installer.slicer_pip_install(["safetensors>=0.4"])  # Slicer 5.8 / 5.10
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.pip_ensure = lambda requirements, **kwargs: calls.append(("ensure", requirements, kwargs))
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
+    installer.slicer_pip_install(["safetensors>=0.4"])  # Slicer 5.12 and later
+    assert calls == [("util", ["safetensors>=0.4"]),
+                     ("ensure", ["safetensors>=0.4"], {"prompt_install": False, "requester": "HF-SAM"})]
+
+
+def test_long_engine_commands_run_under_the_parent_watch_and_quick_ones_do_not(tmp_path):
+    from HFSAMSegmentLib.engine_command import PARENT_WATCH
+
+    engine = Engine("/opt/Slicer 5.8/bin/PythonSlicer", REPO, tmp_path / "lib")
+    argv = engine.segment("in.nrrd", "out.nrrd", ["--adapter", "a"], job_dir=tmp_path / "job")
+    assert argv[:5] == ["/opt/Slicer 5.8/bin/PythonSlicer", str(PARENT_WATCH), "--remove", str(tmp_path / "job"), "-m"]
+    assert argv[5:8] == ["HFSAMCore", "segment", "in.nrrd"] and argv[-2:] == ["--progress", "json"]
+    assert PARENT_WATCH.is_file() and PARENT_WATCH.parent.name == "HFSAMSegmentLib"
+    assert engine.models("download", "vit_b", watched=True)[1] == str(PARENT_WATCH)
+    assert engine.models("list")[:4] == ["/opt/Slicer 5.8/bin/PythonSlicer", "-m", "HFSAMCore", "models"]

@@ -9,6 +9,7 @@ Run ``python Testing/test_ui.py --screenshot`` to render Resources/Screenshots/p
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -344,3 +345,30 @@ if __name__ == "__main__":
         print(f"wrote {SCREENSHOT}")
     else:
         print(__doc__)
+
+
+def test_extensions_index_entry_follows_the_catalog_schema_and_agrees_with_cmake_and_s4ext():
+    """The Extensions Index reads <name>.json (schema slicer-extension-catalog-entry-schema-v1.0.1), whose
+    name must equal the top-level project() name; its checks also want LF endings and a known category."""
+    top = (REPO / "CMakeLists.txt").read_text()
+    project = re.search(r"^project\(\s*(\w+)", top, re.M).group(1)
+    path = REPO / f"{project}.json"
+    assert project == "HFSAMExtension" and path.is_file() and (REPO / f"{project}.s4ext").is_file()
+    raw = path.read_bytes()
+    assert b"\r" not in raw and raw.endswith(b"\n")
+    entry = json.loads(raw)
+    allowed = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+               "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+    assert set(entry) <= set(allowed) and {"$schema", "category", "scm_url"} <= set(entry)
+    assert all(isinstance(entry[k], allowed[k]) for k in entry) and 1 <= entry["tier"] <= 5
+    assert entry["$schema"].endswith("/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    s4ext = dict(line.split(" ", 1) for line in (REPO / f"{project}.s4ext").read_text().splitlines()
+                 if line.strip() and not line.startswith("#"))
+    meta = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', top))
+    assert entry["category"] == s4ext["category"] == meta["EXTENSION_CATEGORY"] == "Segmentation"
+    assert entry["scm_url"] == s4ext["scmurl"] and entry["scm_revision"] == s4ext["scmrevision"]
+    assert entry["build_dependencies"] == s4ext["depends"].split() == meta["EXTENSION_DEPENDS"].split()
+    assert entry["build_subdirectory"] == s4ext["build_subdirectory"]
+    repository = entry["scm_url"].rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
+    assert repository.startswith("Slicer") and not project.lower().startswith("slicer")  # the index's naming rules
+    assert "PLACEHOLDER" in top and "PLACEHOLDER" in (REPO / f"{project}.s4ext").read_text()

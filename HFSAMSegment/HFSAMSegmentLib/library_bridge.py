@@ -120,6 +120,7 @@ class LibraryBridge:
     def __init__(self, engine: Engine, *, timeout_s: float = 120.0):
         self.engine = engine
         self.timeout_s = timeout_s
+        self._catalog = None  # ((path, mtime), checkpoints) of the last catalog read
 
     def _run(self, *args: str) -> dict:
         """Run ``models <args> --progress json`` and wait; return the payload of its result event (scripts, tests)."""
@@ -196,14 +197,17 @@ class LibraryBridge:
     # -- base checkpoints ---------------------------------------------------------
     def catalog(self) -> dict:
         """The engine's checkpoint catalog ($HFSAM_CATALOG, else Resources/models.json beside HFSAMCore); {} if unreadable."""
-        catalog_file = self.engine.env().get("HFSAM_CATALOG") or (
+        catalog_file = Path(self.engine.env().get("HFSAM_CATALOG") or (
             (self.engine.engine_dir or Path(".")) / "Resources" / "models.json"
-        )
+        ))
         try:
-            checkpoints = json.loads(Path(catalog_file).read_text(encoding="utf-8"))["checkpoints"]
+            stamp = (str(catalog_file), catalog_file.stat().st_mtime_ns)
+            if self._catalog is None or self._catalog[0] != stamp:  # the panel asks at every GUI update
+                checkpoints = json.loads(catalog_file.read_text(encoding="utf-8"))["checkpoints"]
+                self._catalog = (stamp, checkpoints if isinstance(checkpoints, dict) else {})
         except (OSError, ValueError, KeyError, TypeError):
             return {}
-        return checkpoints if isinstance(checkpoints, dict) else {}
+        return self._catalog[1]
 
     def checkpoint_file(self, key: str, library_path: str | Path) -> Path | None:
         """The base checkpoint ``key`` in ``library_path``/checkpoints if it is there with the catalog's size, else None.
