@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_helpers import alive
 
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "HFSAMSegment"
@@ -67,15 +68,6 @@ FAKE_ENGINE = textwrap.dedent(
 )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")
-
-
 def _start_parent(engine_dir, temp_root, how):
     parent = subprocess.Popen([sys.executable, "-c", PARENT, str(MODULE_DIR), str(engine_dir), str(temp_root), how],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -86,15 +78,15 @@ def _start_parent(engine_dir, temp_root, how):
 
 def _wait_gone(pid, seconds):
     deadline = time.monotonic() + seconds
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return not _alive(pid)
+    return not alive(pid)
 
 
 def test_a_crashed_slicer_leaves_no_engine_running_and_no_files(tmp_path):
     parent, info = _start_parent(REPO, tmp_path, "crash")
     workdir = Path(info["workdir"])
-    assert workdir.parent == tmp_path and (workdir / "image.nrrd").is_file() and _alive(info["pid"])
+    assert workdir.parent == tmp_path and (workdir / "image.nrrd").is_file() and alive(info["pid"])
     os.kill(parent.pid, signal.SIGKILL)  # Slicer crashes: no atexit, no cleanup of its own
     parent.wait(30)
     assert _wait_gone(info["pid"], 60), "the engine kept running after its parent died"
@@ -113,7 +105,7 @@ def test_slicer_exiting_mid_run_stops_the_child_and_removes_its_folder(tmp_path)
     temp_root.mkdir()
     parent, info = _start_parent(engine_dir, temp_root, "exit")
     assert parent.wait(60) == 0, parent.stderr.read()
-    assert not _alive(info["pid"]), "the child outlived Slicer's exit"
+    assert not alive(info["pid"]), "the child outlived Slicer's exit"
     assert list(temp_root.iterdir()) == [], "the job's folder outlived Slicer's exit"
 
 

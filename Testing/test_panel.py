@@ -28,7 +28,7 @@ pytest.importorskip("PySide6.QtWidgets")
 from PySide6 import QtCore, QtWidgets  # noqa: E402
 from slicer_widgets import app, child_widget_variables, load_panel  # noqa: E402
 
-from HFSAMSegmentLib import jobs, mrml_adapter, selftest  # noqa: E402
+from HFSAMSegmentLib import mrml_adapter, selftest  # noqa: E402
 from HFSAMSegmentLib.engine_command import Engine, find_engine_dir  # noqa: E402
 from HFSAMSegmentLib.logic import ModuleLogic  # noqa: E402
 from HFSAMSegmentLib.panel import Panel, first_grey_level_volume  # noqa: E402
@@ -208,7 +208,7 @@ def env(tmp_path):
     ParameterNode.live_connections = 0
     panel.setup()
     panel.enter()
-    wait_until(lambda: panel._library_path is not None, 60)
+    wait_until(lambda: panel.library.path is not None, 60)
     yield panel, host, scene, root
     panel.cleanup()
     scene.Clear(1)
@@ -241,7 +241,7 @@ def test_the_first_volume_picked_is_never_a_labelmap(env):
 
 def test_the_library_is_read_in_the_background_and_litemedsam_is_the_default_start(env, tmp_path):
     panel, host, scene, root = env
-    assert panel._library_path == str((tmp_path / "library").resolve())
+    assert panel.library.path == str((tmp_path / "library").resolve())
     assert panel.p.baseModel == "base:lite_medsam"  # no SAM ViT checkpoint in this library
     combo = panel.ui.baseModelSelector
     keys = [combo.itemData(i) for i in range(combo.count())]
@@ -260,9 +260,9 @@ def test_the_library_is_read_in_the_background_and_litemedsam_is_the_default_sta
     checkpoints.mkdir(parents=True, exist_ok=True)
     with open(checkpoints / catalog["filename"], "wb") as handle:
         handle.truncate(catalog["size"])  # sparse: no disk space
-    panel.refresh_library()
+    panel.library.refresh()
     wait_until(lambda: not panel._tasks, 60)
-    assert panel._installed_checkpoints == {"vit_b"}
+    assert panel.library.installed_checkpoints == {"vit_b"}
     scene.Clear(0)  # a new scene: a new parameter node with no choice yet
     assert panel.p.baseModel == "base:vit_b"
     assert str(checkpoints / catalog["filename"]) in panel.ui.checkpointStatusLabel.text()
@@ -312,9 +312,9 @@ def test_slot_errors_are_shown_once_and_never_escape_and_no_dialog_stays(env):
 
     panel.p.baseModel = "base:vit_b"
     panel.logic.library.download_checkpoint = broken
-    panel.on_download_checkpoint()
+    panel.library.on_download_checkpoint()
     assert len(host.errors) == 2 and host.dialogs and not host.dialogs[-1].isVisible()
-    assert panel._download_dialog is None and panel._download is None
+    assert panel.library._dialog is None and panel.library.download is None
 
 
 def test_a_second_click_during_an_install_is_refused(env, monkeypatch):
@@ -356,8 +356,9 @@ def test_closing_the_scene_cancels_a_run_and_imports_nothing(env):
     assert list(root.iterdir()) == [], "the job's temporary folder was left behind"
 
 
-def test_finetune_then_segment_with_the_new_adapter_from_the_panel(env, tmp_path):
-    """The clinician's loop: paint, Fine-tune (tiny model, 2 steps), accept the offer to segment with it."""
+def test_finetune_from_the_panel_stores_the_adapter_and_offers_to_segment_with_it(env, tmp_path):
+    """The clinician's loop: paint, Fine-tune (tiny model, 2 steps); the new adapter is listed and selected,
+    and the panel offers to segment with it (declined here: segmenting is the next test's)."""
     panel, host, scene, root = env
     volume, _ = selftest.make_volume(scene, shape=(4, 40, 48), name="ct")
     node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "painted")
@@ -374,17 +375,32 @@ def test_finetune_then_segment_with_the_new_adapter_from_the_panel(env, tmp_path
     panel._dependencies_ok = True
     wait_until(lambda: panel.ui.finetuneButton.isEnabled(), 10)  # counted once the selection settles
     assert panel.ui.finetuneButton.text() == "Fine-tune on these 2 labeled slices"
-    host.answers = [True]  # "Segment 'ct' with the new adapter now?"
+    host.answers = [False]  # "Segment 'ct' with the new adapter now?"
     panel.ui.finetuneButton.click()
-    assert panel.ui.finetuneButton.text() == "Cancel"
-    wait_until(lambda: panel._job is not None and panel._job_kind == "segment", 240)
-    assert host.asked == ["Segment 'ct' with the new adapter 'liver_panel' now?"]
-    assert panel.p.model == "adapter:liver_panel"
+    assert panel.ui.finetuneButton.text() == "Cancel" and not panel.ui.segmentButton.isEnabled()
+    wait_until(lambda: bool(host.asked), 240)
+    assert host.asked == ["Segment 'ct' with the new adapter 'liver_panel' now?"] and host.errors == []
+    assert panel.p.model == "adapter:liver_panel" and panel.ui.modelSelector.currentData() == "adapter:liver_panel"
     table = panel.ui.adaptersTable
     assert table.rowCount() == 1 and table.item(0, 0).text() == "liver_panel" and table.item(0, 2).text() == "liver"
-    wait_until(lambda: panel._job is None, 240)
-    assert host.errors == []
-    result = scene.GetFirstNodeByName("ct segmentation")
-    assert result is not None and result.GetSegmentation().GetSegmentIdBySegmentName("liver")
-    assert host.shown == [volume] and panel.ui.statusLabel.text() == "Done: 'ct segmentation' has 1 segments."
+    assert panel.ui.statusLabel.text().startswith("Adapter 'liver_panel' stored in the model library (")
+    assert panel.ui.finetuneButton.text() == "Fine-tune on these 2 labeled slices" and panel.ui.segmentButton.isEnabled()
     assert list(root.iterdir()) == []
+
+
+def test_a_finished_segmentation_is_shown_with_its_volume(env, tmp_path):
+    """What the panel does with a done Segment job (the engine's real output format, imported into the scene)."""
+    from HFSAMSegmentLib.jobs import JobOutcome
+
+    panel, host, scene, root = env
+    volume, _ = selftest.make_volume(scene, shape=(3, 8, 9), name="ct")
+    labels = np.zeros((3, 8, 9), np.uint8)
+    labels[1, 2:5, 2:6] = 1
+    path = selftest.write_engine_output(tmp_path, labels, mrml_adapter.Geometry.of_node(volume),
+                                        [{"value": 1, "name": "liver"}, {"value": 2, "name": "spleen"}])
+    node = mrml_adapter.import_segmentation(path, scene, volume)
+    panel._job, panel._job_kind = object(), "segment"
+    panel.on_job_done(JobOutcome("done", segmentation_node=node))
+    assert host.shown == [volume] and host.errors == [] and panel._job is None
+    assert panel.ui.statusLabel.text() == "Done: 'ct segmentation' has 2 segments."
+    assert panel.ui.progressBar.value() == 100 and panel.ui.segmentButton.text() == "Segment"

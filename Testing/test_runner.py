@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_helpers import alive
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -208,13 +209,6 @@ def test_cancel_leaves_no_output_and_no_temp_file(child, tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")  # a zombie is dead
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX; Windows uses taskkill /T /F")
@@ -227,14 +221,14 @@ def test_cancel_kills_the_whole_tree_even_when_sigterm_is_ignored(child):
         runner.poll()
         time.sleep(0.02)
     grandchild = int(next(m for m in logs if m.startswith("grandchild")).split()[1])
-    assert _alive(grandchild)
+    assert alive(grandchild)
     runner.cancel()
     result = runner.wait(30)
     assert result.status == "cancelled" and result.exit_code == -signal.SIGKILL
     deadline = time.monotonic() + 10
-    while _alive(grandchild) and time.monotonic() < deadline:
+    while alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(grandchild), "the grandchild survived the cancel"
+    assert not alive(grandchild), "the grandchild survived the cancel"
 
 
 def test_runner_reports_a_program_that_cannot_start(tmp_path):

@@ -13,6 +13,7 @@
 - installer:       missing Python packages, what would be installed, install on request
 - logic:           the module's logic without GUI (HFSAMSegmentLogic = this + Slicer's base)
 - panel:           the panel's behaviour (HFSAMSegmentWidget = this + the .ui)
+- library_section: the panel's Model library section (adapters, base checkpoints)
 - parameters:      the parameter node (Slicer only)
 - slicer_host:     dialogs, timers, settings of the Slicer application (Slicer only)
 - selftest:        scenarios shared by the pytest suite and Slicer's self-test
@@ -25,7 +26,7 @@ pull in MRML or SimpleITK.
 # Leaves first: a module is reloaded after everything it imports.
 RELOAD_ORDER = ("errors", "child_process", "progress_parser", "engine_command", "process_runner", "backbones",
                 "terminology", "mrml_adapter", "jobs", "library_bridge", "installer", "logic", "selftest", "parameters",
-                "slicer_host", "panel")
+                "library_section", "panel", "slicer_host")
 
 
 def reload_all() -> None:

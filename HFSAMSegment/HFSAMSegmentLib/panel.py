@@ -26,13 +26,13 @@ import traceback
 import vtk
 from slicer.util import VTKObservationMixin
 
-from . import library_bridge
+from . import backbones, library_bridge
 from .errors import UserInputError
-from .progress_parser import describe, format_seconds
+from .library_section import ADAPTER_FILTER, LibrarySection
+from .progress_parser import describe
 
 # Painting changes the segmentation's source labelmap; adding/removing segments changes the list.
 PAINT_EVENTS = ("SourceRepresentationModified", "SegmentAdded", "SegmentRemoved")
-ADAPTER_FILTER = "HF-SAM adapter (*.safetensors);;All files (*)"
 
 
 class Panel(VTKObservationMixin):
@@ -47,17 +47,10 @@ class Panel(VTKObservationMixin):
         self._shown = False
         self._job = None  # the running SegmentJob / FinetuneJob, if any
         self._job_kind = None
-        self._download = None  # the running checkpoint download/import, if any
-        self._download_dialog = None
-        self._tasks = []  # running library commands (list, path, import, export, remove)
-        self._refresh_again = False
-        self._pending_select = self._pending_offer = None
+        self._tasks = []  # running library commands and checkpoint downloads
         self._installing = False
         self._dependencies_ok = False
-        self._adapters = []
-        self._library_path = None  # known once `models path` answered
-        self._library_error = ""
-        self._installed_checkpoints = set()
+        self.library = LibrarySection(self)
         self._choices = {}  # model selector key -> ModelChoice (segment)
         self._base_choices = {}  # "start from" selector key -> ModelChoice (fine-tune)
         self._file_choices = []  # adapters picked as files this session
@@ -78,19 +71,14 @@ class Panel(VTKObservationMixin):
         connect(ui.baseModelSelector, "currentIndexChanged(int)", self.on_base_model_selected)
         connect(ui.trainingSegmentSelector, "currentNodeChanged(vtkMRMLNode*)", self.on_training_segmentation_changed)
         connect(ui.trainingSegmentSelector, "segmentSelectionChanged(QStringList)", self.on_training_segments_changed)
-        connect(ui.refreshLibraryButton, "clicked(bool)", lambda *_: self.refresh_library())
-        connect(ui.importAdapterButton, "clicked(bool)", lambda *_: self.on_import_adapter())
-        connect(ui.exportAdapterButton, "clicked(bool)", lambda *_: self.on_export_adapter())
-        connect(ui.removeAdapterButton, "clicked(bool)", lambda *_: self.on_remove_adapter())
-        connect(ui.downloadCheckpointButton, "clicked(bool)", lambda *_: self.on_download_checkpoint())
-        connect(ui.importCheckpointButton, "clicked(bool)", lambda *_: self.on_import_checkpoint())
+        self.library.connect()
         # Jobs and library commands report through queues; this timer delivers them in the GUI thread.
         self._poll_timer = self.host.timer(100, self.on_poll)
         # Painting fires many events; recount labeled slices once the user pauses.
-        self._slices_timer = self.host.timer(500, self.update_labeled_slices, single_shot=True)
+        self._slices_timer = self.host.timer(500, self._recount_labeled_slices, single_shot=True)
         ui.progressBar.setValue(0)
         self._fill_model_selectors()
-        self.refresh_library()
+        self.library.refresh()
         self.initialize_parameter_node()
 
     def enter(self) -> None:
@@ -106,10 +94,11 @@ class Panel(VTKObservationMixin):
 
     def cleanup(self) -> None:
         """Slicer closes (or the module is reloaded): stop everything we started, remove the temporary files."""
-        for job in (self._job, self._download, *self._tasks):
+        for job in (self._job, *self._tasks):
             if job is not None:
                 job.stop()
-        self._job = self._download = None
+        self._job = self.library.download = None
+        self.library.close_dialog()
         self._tasks = []
         self._poll_timer.stop()
         self._slices_timer.stop()
@@ -160,7 +149,7 @@ class Panel(VTKObservationMixin):
         self.ui.outputWarningLabel.setText(
             f"Segments of '{output.GetName()}' that have the model's class names will be replaced; other segments are kept."
             if output else "")
-        self.update_checkpoint_status()
+        self.library.update_checkpoint_status()
         self.update_buttons()
 
     def update_buttons(self) -> None:
@@ -192,11 +181,12 @@ class Panel(VTKObservationMixin):
             logging.info(f"HF-SAM: {text}")
 
     @contextlib.contextmanager
-    def reported(self, what: str):
+    def reported(self, what: str, busy: bool = True):
         """Run a slot's body; show any error in a message box and the log, and never let it escape into Qt
-        (slicer.util.tryWithErrorDisplay re-raises, so the traceback would reach the console and the caller)."""
+        (slicer.util.tryWithErrorDisplay re-raises, so the traceback would reach the console and the caller).
+        ``busy``: with the wait cursor (clicks), not for timer ticks."""
         try:
-            with self.host.busy():
+            with self.host.busy() if busy else contextlib.nullcontext():
                 yield
         except UserInputError as exc:
             self.set_status(str(exc))
@@ -211,8 +201,8 @@ class Panel(VTKObservationMixin):
     # -- model selectors ---------------------------------------------------------------------------------
     def _fill_model_selectors(self) -> None:
         developer = self.host.developer_mode()
-        segment = library_bridge.model_choices(self._adapters, developer=developer) + self._file_choices
-        base = library_bridge.model_choices(self._adapters, for_finetune=True, developer=developer)
+        segment = library_bridge.model_choices(self.library.adapters, developer=developer) + self._file_choices
+        base = library_bridge.model_choices(self.library.adapters, for_finetune=True, developer=developer)
         self._choices = {c.key: c for c in segment}
         self._base_choices = {c.key: c for c in base}
         for combo, choices in ((self.ui.modelSelector, segment), (self.ui.baseModelSelector, base)):
@@ -235,9 +225,9 @@ class Panel(VTKObservationMixin):
             key = self.ui.modelSelector.itemData(0)
             if key:
                 p.model = key
-        if not self._base_choices.get(p.baseModel) and self._library_path is not None:
+        if not self._base_choices.get(p.baseModel) and self.library.path is not None:
             # The default depends on which checkpoints the library has, so it waits for `models path`.
-            p.baseModel = library_bridge.default_base_key(self._installed_checkpoints)
+            p.baseModel = library_bridge.default_base_key(self.library.installed_checkpoints)
 
     def on_model_selected(self, index) -> None:
         if self.p is not None:
@@ -285,7 +275,7 @@ class Panel(VTKObservationMixin):
             if not self.logic.installPlan().empty:
                 return False
             self.set_status("Python packages installed.")
-            self.refresh_library()  # the library may not have been readable before
+            self.library.refresh()  # the library may not have been readable before
         self._dependencies_ok = True
         return True
 
@@ -341,6 +331,10 @@ class Panel(VTKObservationMixin):
     def on_training_segmentation_modified(self, caller=None, event=None) -> None:
         self._slices_timer.start()  # restart: recount once painting pauses
 
+    def _recount_labeled_slices(self) -> None:
+        with self.reported("Counting the labeled slices failed.", busy=False):
+            self.update_labeled_slices()
+
     def _training_selection(self):
         p = self.p
         if p is None:
@@ -366,13 +360,13 @@ class Panel(VTKObservationMixin):
             self.ui.labeledSlicesLabel.setText("(pick a segmentation and segments)")
         self.update_buttons()
 
-    def _base_backbone(self):
+    def base_backbone(self):
         """The backbone the selected "start from" needs (a base model's, or the adapter's)."""
         key = self.p.baseModel if self.p is not None else ""
         backbone = library_bridge.backbone_of_key(key)
         if backbone is None and key.startswith("adapter:"):
             name = key[len("adapter:"):]
-            backbone = next((a.get("backbone") for a in self._adapters if a.get("name") == name), None)
+            backbone = next((a.get("backbone") for a in self.library.adapters if a.get("name") == name), None)
         return backbone
 
     def on_finetune_clicked(self) -> None:
@@ -389,10 +383,9 @@ class Panel(VTKObservationMixin):
         base = self._base_choices.get(p.baseModel)
         if not self.ensure_dependencies():
             return
-        backbone = self._base_backbone()
-        if backbone and self._library_path is not None and not self.logic.checkpointAvailable(backbone, self._library_path):
-            from . import backbones
-
+        backbone = self.base_backbone()
+        library_path = self.library.path
+        if backbone and library_path is not None and not self.logic.checkpointAvailable(backbone, library_path):
             info = backbones.info(backbone)
             self.host.error(f"Fine-tuning from {info.title if info else backbone} needs its checkpoint, which is not in the "
                             "model library yet. Download it (or import it) in the Model library section first.")
@@ -415,12 +408,18 @@ class Panel(VTKObservationMixin):
         self._poll_timer.start()
         self.update_buttons()
 
+    def run_in_background(self, runner) -> None:
+        """Deliver a started ProcessRunner's callbacks from the poll timer, until it has finished."""
+        self._tasks.append(runner)
+        self._poll_timer.start()
+
     def on_poll(self) -> None:
-        for runner in (self._job, self._download, *self._tasks):
+        for runner in (self._job, *self._tasks):
             if runner is not None:
-                runner.poll()
+                with self.reported("Handling the engine's answer failed.", busy=False):
+                    runner.poll()
         self._tasks = [t for t in self._tasks if not t.finished]
-        if self._job is None and self._download is None and not self._tasks:
+        if self._job is None and not self._tasks:
             self._poll_timer.stop()
 
     def on_job_event(self, event) -> None:
@@ -465,7 +464,7 @@ class Panel(VTKObservationMixin):
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in outcome.metrics.items() if isinstance(v, (int, float)))
         self.set_status(f"Adapter '{name}' stored in the model library ({metrics}).")
         self._file_choices = [c for c in self._file_choices if c.key != f"adapter:{name}"]
-        self.refresh_library(select=f"adapter:{name}", then_offer_segment=name)
+        self.library.refresh(select=f"adapter:{name}", then_offer_segment=name)
 
     # -- scene close ------------------------------------------------------------------------------------------------
     def on_scene_start_close(self, caller=None, event=None) -> None:
@@ -480,185 +479,17 @@ class Panel(VTKObservationMixin):
         if self._shown:
             self.initialize_parameter_node()
 
-    # -- model library ----------------------------------------------------------------------------------------------
-    def _run_library(self, *args, on_done) -> None:
-        self._tasks.append(self.logic.library.start(*args, on_done=on_done))
-        self._poll_timer.start()
-
-    def refresh_library(self, select=None, then_offer_segment=None) -> None:
-        """Read the library in the background (`models list`, then `models path`); the panel updates when they answer.
-
-        ``select``: the model to pick once the list is in; ``then_offer_segment``: an adapter to offer segmenting with.
-        """
-        self._pending_select = select or self._pending_select
-        self._pending_offer = then_offer_segment or self._pending_offer
-        if any(getattr(t, "hfsam_refresh", False) for t in self._tasks):
-            self._refresh_again = True  # answered by a second read once this one is done
-            return
-        runner = self.logic.library.start("list", on_done=self._on_adapter_list)
-        runner.hfsam_refresh = True
-        self._tasks.append(runner)
-        self._poll_timer.start()
-
-    def _on_adapter_list(self, payload, status, message) -> None:
-        if payload is not None and isinstance(payload.get("adapters"), list):
-            self._adapters = [e for e in payload["adapters"] if isinstance(e, dict)]
-            self._library_error = ""
-        else:
-            self._adapters = []
-            self._library_error = message
-        self._fill_adapter_table()
+    # -- news from the library section -----------------------------------------------------------------------------
+    def on_library_read(self) -> None:
+        """The adapters or the library folder are known (again): the selectors and the defaults follow."""
         self._fill_model_selectors()
-        path_runner = self.logic.library.start("path", on_done=self._on_library_path)
-        path_runner.hfsam_refresh = True
-        self._tasks.append(path_runner)
 
-    def _on_library_path(self, payload, status, message) -> None:
-        self._library_path = payload.get("path") if payload else None
-        if self._library_path:
-            self._installed_checkpoints = self.logic.library.installed_checkpoints(self._library_path)
-            self.ui.libraryPathLabel.setText(f"Library folder: {self._library_path}")
-        else:
-            self.ui.libraryPathLabel.setText(
-                f"The model library cannot be read yet ({self._library_error or message}). "
-                "Click Segment or Fine-tune to check the Python packages.")
-        self._ensure_model_choices()
-        self.update_gui()
-        if self._refresh_again:
-            self._refresh_again = False
-            self._tasks = [t for t in self._tasks if not t.finished]
-            self.refresh_library()
-            return
-        select, offer = self._pending_select, self._pending_offer
-        self._pending_select = self._pending_offer = None
+    def after_library_read(self, select, offer) -> None:
         if select and select in self._choices and self.p is not None:
             self.p.model = select
-        if offer:
-            self._offer_segment(offer)
-
-    def _offer_segment(self, name) -> None:
         volume = self.p.inputVolume if self.p is not None else None
-        if volume and self.host.confirm(f"Segment '{volume.GetName()}' with the new adapter '{name}' now?"):
+        if offer and volume and self.host.confirm(f"Segment '{volume.GetName()}' with the new adapter '{offer}' now?"):
             self.start_segmentation()
-
-    def _fill_adapter_table(self) -> None:
-        table = self.ui.adaptersTable
-        table.setRowCount(len(self._adapters))
-        for row, entry in enumerate(self._adapters):
-            cells = [entry.get("name", ""), entry.get("backbone", "?"), ", ".join(entry.get("classes", [])),
-                     entry.get("created", "") if "error" not in entry else "unreadable: " + str(entry["error"])]
-            for column, text in enumerate(cells):
-                table.setItem(row, column, self.host.table_item(str(text)))
-        table.resizeColumnsToContents()
-
-    def _selected_adapter(self):
-        row = self.ui.adaptersTable.currentRow()
-        if row < 0 or row >= len(self._adapters):
-            self.host.warning("Select an adapter in the table first.")
-            return None
-        return self._adapters[row]["name"]
-
-    def _library_done(self, what):
-        def on_done(payload, status, message):
-            if payload is None:
-                self.set_status(f"{what} failed: {message}")
-                self.host.error(f"{what} failed.\n\n{message}")
-            else:
-                adapter = payload.get("adapter") or {}
-                self.set_status(f"{what}: '{adapter.get('name', '')}' {adapter.get('path', '')}".strip())
-            self.refresh_library()
-        return on_done
-
-    def on_import_adapter(self) -> None:
-        path = self.host.open_file("Import adapter", ADAPTER_FILTER)
-        if path:
-            self._run_library("import", path, on_done=self._library_done("Import"))
-
-    def on_export_adapter(self) -> None:
-        name = self._selected_adapter()
-        if not name:
-            return
-        path = self.host.save_file("Export adapter", f"{name}.safetensors", ADAPTER_FILTER)
-        if path:
-            # The save dialog already asked whether to replace an existing file.
-            self._run_library("export", name, path, "--overwrite", on_done=self._library_done("Export"))
-
-    def on_remove_adapter(self) -> None:
-        name = self._selected_adapter()
-        if name and self.host.confirm(f"Delete adapter '{name}' from the model library?"):
-            self._run_library("remove", name, on_done=self._library_done("Remove"))
-
-    # -- base checkpoints -----------------------------------------------------------------------------------------
-    def update_checkpoint_status(self) -> None:
-        from . import backbones
-
-        backbone = self._base_backbone()
-        info = backbones.info(backbone) if backbone else None
-        if info is None or info.checkpoint is None or self._library_path is None:
-            self.ui.checkpointStatusLabel.setText("Base checkpoint: (the model library has not been read yet)"
-                                                  if self._library_path is None else "Base checkpoint: none needed")
-            self.ui.downloadCheckpointButton.setEnabled(False)
-            return
-        path = self.logic.library.checkpoint_file(info.checkpoint, self._library_path)
-        available = path is not None or self.logic.checkpointAvailable(backbone, self._library_path)
-        if path is not None:
-            text = f"{info.title}: {path}"
-        elif available:
-            text = f"{info.title}: comes with its Python package, copied into the library on first use"
-        else:
-            text = f"{info.title}: not in the library (needed to fine-tune from it). Download it, or import a copy."
-        self.ui.checkpointStatusLabel.setText(text)
-        self.ui.downloadCheckpointButton.setText(f"Download {info.name}")
-        self.ui.downloadCheckpointButton.setEnabled(not available and self._download is None)
-
-    def on_download_checkpoint(self) -> None:
-        backbone = self._base_backbone()
-        if not backbone or self._download is not None or not self.ensure_dependencies():
-            return
-        self._run_checkpoint_task(f"Downloading the {backbone} checkpoint (checked by SHA256)...",
-                                  lambda **cb: self.logic.library.download_checkpoint(backbone, **cb))
-
-    def on_import_checkpoint(self) -> None:
-        path = self.ui.checkpointPathLineEdit.currentPath
-        if not path:
-            self.host.warning("Choose the checkpoint file (.pth) first.")
-            return
-        if self._download is not None or not self.ensure_dependencies():
-            return
-        self._run_checkpoint_task(f"Importing {path} (checking its SHA256)...",
-                                  lambda **cb: self.logic.library.import_checkpoint(path, **cb))
-
-    def _run_checkpoint_task(self, label, start) -> None:
-        def on_event(event):
-            if event["event"] == "progress" and event["fraction"] is not None and self._download_dialog is not None:
-                self._download_dialog.setValue(int(round(100 * event["fraction"])))
-                if event.get("eta_s") is not None:
-                    self._download_dialog.setLabelText(f"{label}\nabout {format_seconds(event['eta_s'])} left")
-
-        def on_finished(result):
-            self._download = None
-            self._close_download_dialog()
-            if result.status == "cancelled":
-                self.set_status("Cancelled; a partial download is kept and resumed next time.")
-            elif not result.ok:
-                self.host.error(result.message, details=result.stderr_tail)
-            else:
-                self.set_status("Base checkpoint ready.")
-            self.refresh_library()
-
-        self._download_dialog = self.host.progress_dialog(label, "HF-SAM model library")
-        with self.reported("Could not start."):
-            self._download = start(on_event=on_event, on_finished=on_finished)
-            self.host.connect(self._download_dialog, "canceled()", self._download.cancel)
-            self._poll_timer.start()
-        if self._download is None:  # it could not start: never leave the dialog on screen
-            self._close_download_dialog()
-        self.update_checkpoint_status()
-
-    def _close_download_dialog(self) -> None:
-        if self._download_dialog is not None:
-            self._download_dialog.close()
-            self._download_dialog = None
 
 
 def parameter_widgets(ui) -> dict:

@@ -17,7 +17,7 @@ from .panel import Panel
 from .terminology import register_terminology
 
 
-def create_panel(widget, logic) -> Panel:
+def create_panel(widget: "ScriptedLoadableModuleWidget", logic) -> Panel:  # noqa: F821 - Slicer's class, by name
     """Load the .ui into the module widget (a ScriptedLoadableModuleWidget) and hand it to a set-up Panel."""
     ui_widget = slicer.util.loadUI(widget.resourcePath("UI/HFSAMSegment.ui"))
     widget.layout.addWidget(ui_widget)

@@ -10,7 +10,8 @@ use is checked as precisely as the code shows:
 - ``ui.widget.bar`` / ``self.ui.widget.bar`` and ``host.connect(ui.widget, "signal(...)")``: a member
   of the widget's class in the .ui file (a CTK or qMRML class; Qt's own classes are not checked);
 - ``self.bar`` in a class derived from one of Slicer's Python classes (ScriptedLoadableModule*,
-  VTKObservationMixin) and ``self.p.bar`` in the panel (the parameter node wrapper);
+  VTKObservationMixin), ``arg.bar`` for a parameter annotated with one of them, and ``self.p.bar``
+  in the panel (the parameter node wrapper);
 - ``"vtkMRMLFoo"`` given to AddNewNodeByClass / GetNodesByClass / IsA ...: the class exists;
 - any other ``x.Bar`` with a capitalised name (VTK/MRML style) on anything but a known non-Slicer
   module (SimpleITK, numpy, os...): some indexed class has a member ``Bar``.
@@ -102,9 +103,7 @@ def uses_in_file(path: Path, widgets: dict[str, str], root: Path) -> list[Use]:
                 if alias.name.startswith("slicer."):
                     add("python", "slicer", alias.name.split(".")[1], node)
 
-    class_bases: dict[int, set[str]] = {}  # line range start of a class -> Slicer Python bases
-    own_members: dict[int, set[str]] = {}
-    ranges = []
+    ranges = []  # (first line, last line, Slicer Python bases, own members) of each class deriving from them
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef):
             bases = {ast.unparse(b).split(".")[-1] for b in node.bases} & SLICER_PYTHON_BASES
@@ -114,6 +113,17 @@ def uses_in_file(path: Path, widgets: dict[str, str], root: Path) -> list[Use]:
                     if isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store) and _dotted(sub) == ["self", sub.attr]:
                         members.add(sub.attr)
                 ranges.append((node.lineno, node.end_lineno, bases, members))
+
+    typed_params: dict[tuple[int, int, str], str] = {}  # (first line, last line, parameter) -> Slicer Python class
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
+            for arg in node.args.args:
+                hint = ast.unparse(arg.annotation).strip("'\"") if arg.annotation is not None else ""
+                if hint in SLICER_PYTHON_BASES:
+                    typed_params[(node.lineno, node.end_lineno, arg.arg)] = hint
+
+    def param_class(name, line):
+        return next((c for (a, b, n), c in typed_params.items() if n == name and a <= line <= b), None)
 
     def slicer_bases_at(line):
         for start, end, bases, members in ranges:
@@ -187,6 +197,10 @@ def uses_in_file(path: Path, widgets: dict[str, str], root: Path) -> list[Use]:
             continue
         if head == "self" and len(chain) == 3 and chain[1] == "p" and node.attr == chain[2] and rel.endswith("panel.py"):
             add("python", "slicer.parameterNodeWrapper.wrapper", chain[2], node)
+            continue
+        typed = param_class(head, node.lineno)
+        if typed and len(chain) == 2:  # def f(widget: "ScriptedLoadableModuleWidget"): widget.layout
+            add("python", f"slicer:{typed}", chain[1], node)
             continue
         if head == "self" and len(chain) == 2:
             bases, members = slicer_bases_at(node.lineno)
