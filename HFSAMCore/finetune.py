@@ -119,8 +119,20 @@ def prepare_training_set(
     stats = volume_stats(array, preset)
     images = to_model_input(normalize(image_stack[chosen], preset, stats=stats), img_size, device)
     lab = torch.from_numpy(np.ascontiguousarray(label_stack[chosen], dtype=np.int64)).to(device)
-    lab = F.interpolate(lab[:, None].float(), size=(img_size, img_size), mode="nearest")[:, 0].long()
+    lab = resize_labels(lab, (img_size, img_size))
     return TrainingSet(images, lab, [view.original_index(s) for s in chosen], preset, num_classes)
+
+
+def resize_labels(labels: torch.Tensor, size) -> torch.Tensor:
+    """[B,h,w] integer labels -> [B,*size], nearest neighbour on the same pixel grid as the images.
+
+    torch's "nearest" picks source pixel floor(i * scale), a grid shifted by half a source
+    pixel against the bilinear resize of the images (align_corners=False, pixel centres at
+    (i + 0.5) * scale - 0.5): at 101 -> 256 px the labels would sit 0.75 px off the anatomy.
+    "nearest-exact" takes floor((i + 0.5) * scale), the source pixel whose area holds the centre.
+    """
+    out = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest-exact")
+    return out[:, 0].to(labels.dtype)
 
 
 # -- loss ---------------------------------------------------------------------
@@ -154,7 +166,7 @@ def hfsam_loss(logits: torch.Tensor, target: torch.Tensor,
     """
     logits = logits.float()
     if target.shape[-2:] != logits.shape[-2:]:
-        target = F.interpolate(target[:, None].float(), size=logits.shape[-2:], mode="nearest")[:, 0].long()
+        target = resize_labels(target, logits.shape[-2:])
     return CE_WEIGHT * F.cross_entropy(logits, target) + DICE_WEIGHT * soft_dice_loss(logits, target, reduce=reduce)
 
 

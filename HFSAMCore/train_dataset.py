@@ -286,15 +286,15 @@ def collate_slices(batch):
 def to_model_batch(batch, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Images [B,1,S,S] (bilinear, as segment.to_model_input) and labels [B,S,S] (nearest) on the device."""
     import torch
-    from torch.nn import functional as F
 
+    from .finetune import resize_labels
     from .segment import to_model_input
 
     xs, ys = [], []
     for _, image, label in batch:
         xs.append(to_model_input(image[None], size, device))
-        lab = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)).to(device)[None, None].float()
-        ys.append(F.interpolate(lab, size=(size, size), mode="nearest")[:, 0].long())
+        lab = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)).to(device)[None]
+        ys.append(resize_labels(lab, (size, size)))
     return torch.cat(xs), torch.cat(ys)
 
 

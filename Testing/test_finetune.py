@@ -165,3 +165,35 @@ def test_out_of_memory_retries_with_a_smaller_batch(ct):
     assert report.batch_size == 2 and report.steps == 3
     assert calls[:3] == [8, 4, 2]
     assert "retrying with batch size 4" in err.getvalue()
+
+
+@pytest.mark.parametrize("src,dst,plain_is_off", [((101, 122), (256, 256), False), ((512, 512), (256, 256), True),
+                                                  ((30, 40), (224, 224), True)])
+def test_labels_are_resized_onto_the_images_pixel_grid(src, dst, plain_is_off):
+    """A labeled rectangle and the same rectangle as image intensity land on the same pixels after resizing.
+
+    The image is resized as the model sees it (bilinear, segment.to_model_input), the labels with
+    finetune.resize_labels. torch's plain "nearest" is shifted by half a source pixel, which shows
+    as half an output pixel where the sizes allow it (the negative control).
+    """
+    import torch
+    from torch.nn import functional as F
+
+    from HFSAMCore.finetune import resize_labels
+    from HFSAMCore.segment import to_model_input
+
+    h, w = src
+    mask = np.zeros(src, np.float32)
+    mask[h // 3: 2 * h // 3, w // 4: w // 2] = 1
+    image = to_model_input(mask[None], dst[0], torch.device("cpu"))[0, 0].numpy()
+    labels = resize_labels(torch.from_numpy(mask.astype(np.int64))[None], dst)[0]
+
+    def offset(m):
+        ys, xs = np.nonzero(m)
+        iy, ix = np.nonzero(image > 0.5)
+        return max(abs(ys.mean() - iy.mean()), abs(xs.mean() - ix.mean()))
+
+    assert labels.dtype == torch.int64 and tuple(labels.shape) == dst
+    assert offset(labels.numpy() > 0) < 0.05
+    plain = F.interpolate(torch.from_numpy(mask)[None, None], size=dst, mode="nearest")[0, 0].numpy()
+    assert (offset(plain > 0) >= 0.4) == plain_is_off

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 class AWFFM(nn.Module):
@@ -33,9 +34,26 @@ class AWFFM(nn.Module):
         )
 
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        x = self.fuse(torch.cat((high, low), dim=1))
-        stats = torch.cat((x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)), dim=1)
-        high = high * torch.sigmoid(self.spatial(stats))
-        avg = self.channel_mlp(high.mean(dim=(2, 3), keepdim=True))
-        mx = self.channel_mlp(high.amax(dim=(2, 3), keepdim=True))
-        return high + low * torch.sigmoid(avg + mx)
+        """NCHW maps [B,C,h,w] -> [B,C,h,w]."""
+        b, c, h, w = high.shape
+        out = self.forward_tokens(high.flatten(2).transpose(1, 2), low.flatten(2).transpose(1, 2), h, w)
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+    def forward_tokens(self, high: torch.Tensor, low: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The same on token sequences [B, h*w, C], the layout the decoder's transformer works in.
+
+        Every 1x1 convolution is then one matrix product, and cat[G, L] is never built: the fuse
+        weight is applied as its G half plus its L half.
+        """
+        c = high.shape[-1]
+        weight = self.fuse.weight.flatten(1)
+        x = F.linear(high, weight[:, :c], self.fuse.bias) + F.linear(low, weight[:, c:])
+        stats = torch.stack((x.mean(-1), x.amax(-1)), dim=1).unflatten(-1, (h, w))  # [B, 2, h, w]
+        high = high * torch.sigmoid(self.spatial(stats)).flatten(1).unsqueeze(-1)
+        down, up = self.channel_mlp[0].weight.flatten(1), self.channel_mlp[2].weight.flatten(1)
+
+        def mlp(v: torch.Tensor) -> torch.Tensor:
+            return F.linear(F.relu(F.linear(v, down)), up)
+
+        gate = torch.sigmoid(mlp(high.mean(1)) + mlp(high.amax(1)))  # [B, C]
+        return high + low * gate.unsqueeze(1)

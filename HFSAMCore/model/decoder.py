@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP
 from segment_anything.modeling.transformer import TwoWayAttentionBlock, TwoWayTransformer
@@ -136,28 +137,63 @@ class HFSAMDecoder(nn.Module):
         image_pe: torch.Tensor,
         dense_embedding: torch.Tensor,
     ) -> torch.Tensor:
-        """Embeddings [B,C,h,w] -> mask logits [B, K+1, 4h, 4w]."""
+        """Embeddings [B,C,h,w] -> mask logits [B, K+1, 4h, 4w] (channels-last in memory).
+
+        Everything runs on token sequences [B, h*w, C], the layout of SAM's transformer, so
+        that no map is transposed between the fusion modules, the transformer and the
+        upscaling (each 1x1 or 2x2-stride-2 convolution is a matrix product there).
+        """
         b, c, h, w = image_embedding.shape
         parts = [self.iou_token.weight, self.mask_tokens.weight]
         if self.fusion == "released":
             parts.append(self.hf_token.weight)
         tokens = torch.cat(parts, dim=0).unsqueeze(0).expand(b, -1, -1)
 
+        src = _tokens(image_embedding)
+        low = _tokens(low_level) if low_level is not None else None
         if self.fusion == "two_step":
-            src = self.awffm_1(image_embedding, low_level) + dense_embedding
-        else:
-            src = image_embedding + dense_embedding
-        hs, src = self.transformer(src, image_pe, tokens)
-        src = src.transpose(1, 2).reshape(b, c, h, w)
+            src = self.awffm_1.forward_tokens(src, low, h, w)
+        src = src + _tokens(dense_embedding)
+        # SAM's transformer takes NCHW maps and flattens them back: views of the token layout.
+        hs, src = self.transformer(_as_map(src, h, w), image_pe, tokens)
         if self.fusion == "two_step":
-            src = self.awffm_2(src, low_level)
+            src = self.awffm_2.forward_tokens(src, low, h, w)
         elif self.fusion == "released":
-            src = self.awffm(src, low_level)
+            src = self.awffm.forward_tokens(src, low, h, w)
 
-        upscaled = self.output_upscaling(src)
+        upscaled = self.upscale(src, h, w)  # [B, 4h*4w, C/8]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         hyper_in = torch.stack(
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
-        bu, cu, hu, wu = upscaled.shape
-        return (hyper_in @ upscaled.reshape(bu, cu, hu * wu)).reshape(bu, -1, hu, wu)
+        logits = upscaled @ hyper_in.transpose(1, 2)  # [B, 16 h w, K+1]
+        return logits.unflatten(1, (4 * h, 4 * w)).permute(0, 3, 1, 2)
+
+    def upscale(self, src: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """SAM's x4 output upscaling (2x2 stride-2 transposed convolutions, LayerNorm2d, GELU) on tokens."""
+        up1, norm, _, up2, _ = self.output_upscaling
+        x = F.gelu(F.layer_norm(_deconv2x2(src, up1, h, w), (norm.weight.shape[0],), norm.weight, norm.bias,
+                                norm.eps))
+        return F.gelu(_deconv2x2(x, up2, 2 * h, 2 * w))
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] (or [1, C, 1, 1]) -> [B, h*w, C]; a view when the map is channels-last in memory."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def _as_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    return tokens.transpose(1, 2).unflatten(-1, (h, w))
+
+
+def _deconv2x2(x: torch.Tensor, conv: nn.ConvTranspose2d, h: int, w: int) -> torch.Tensor:
+    """ConvTranspose2d(kernel 2, stride 2) on tokens [B, h*w, Cin] -> [B, 2h*2w, Cout].
+
+    Each input pixel writes one 2x2 block of outputs, so the convolution is one matrix product
+    [Cin] -> [Cout x 2 x 2] per pixel followed by a depth-to-space rearrangement.
+    """
+    cout = conv.weight.shape[1]
+    y = F.linear(x, conv.weight.flatten(1).t())  # [B, hw, Cout*2*2], ordered (cout, dy, dx)
+    b = y.shape[0]
+    y = y.view(b, h, w, cout, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(b, 4 * h * w, cout)
+    return y + conv.bias
