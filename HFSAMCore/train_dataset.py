@@ -642,7 +642,7 @@ def _train(cfg: DatasetTrainConfig, output: Path, ctx: DistContext, *, num_worke
             lr = cfg.lr * lr_factor(step, total, cfg.warmup)
             loss = ctx.mean(train_step(train_model, optimizer, x, y, lr=lr, precision=dtype, loss_reduce=reduce))
             if not math.isfinite(loss):
-                raise RuntimeError(f"the training loss became {loss} at step {step + 1}; try a lower --lr")
+                raise InputError(f"training diverged: the loss became {loss} at step {step + 1}; try a lower --lr")
             step += 1
             losses.append(loss)
             progress.progress("train", step, total, epoch=epoch + 1, loss=round(loss, 4))

@@ -66,7 +66,8 @@ def _env(home: Path) -> dict:
 
 # `hfsam` as user 'nobody': Python starts as root (its installation may be unreadable to
 # nobody), imports the command line, drops to nobody, then runs main() as `-m HFSAMCore` does.
-AS_NOBODY = (f"import os, sys; from HFSAMCore import cli, volume, library, adapters, progress; "
+AS_NOBODY = (f"import os, sys; from HFSAMCore import cli, volume, library, adapters, progress, outputs, slices, "
+             f"integrity, classes; "
              f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY}); sys.exit(cli.main(sys.argv[1:]))")
 # `hfsam` that the kernel kills (SIGXFSZ) when a file outgrows RLIMIT_FSIZE. Python ignores
 # SIGXFSZ from its start, so the default action is restored before main() runs.
@@ -292,7 +293,7 @@ ROWS = [
     Row("folder-without-dicom", _seg("{inp}/no_dicom"), ("no DICOM series",)),
     Row("dicom-two-series", _seg("{inp}/two_series"),
         ("holds 2 DICOM series", f"{SERIES_A} (2 files", f"{SERIES_B} (3 files", "::SERIES_UID")),
-    Row("text-as-nifti", _seg("{inp}/text.nii.gz"), ("cannot read", "text.nii.gz")),
+    Row("text-as-nifti", _seg("{inp}/text.nii.gz"), ("text.nii.gz is a text file", "not a NIfTI")),
     Row("truncated-nifti-gz", _seg("{inp}/truncated.nii.gz"), ("truncated",)),
     Row("truncated-nifti", _seg("{inp}/truncated.nii"), ("truncated",)),
     Row("4d-image", _seg("{inp}/4d.nii.gz"), ("4D image",)),
@@ -308,7 +309,7 @@ ROWS = [
          "--adapter", "{inp}/liver.safetensors", "--steps", "2"),
         ("labels hold value 8", "knows 1 class(es) (liver)")),
     Row("labels-unknown-to-classes", _ft("{ct}/labels_synapse8.nii.gz", "--classes", "liver"),
-        ("class 8", "only 1 class name")),
+        ("labels hold value 8", "only 1 class name", "'8:name'")),
     Row("slices-outside", _ft("{inp}/labels_liver.nii.gz", "--classes", "liver", "--slices", "12,40"),
         ("slice 40 is outside the volume (0..29)",)),
     Row("slices-unlabeled", _ft("{inp}/labels_sparse.nii.gz", "--classes", "liver", "--slices", "10,20"),
