@@ -251,6 +251,12 @@ def _run_inputs(claims, args, adapter: Path | None, images: dict[str, list]) -> 
             raise InputError(f"--checkpoint {path} is a folder; give the checkpoint file (.pth)")
         if not path.is_file():
             raise InputError(f"checkpoint not found: {path}")
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+        # torch.save writes a zip (or, before torch 1.6, a pickle); safetensors starts with a header length.
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or head[8:9] == b"{"):
+            raise InputError(f"--checkpoint {path} is not a PyTorch or safetensors checkpoint (its content is neither): "
+                             "use an official SAM checkpoint (.pth)")
         claims.inputs("the checkpoint", [path])
 
 
@@ -284,6 +290,13 @@ def cmd_segment(args, progress: Progress) -> int:
     _run_inputs(claims, args, adapter, {"the input image": [args.input]})
     output, sidecar = claims.image_output(args.output)
     meta = _adapter_metadata(args, adapter)
+    if args.classes is not None:
+        from .classes import resolve_classes
+
+        wanted = [c["name"] for c in resolve_classes(args.classes)]
+        if meta is not None and wanted != [c["name"] for c in meta["classes"]]:
+            raise InputError(f"adapter {adapter.name} segments {', '.join(c['name'] for c in meta['classes'])}; "
+                             "--classes cannot rename or change them (fine-tune a new adapter instead)")
     image = read_image(args.input, warn=progress.warn)
     check_can_store(image, output)
     check_slices_are_images(image, args.axis, str(args.input))
@@ -299,7 +312,7 @@ def cmd_segment(args, progress: Progress) -> int:
 def _segment(args, progress: Progress, image, output: Path, sidecar: Path, library, writes) -> int:
     from .loading import load_model
     from .segment import segment_image
-    from .volume import write_image
+    from .volume import data_files, write_image
 
     device, dtype = _device_and_dtype(args)
     lm = load_model(adapter=args.adapter, checkpoint=args.checkpoint, backbone=args.backbone,
@@ -320,7 +333,7 @@ def _segment(args, progress: Progress, image, output: Path, sidecar: Path, libra
                       "slice axis?)")
     # One atomic step for both files; the label volume is renamed last, so once it exists
     # under its name its sidecar is complete too.
-    writes.replacing(output, sidecar)
+    writes.replacing(output, sidecar, *data_files(output))
     write_image(labels, output, overwrite=args.overwrite,
                 sidecar={"output": output.name, "classes": lm.classes, "model": lm.describe(),
                          "input": str(args.input), "run": info})
@@ -362,7 +375,10 @@ def cmd_finetune(args, progress: Progress) -> int:
     if note:
         progress.warn(note)
     # Every non-zero label is a class now (classes_for_labels), so a slice with one carries a class.
-    choose_training_slices(view, view.to_slices(sitk.GetArrayViewFromImage(labels)), slices)
+    chosen = choose_training_slices(view, view.to_slices(sitk.GetArrayViewFromImage(labels)), slices)
+    if args.holdout is not None and args.holdout >= len(chosen):
+        raise InputError(f"--holdout {args.holdout} must leave at least one of the {len(chosen)} labeled slices "
+                         "for training")
     with claims.hold() as writes:
         return _finetune(args, progress, image, labels, slices, classes, values, output, entry, library, writes)
 
@@ -556,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _refuse(progress: Progress, text: str) -> int:
     """Bad input: exit code 2, one line on stderr and one JSON error event."""
-    message = text.strip().splitlines()[0] if text.strip() else "bad input"
+    # One line, whatever a path or a library put in it: line breaks are shown, not obeyed.
+    message = text.strip().replace("\r", "\\r").replace("\n", "\\n") or "bad input"
     progress.error(message, exit_code=2)
     progress.log(f"hfsam: error: {message}")
     return 2

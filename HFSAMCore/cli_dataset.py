@@ -182,7 +182,9 @@ def cmd_evaluate_dataset(args, progress: Progress) -> int:
     from .library import ModelLibrary
 
     output = Path(args.output).expanduser()
-    check_outputs(output, overwrite=args.overwrite, predictions=args.save_predictions)
+    check_outputs(output, overwrite=args.overwrite, predictions=args.save_predictions,
+                  inputs={"the --list file": [args.list], "the --spacing file": [args.spacing],
+                          "the adapter": [args.adapter], "the checkpoint": [args.checkpoint]})
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, not {args.batch_size}")
     spacing = spacing_lookup(args.raw_dir, args.spacing) if (args.raw_dir or args.spacing) else None

@@ -141,6 +141,12 @@ def check_file(path: Path) -> str:
         raise InputError(f"{path} is {_describe_unknown(path)}, not a {SUPPORTED} image")
     actual = content[:-3] if content.endswith("-gz") else content
     suffix = suffix_of(path, READ_SUFFIXES)
+    if suffix in (".nhdr", ".mhd"):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            missing = [f for f in _detached_data_files(path) if "%" not in f.name and not f.is_file()]
+            if missing:
+                raise InputError(f"{path} is a header whose data file {missing[0].name} is not in {missing[0].parent}: "
+                                 "copy the data file beside it (or pass the .nrrd/.mha that holds both)")
     if suffix not in _NAMES_OF[actual]:
         shown = f"'{suffix}'" if suffix else (f"'{path.suffix}'" if path.suffix else "without an extension")
         raise InputError(f"{path} is a {actual} file but is named {shown}: rename it to end in "
@@ -269,6 +275,14 @@ def read_error(path: Path, fmt: str, detail: str, captured: str) -> InputError:
     m = re.search(r"expected (\d+) bytes but received (\d+)", text)  # teem, gzip NRRD
     if m:
         return truncated(path, int(m.group(2)), int(m.group(1)), uncompressed=True)
+    m = re.search(r"couldn't parse element (\d+) of (\d+)", text)  # teem, text NRRD
+    if m:
+        return InputError(f"cannot read {path}: its voxel values end or break off after {int(m.group(1)) - 1} of "
+                          f"{m.group(2)} (truncated or damaged); copy or export it again")
+    if "Unable to determine ImageIO reader" in text:
+        variant = "NIfTI-2" if fmt == "NIfTI" and _nifti_version(path) == 2 else f"this kind of {fmt}"
+        return InputError(f"{path} is {variant}, which the installed ITK cannot read: save it as NRRD or "
+                          "NIfTI-1 (.nii.gz)")
     m = re.search(r"Refusing to change spacing from \[[^]]*\] to (\[[^]]*\])", text)
     if m:
         return InputError(f"{path}'s header gives the voxel spacing {m.group(1)}: spacings must be positive "
@@ -279,6 +293,14 @@ def read_error(path: Path, fmt: str, detail: str, captured: str) -> InputError:
     words = detail if re.search(r"[A-Za-z]{4}", detail or "") and "No such file" not in detail else ""
     hint = f": {words}" if words else ": its header or data is invalid or of an unsupported variant"
     return InputError(f"cannot read {path} (a {fmt} file){hint}; export it again")
+
+
+def _nifti_version(path: Path) -> int:
+    with contextlib.suppress(OSError, EOFError, zlib.error):
+        with _open_maybe_gzip(path) as fh:
+            head = fh.read(8)
+        return 2 if head[4:7] == b"n+2" else 1
+    return 1
 
 
 def truncated(path: Path, actual: int, expected: int, *, uncompressed: bool = False) -> InputError:

@@ -170,6 +170,9 @@ class ModelLibrary:
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = (Path(root).expanduser() if root not in (None, "") else default_root()).resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"the model library {self.root} is a file, not a folder: pass --library FOLDER "
+                             "(or set HFSAM_HOME to one)")
 
     def __repr__(self) -> str:
         return f"ModelLibrary({str(self.root)!r})"
@@ -357,6 +360,8 @@ class ModelLibrary:
         if backbone is not None and backbone not in entries:
             raise InputError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(entries))}")
         src = Path(file).expanduser()
+        if src.is_dir():
+            raise InputError(f"{src} is a folder; give the checkpoint file (.pth) itself")
         if not src.is_file():
             raise InputError(f"checkpoint file {src} does not exist")
         # A wrong size is certain to be a wrong file: say so before copying gigabytes.

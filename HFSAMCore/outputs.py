@@ -75,6 +75,8 @@ class Claims:
 
     def output(self, path: str | os.PathLike, *, kind: str = "file", what: str = "output") -> Path:
         """Check one output file; ``kind``: "adapter" (.safetensors), "image" (a label volume) or "file"."""
+        if not str(path).strip():
+            raise InputError(f"the {what} name is empty: give a file name")
         path = Path(path).expanduser()
         _check_not_input(path, what, self._inputs)
         self._check_not_claimed(path, what)
@@ -86,10 +88,13 @@ class Claims:
 
             if image_suffix(path) is None:
                 raise InputError(f"cannot write {path.name}: a label volume is one of {', '.join(IMAGE_SUFFIXES)}")
+        derived = what != "output"  # a sidecar or data file, named after the output the user gave
         if path.is_dir():
-            raise InputError(f"{path} is a folder; give a file name (e.g. {path / _example(kind)})")
+            raise InputError(f"{what} {path} is a folder: move it away or choose another output name" if derived
+                             else f"{path} is a folder; give a file name (e.g. {path / _example(kind)})")
         if os.path.lexists(path) and not self.overwrite:
-            raise InputError(f"{path} already exists; pass --overwrite to replace it or choose another name")
+            raise InputError(f"{path} already exists{f' ({what})' if derived else ''}; pass --overwrite to replace "
+                             "it or choose another name")
         _check_folder(path.parent if str(path.parent) else Path("."))
         self._outputs.append((what, path))
         self._locks.append((path.parent, path.name, "output"))
@@ -97,7 +102,7 @@ class Claims:
 
     def image_output(self, path: str | os.PathLike) -> tuple[Path, Path]:
         """A label volume and its JSON sidecar, which must belong to this volume alone."""
-        from .volume import image_suffix, sidecar_path
+        from .volume import data_files, image_suffix, sidecar_path
 
         output = self.output(path, kind="image")
         sidecar = sidecar_path(output)
@@ -110,6 +115,8 @@ class Claims:
                                      f"volumes in one folder cannot share it; choose another output name than "
                                      f"{output.name}")
         self.output(sidecar, what=f"the sidecar of {output.name}")
+        for data in data_files(output):  # a detached header's voxels go to a second file
+            self.output(data, what=f"the data file of {output.name}")
         return output, sidecar
 
     def library_entry(self, library, name: str) -> Path:

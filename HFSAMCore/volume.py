@@ -210,30 +210,63 @@ def _list_series(folder: Path) -> dict[str, tuple[str, ...]]:
         raise InputError(f"cannot scan {folder} for DICOM: {_first_line(exc)}") from None
 
 
-def _check_even_slices(reader: sitk.ImageSeriesReader, image: sitk.Image, name: str) -> None:
-    """ITK gives a series one slice spacing even when slices are missing or doubled,
-    which silently stretches the anatomy: refuse such a series instead."""
+def _series_geometry(reader: sitk.ImageSeriesReader, image: sitk.Image, name: str, warn: Warn | None) -> sitk.Image:
+    """Check the slice positions (Image Position (Patient)) against the geometry ITK gave the series.
+
+    * ITK gives a series one slice spacing even when slices are missing or doubled, which
+      silently stretches the anatomy: refuse such a series.
+    * ITK takes the slice direction from the in-plane axes (their cross product), so a series
+      acquired with a gantry tilt, whose slices step sideways as well, comes back as a straight
+      box with every slice but the first moved (by centimetres at the top of a long scan). The
+      true step between slices is used instead (a sheared direction matrix, as NRRD and MHA store
+      it), so every voxel stays where the scanner put it; NIfTI outputs are then refused.
+    """
     n = image.GetDepth()
-    if n < 3:
-        return
+    if n < 2:
+        return image
     try:
         positions = np.array(
             [[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)]
         )
     except (RuntimeError, ValueError):
-        return  # no Image Position (Patient) on every slice: nothing to check against
-    if positions.shape != (n, 3):
-        return
-    normal = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
-    gaps = np.diff(positions @ normal)
-    typical = float(np.median(np.abs(gaps)))
-    bad = np.flatnonzero(np.abs(np.abs(gaps) - typical) > max(0.01 * typical, 1e-3))
-    if typical == 0 or bad.size:
-        where = int(bad[0]) if bad.size else 0
+        return image  # no Image Position (Patient) on every slice: nothing to check against
+    if positions.shape != (n, 3) or not np.isfinite(positions).all():
+        return image
+    gaps = np.linalg.norm(np.diff(positions, axis=0), axis=1)
+    typical = float(np.median(gaps))
+    step = (positions[-1] - positions[0]) / (n - 1)
+    off_line = np.linalg.norm(positions - (positions[0] + np.outer(np.arange(n), step)), axis=1)
+    bad = np.flatnonzero(np.abs(gaps - typical) > max(0.01 * typical, 1e-3))
+    if typical == 0 or bad.size or off_line.max() > max(0.01 * typical, 1e-3):
+        where = int(bad[0]) if bad.size else int(np.argmax(np.abs(gaps - typical)))
         raise InputError(
-            f"{name} has unevenly spaced slices (gap of {abs(gaps[where]):.3g} mm after slice {where}, "
+            f"{name} has unevenly spaced slices (gap of {gaps[where]:.3g} mm after slice {where}, "
             f"typical {typical:.3g} mm): slices are missing or doubled; export the complete series"
         )
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    true = direction.copy()
+    true[:, 2] = step / np.linalg.norm(step)
+    spacing = (*image.GetSpacing()[:2], float(np.linalg.norm(step)))
+    moved = integrity.max_displacement_mm(_affine_of(image.GetOrigin(), image.GetSpacing(), direction),
+                                          _affine_of(positions[0], spacing, true), image.GetSize())
+    if moved <= integrity.GEOMETRY_TOLERANCE_MM:
+        return image
+    tilt = float(np.degrees(np.arccos(np.clip(abs(true[:, 2] @ direction[:, 2]), -1.0, 1.0))))
+    image.SetOrigin(tuple(positions[0]))
+    image.SetSpacing(spacing)
+    image.SetDirection(tuple(true.ravel()))
+    (warn or _python_warning)(
+        f"{name} was acquired with a gantry tilt of {tilt:.3g} degrees: it is read with its true, sheared "
+        f"geometry (ITK alone would move voxels up to {moved:.3g} mm); write results as NRRD or MHA, since "
+        "NIfTI cannot store it")
+    return image
+
+
+def _affine_of(origin, spacing, direction) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(direction, float).reshape(3, 3) @ np.diag(spacing)
+    m[:3, 3] = origin
+    return m
 
 
 def _describe_series(series: dict[str, tuple[str, ...]]) -> str:
@@ -274,8 +307,8 @@ def _read_series(folder: Path, uid: str, series: dict[str, tuple[str, ...]], war
         raise InputError(f"cannot read DICOM series {label} in {folder}: {_first_line(error)}") from None
     name = f"DICOM series {label} in {folder}"
     integrity.check_geometry(image, name)
-    _check_even_slices(reader, image, name)
-    # ITK's own note on uneven slices is what _check_even_slices refuses; anything else is passed on.
+    image = _series_geometry(reader, image, name, warn)
+    # ITK's own note on uneven slices is what _series_geometry refuses; anything else is passed on.
     _pass_on([w for w in integrity.reader_warnings("".join(said)) if "sampling" not in w.lower()], name, warn)
     modality = _dicom_tag(files[0], "0008|0060").upper()
     if modality:
@@ -541,10 +574,7 @@ _FORMAT_OF = {".nii.gz": "NIfTI", ".nii": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NR
 
 
 def _affine(image: sitk.Image) -> np.ndarray:
-    m = np.eye(4)
-    m[:3, :3] = np.asarray(image.GetDirection(), float).reshape(3, 3) @ np.diag(image.GetSpacing())
-    m[:3, 3] = image.GetOrigin()
-    return m
+    return _affine_of(image.GetOrigin(), image.GetSpacing(), image.GetDirection())
 
 
 def _grid_moved_mm(a: sitk.Image, b: sitk.Image) -> float:
@@ -552,6 +582,16 @@ def _grid_moved_mm(a: sitk.Image, b: sitk.Image) -> float:
     if a.GetDimension() != 3 or b.GetDimension() != 3 or a.GetSize() != b.GetSize():
         return float("inf")
     return integrity.max_displacement_mm(_affine(a), _affine(b), a.GetSize())
+
+
+def data_files(path: str | os.PathLike, *, compress: bool = True) -> list[Path]:
+    """The data files ``write_image`` writes beside a detached header (.nhdr, .mhd), named as ITK
+    names them: outputs too, so they are claimed like the header (outputs.Claims)."""
+    target = Path(path)
+    suffix = image_suffix(target)
+    stem = target.name[: -len(suffix)] if suffix else target.name
+    ending = {".nhdr": ".raw.gz" if compress else ".raw", ".mhd": ".zraw" if compress else ".raw"}.get(suffix or "")
+    return [target.with_name(stem + ending)] if ending else []
 
 
 def check_can_store(image: sitk.Image, path: str | os.PathLike) -> None:

@@ -172,6 +172,45 @@ def shared(tmp_path_factory, ct3mm, ctdicom) -> Path:
             shutil.copy(f, s / name / Path(f).name)
         _cut(s / name / Path(victim).name, 0.7)
 
+    # a DICOM series acquired with a 10 degree gantry tilt: every slice steps sideways as well
+    (s / "dcm_tilt").mkdir()
+    for k, f in enumerate(files):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(f)
+        one = reader.Execute()
+        copy = _like(sitk.GetArrayFromImage(one), one)
+        position = np.array(one.GetOrigin()) + [0.0, k * 2.0 * np.tan(np.radians(10)), 0.0]
+        copy.SetOrigin(tuple(position))
+        for tag in ("0008|0060", "0008|103e"):
+            copy.SetMetaData(tag, reader.GetMetaData(tag))
+        copy.SetMetaData("0020|000e", "1.2.826.0.1.3680043.8.498.12")
+        copy.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in position))
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(s / "dcm_tilt" / f"slice{k:03d}.dcm"))
+        writer.Execute(copy)
+    # a NIfTI-2 header (this ITK reads NIfTI-1 only), a text NRRD cut short, headers without their data
+    n2 = bytearray(544)
+    h1 = raw[:352]
+    n2[0:4], n2[4:12] = np.int32(540).tobytes(), b"n+2\0\r\n\x1a\n"
+    n2[12:16] = h1[70:74]
+    n2[16:80] = np.frombuffer(h1[40:56], "<i2").astype("<i8").tobytes()
+    n2[104:168] = np.frombuffer(h1[76:108], "<f4").astype("<f8").tobytes()
+    n2[168:176] = np.int64(544).tobytes()
+    (s / "nifti2.nii").write_bytes(bytes(n2) + raw[352:])
+    small = sitk.Cast(ct[:, :, :2], sitk.sitkInt16)
+    text = _write(small, s / "text_raw.nrrd").read_bytes()
+    cut = text.index(b"\n\n")
+    values = " ".join(map(str, sitk.GetArrayFromImage(small).ravel()[:1000])).encode()
+    (s / "text_cut.nrrd").write_bytes(text[:cut].replace(b"encoding: raw", b"encoding: ascii") + b"\n\n" + values)
+    for name, data in (("nodata.nhdr", "nodata.raw.gz"), ("nodata.mhd", "nodata.zraw")):
+        _write(ct, s / name, compress=True)
+        (s / data).unlink()
+    _write(ct, s / "moved.nhdr", compress=True)  # a header whose data file is named after another header
+    os.replace(s / "moved.raw.gz", s / "other.raw.gz")
+    _edit_header(s / "moved.nhdr", b"data file: moved.raw.gz", b"data file: other.raw.gz")
+    (s / "notes.txt").write_text("not a checkpoint\n")
+
     # volumes whose coronal slices are strips, and label maps that are not class maps
     _write(ct[:, :, :3], s / "thin.nrrd")
     liver = (syn == 5).astype(np.uint8)
@@ -242,7 +281,7 @@ SETUPS: dict[str, Callable[[Path, Path, Path], None]] = {  # (case folder, share
     "symlink": lambda c, s, ct: os.symlink(_copy_ct(c, ct), c / "link.nii.gz"),
     "hardlink": lambda c, s, ct: os.link(_copy_ct(c, ct), c / "hard.nii.gz"),
     "sub": lambda c, s, ct: (_copy_ct(c, ct), (c / "sub").mkdir()),
-    "checkpoint-json": lambda c, s, ct: (c / "seg.json").write_bytes(b"a checkpoint under a sidecar's name"),
+    "checkpoint-json": lambda c, s, ct: (c / "seg.json").write_bytes(b"PK\x03\x04 a checkpoint named like a sidecar"),
     "dicom-copy": lambda c, s, ct: _dicom_with_an_image_name(c, ct.parent / "ct_abdomen_dicom" / "dicom"),
     "library": lambda c, s, ct: _library_with_liver(c, s),
     "library-and-scan": lambda c, s, ct: (_library_with_liver(c, s), _copy_ct(c, ct)),
@@ -250,6 +289,8 @@ SETUPS: dict[str, Callable[[Path, Path, Path], None]] = {  # (case folder, share
                                        (c / "out" / "seg.json").write_text('{"output": "seg.nrrd"}')),
     "demo-results": lambda c, s, ct: ((c / "demo").mkdir(), (c / "demo" / "dice.md").write_text("old results\n")),
     "folder-output": lambda c, s, ct: (c / "seg.nrrd").mkdir(),
+    "moved-nhdr": lambda c, s, ct: [shutil.copy(s / n, c / n) for n in ("moved.nhdr", "other.raw.gz")],
+    "library-file": lambda c, s, ct: (c / "library.txt").write_text("a file, not a folder\n"),
     "foreign-sidecar": lambda c, s, ct: (shutil.copy(ct / "labels_synapse8.nii.gz", c / "seg.nii.gz"),
                                          (c / "seg.json").write_text(json.dumps(
                                              {"output": "seg.nrrd", "classes": [{"value": 1, "name": "WRONG"}]}))),
@@ -346,6 +387,9 @@ CASES = [
          ("axis coronal", "not --axis axial", "drop the option")),
     Case("adapter-preset-contradicted", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--adapter",
                                          "{s}/liver.safetensors", "--preset", "mr"), ("preset ct", "not --preset mr")),
+    Case("evaluate-dataset-axis-contradicted", ("evaluate-dataset", "--dataset", "nifti", "--root", "{s}", "--adapter",
+                                                "{s}/coronal.safetensors", "--axis", "axial", "-o", "{c}/results"),
+         ("trained with --axis coronal, not axial",)),
     Case("continued-training-axis-contradicted",
          ("finetune", "{ct}/image.nii.gz", "{s}/liver.nii.gz", "-o", "{c}/a.safetensors", "--adapter",
           "{s}/coronal.safetensors", "--axis", "sagittal", "--steps", "1"), ("axis coronal", "not --axis sagittal")),
@@ -404,6 +448,35 @@ CASES = [
          ("is a folder; give an adapter file",)),
     Case("checkpoint-is-a-folder", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--checkpoint",
                                     "{s}/a_folder", "--backbone", "tiny"), ("is a folder; give the checkpoint file",)),
+]
+
+# What the adversarial pass found (docs/robustness.md, "Adversarial pass"), each fixed and now a case here.
+CASES += [
+    Case("dicom-gantry-tilt-is-read-sheared-not-moved", seg("{s}/dcm_tilt", out="{c}/seg.nii.gz"),
+         ("NIfTI cannot store this volume's geometry", "10 degrees"), warn=("gantry tilt of 10 degrees",
+                                                                         "true, sheared geometry")),
+    Case("output-data-file-is-an-input-data-file", seg("{c}/moved.nhdr", "--overwrite", out="{c}/other.nhdr"),
+         ("the data file of other.nhdr", "is the input image"), never=NOT_OVERWRITE, setup="moved-nhdr"),
+    Case("nifti-2-not-called-damaged", seg("{s}/nifti2.nii"), ("is NIfTI-2, which the installed ITK cannot read",),
+         never=("damaged",)),
+    Case("text-nrrd-cut-short", seg("{s}/text_cut.nrrd"), ("voxel values end or break off after 1000 of 24644",)),
+    *[Case(f"detached-header-without-data-{name.split('.')[1]}", seg(f"{{s}}/{name}"),
+           ("is a header whose data file", "is not in"), never=("invalid",)) for name in ("nodata.nhdr", "nodata.mhd")],
+    Case("empty-class-list-is-not-synapse", seg("{ct}/image.nii.gz", "--classes", ""), ("empty name",)),
+    Case("adapter-classes-renamed", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--adapter",
+                                     "{s}/liver.safetensors", "--classes", "spleen"), ("cannot rename or change",)),
+    Case("holdout-larger-than-the-slices", ft("{ct}/labels_synapse8.nii.gz", "--classes", "synapse", "--slices",
+                                              "10,11,12", "--holdout", "3"), ("--holdout 3 must leave at least one",)),
+    Case("library-is-a-file", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--adapter", "x",
+                               "--library", "{c}/library.txt"), ("is a file, not a folder",),
+         never=("the library is empty",), setup="library-file"),
+    Case("text-file-as-checkpoint", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--checkpoint",
+                                     "{s}/notes.txt", "--backbone", "tiny"),
+         ("is not a PyTorch or safetensors checkpoint",), never=("run code",)),
+    Case("import-checkpoint-of-a-folder", ("models", "import-checkpoint", "{s}/a_folder", "--library", "{c}/lib"),
+         ("is a folder; give the checkpoint file",), never=("does not exist",)),
+    Case("line-break-in-a-name", seg("{ct}/image.nii.gz", out="{c}/a\nb.png"), ("cannot write a\\nb.png",)),
+    Case("empty-output-name", seg("{ct}/image.nii.gz", out=""), ("the output name is empty",)),
 ]
 
 # The driver: every case through cli.main in this one process, with its own stdout/stderr files.
@@ -765,3 +838,26 @@ def test_the_demo_obeys_the_rules_a_cancelled_rerun_changes_nothing(tmp_path, cl
     fresh = tmp_path / "fresh"
     assert cli_main(["demo", "--output", fresh, "--backbone", "tiny"]) == 2
     assert not fresh.exists()
+
+
+def test_a_tilted_dicom_series_keeps_every_slice_where_the_scanner_put_it(shared, tmp_path):
+    """ITK alone reads a gantry-tilted series as a straight box (each slice moved sideways, up to 6.7 mm
+    here); the engine keeps the true, sheared grid, and a NRRD result stores it exactly."""
+    from HFSAMCore.volume import read_image, write_image
+
+    said: list[str] = []
+    image = read_image(shared / "dcm_tilt", warn=said.append)
+    assert any("gantry tilt of 10 degrees" in w for w in said), said
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(shared / "dcm_tilt"))
+    itk_alone = sitk.ReadImage(files)
+    for k in (1, len(files) // 2, len(files) - 1):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[k])
+        reader.ReadImageInformation()
+        position = [float(v) for v in reader.GetMetaData("0020|0032").split("\\")]
+        np.testing.assert_allclose(image.TransformIndexToPhysicalPoint((0, 0, k)), position, atol=1e-4)
+        assert np.linalg.norm(np.subtract(itk_alone.TransformIndexToPhysicalPoint((0, 0, k)), position)) > 0.3 * k
+    labels = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    labels.CopyInformation(image)
+    back = sitk.ReadImage(str(write_image(labels, tmp_path / "seg.nrrd")))
+    np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-6)

@@ -849,24 +849,30 @@ def test_fuzz_library_names_never_leave_the_library(name):
 
 # =============================================================================== the table
 def test_the_table_points_at_tests_that_exist_and_lists_every_case_here():
-    """docs/robustness.md names tests as `R::test[id]`, `FILE.py::test`, `::test` (same file), `[id]`
-    (same test) and `R::...[id]` (the interrupted-run test): each must exist, and every parametrized
-    case of this file must appear in the table."""
+    """docs/robustness.md names tests as `R::test[id]` (this file), `N::test[id]`
+    (test_no_silent_wrong_answer.py), `FILE.py::test`, `::test` (same file), `[id]` (same test) and
+    `R::...[id]` (the interrupted-run test): each must exist, and every parametrized case of both
+    files must appear in the table."""
     import re
+
+    from test_no_silent_wrong_answer import CASES as ISSUE_12
 
     cases = {"test_bad_input": {r.id for r in ROWS},
              "test_interrupted_run_leaves_nothing_half_written": {k.id for k in KILLS},
-             "test_a_second_writer_is_refused_while_the_first_runs": set(CLAIMS)}
+             "test_a_second_writer_is_refused_while_the_first_runs": set(CLAIMS),
+             "test_refused_or_warned_before_any_work": {c.id for c in ISSUE_12},
+             "test_evaluate_stops_when_cancelled": {"SIGTERM", "SIGINT"}}
     text = (REPO / "docs" / "robustness.md").read_text(encoding="utf-8")
     here = Path(__file__).name
+    aliases = {"R": here, "N": "test_no_silent_wrong_answer.py"}
     file = name = None
     named: set[tuple[str, str]] = set()
     for span in re.findall(r"`([^`]+)`", text):
-        ref = re.fullmatch(r"(?:(R|\w+\.py)?::)?(\w+|\.\.\.)?(?:\[([\w-]+)\])?", span)
+        ref = re.fullmatch(r"(?:(R|N|\w+\.py)?::)?(\w+|\.\.\.)?(?:\[([\w-]+)\])?", span)
         if not ref or not (ref[2] or ref[3]) or not ("::" in span or span.startswith("[")):
             continue  # ordinary code in the text
         if ref[1]:
-            file = here if ref[1] == "R" else ref[1]
+            file = aliases.get(ref[1], ref[1])
         if ref[2] == "...":
             name = "test_interrupted_run_leaves_nothing_half_written"
         elif ref[2]:
