@@ -124,8 +124,8 @@ def check_file(path: Path) -> str:
         content = sniff(path)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if content == "DICOM":
-        return "DICOM"  # DICOM files often have no extension at all
+    if content == "DICOM" or (not content and suffix_of(path, READ_SUFFIXES) == ".dcm"):
+        return "DICOM"  # often without an extension; old files without the "DICM" preamble: GDCM decides
     if content.startswith("NIfTI-pair"):
         raise InputError(f"{path} is half of an Analyze/NIfTI .hdr/.img pair, which HF-SAM does not read: {_CONVERT}")
     if content == "gzip-damaged":

@@ -19,13 +19,11 @@ rules shape the code:
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import os
 import shutil
 import sys
 import tempfile
-import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -720,26 +718,25 @@ def _display(path: str | os.PathLike) -> str:
 
 
 @contextlib.contextmanager
-def _itk_warnings_on():
-    """ITK's warnings printed for one call (to be captured: integrity.captured_stderr)."""
+def _itk_warnings(shown: bool):
+    """ITK's warnings shown (to be captured: integrity.captured_stderr) or silenced for one call.
+    A process-wide flag, restored afterwards."""
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(True)
+    sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     try:
         yield
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
 
 
-@contextlib.contextmanager
+def _itk_warnings_on():
+    return _itk_warnings(True)
+
+
 def _quiet_itk():
     """Silence ITK's stderr warnings for one call: they are noise to a user, and stderr
-    carries our own log lines. (A process-wide flag; restored afterwards.)"""
-    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        yield
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+    carries our own log lines."""
+    return _itk_warnings(False)
 
 
 @contextlib.contextmanager
