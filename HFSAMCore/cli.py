@@ -12,10 +12,11 @@ import argparse
 import json
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import Cancelled, HFSAMError, InputError, is_out_of_memory
+from .errors import Cancelled, HFSAMError, HFSAMWarning, InputError, is_out_of_memory
 from .malloc import keep_freed_memory
 from .options import OneLineParser, UsageError, check_options, progress_mode
 from .progress import Progress
@@ -543,6 +544,27 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(getattr(args, "progress", "auto") or "auto")
     progress.install_signal_handlers()
     keep_freed_memory()
+    with warnings.catch_warnings():
+        _warnings_as_progress(progress)
+        return _run(args, progress)
+
+
+def _warnings_as_progress(progress: Progress) -> None:
+    """The engine's warnings (HFSAMWarning, from code that has no Progress to hand, such as dataset
+    readers) become one ``warning:`` line and a JSON event, every time; other warnings are left alone."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, HFSAMWarning):
+            progress.warn(str(message))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.simplefilter("always", HFSAMWarning)
+    warnings.showwarning = show
+
+
+def _run(args, progress: Progress) -> int:
     try:
         check_options(args)
         return int(args.func(args, progress) or 0)

@@ -19,6 +19,12 @@ class Cancelled(HFSAMError):
     exit_code = 130
 
 
+class HFSAMWarning(UserWarning):
+    """A problem worth telling the user that does not stop the run (e.g. what a reader only warned
+    about). API callers see it as a Python warning; the command line shows it as one ``warning:``
+    line and a JSON warning event."""
+
+
 class OutOfMemory(HFSAMError):
     """Even batch size 1 did not fit. The message says what to do on the device that ran out. Exit code 1."""
 

@@ -160,7 +160,9 @@ def _pass_on(messages: list[str], source, warn: Warn | None) -> None:
 def _python_warning(message: str) -> None:
     import warnings
 
-    warnings.warn(message, stacklevel=3)
+    from .errors import HFSAMWarning
+
+    warnings.warn(message, HFSAMWarning, stacklevel=3)
 
 
 def _read_dicom_folder(folder: Path, uid: str | None, warn: Warn | None) -> sitk.Image:

@@ -860,3 +860,26 @@ def test_a_tilted_dicom_series_keeps_every_slice_where_the_scanner_put_it(shared
     labels.CopyInformation(image)
     back = sitk.ReadImage(str(write_image(labels, tmp_path / "seg.nrrd")))
     np.testing.assert_allclose(back.GetDirection(), image.GetDirection(), atol=1e-6)
+
+
+def test_what_a_reader_only_warned_about_reaches_the_user_as_one_line(shared):
+    """Code without a Progress to hand (dataset readers, the API) warns with HFSAMWarning; the command
+    line turns each into one `warning:` line and a JSON event, every time, never dropped."""
+    import io
+    import warnings
+
+    from HFSAMCore import cli
+    from HFSAMCore.errors import HFSAMWarning
+    from HFSAMCore.progress import Progress
+    from HFSAMCore.volume import read_labels
+
+    with pytest.warns(HFSAMWarning, match="no voxel spacing in its header"):
+        read_labels(shared / "nodir_ref.nrrd")
+    out, err = io.StringIO(), io.StringIO()
+    with warnings.catch_warnings():
+        cli._warnings_as_progress(Progress("json", out=out, err=err))
+        for _ in range(2):
+            read_labels(shared / "nodir_ref.nrrd")
+    lines = err.getvalue().splitlines()
+    assert len(lines) == 2 and all(ln.startswith("warning: ") and "no voxel spacing" in ln for ln in lines), lines
+    assert [json.loads(ln)["event"] for ln in out.getvalue().splitlines()] == ["warning", "warning"]
