@@ -15,13 +15,16 @@ Metadata schema, ``format_version`` 1 (R = required, others get the default show
 ``hfsam_version``  version of the engine that wrote it (default: this engine's)
 ``created``        ISO 8601 time, UTC (default: now), e.g. "2025-05-01T12:00:00Z"
 ``name``        R  display name, 1..128 printable characters
-``backbone``    R  "vit_b" | "vit_l" | "vit_h" | "tiny" (the CPU test configuration)
+``backbone``    R  a name of ``model/registry.py``: "lite_medsam" | "vit_b" | "vit_l" | "vit_h" |
+                   "tiny" (the CPU test configuration)
 ``img_size``    R  model input size: 16..2048, a multiple of 16 (224 and 512 in practice)
 ``rank``        R  LoRA rank, 0..256 (0: no LoRA, a decoder-only ablation)
-``fusion``      R  "two_step" (the paper) | "released" (the authors' released code)
-``low_level_blocks`` list of encoder block indices feeding the low-level branch;
-                   default the first global-attention block (vit_b [2], vit_l [5],
-                   vit_h [7]); required for "tiny"
+``fusion``      R  "two_step" (the paper) | "released" (the authors' released code) | "none" (ablation)
+``pixel_norm``     "imagenet" | "unit": how a [0, 1] slice is normalised before the encoder
+                   (default "imagenet", what every adapter before this field was trained with)
+``low_level_blocks`` list of low-level taps feeding the low-level branch: encoder block
+                   indices (SAM ViT) or stages (LiteMedSAM); default the backbone's
+                   (vit_b [2], vit_l [5], vit_h [7], lite_medsam [1]); required for "tiny"
 ``base_checkpoint``  {"name": file name, "sha256": 64 hex or null, "seed": int (optional)}, or
                    null; null and the name "random-init" both mean a randomly
                    initialised base (tests, benchmarks), "seed" being its torch seed
@@ -59,6 +62,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .atomic import atomic_write
 from .errors import InputError
+from .model.registry import FUSIONS as _FUSIONS
+from .model.registry import PIXEL_NORMS, backbone_names, get_backbone_info
 
 if TYPE_CHECKING:  # torch is imported lazily: listing adapters must not pay for it
     import torch
@@ -68,17 +73,14 @@ FORMAT_VERSION = 1
 METADATA_KEY = "hfsam"
 MAX_METADATA_BYTES = 1 << 20  # the metadata is a few KiB; anything near 1 MiB is not ours
 
-BACKBONES = ("vit_b", "vit_l", "vit_h", "tiny")
-FUSIONS = ("two_step", "released")
+BACKBONES = backbone_names()
+FUSIONS = tuple(_FUSIONS)
 PRESETS = ("ct", "mr")
 AXES = ("axial", "coronal", "sagittal")
-# First global-attention block of each SAM encoder (DESIGN.md, "Low-level feature").
-DEFAULT_LOW_LEVEL_BLOCKS = {"vit_b": [2], "vit_l": [5], "vit_h": [7]}
-ENCODER_DEPTH = {"vit_b": 12, "vit_l": 24, "vit_h": 32}
 
 _FIELDS = (
     "format", "format_version", "hfsam_version", "created", "name", "backbone", "img_size",
-    "rank", "fusion", "low_level_blocks", "base_checkpoint", "classes", "intensity_preset",
+    "rank", "fusion", "low_level_blocks", "pixel_norm", "base_checkpoint", "classes", "intensity_preset",
     "axis", "training", "metrics", "description", "extra",
 )
 _TRAINING_FIELDS = ("image", "slices", "heldout_slices", "steps", "seed", "batch_size", "lr", "minutes", "started_from")
@@ -86,7 +88,7 @@ _CLASS_FIELDS = ("value", "name", "color", "terminology")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # The fields check_compatible compares: a mismatch in any of them makes the
 # adapter's tensors meaningless (wrong shapes, or right shapes on the wrong base).
-COMPAT_FIELDS = ("backbone", "img_size", "rank", "fusion", "low_level_blocks")
+COMPAT_FIELDS = ("backbone", "img_size", "rank", "fusion", "low_level_blocks", "pixel_norm")
 RANDOM_INIT = "random-init"  # base_checkpoint name of a randomly initialised base
 
 
@@ -170,14 +172,15 @@ def utc_now() -> str:
 
 
 def _low_level(source: str, value: Any, backbone: str) -> list[int]:
+    info = get_backbone_info(backbone)
     if value is None:
-        if backbone not in DEFAULT_LOW_LEVEL_BLOCKS:
+        if info.test_only:
             raise _bad(source, "low_level_blocks", f"is required for backbone {backbone}")
-        return list(DEFAULT_LOW_LEVEL_BLOCKS[backbone])
-    depth = ENCODER_DEPTH.get(backbone, 64)
-    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= depth:
-        raise _bad(source, "low_level_blocks", f"must be a list of 1..{depth} block indices")
-    blocks = [_int(source, "low_level_blocks", b, 0, depth - 1) for b in value]
+        return list(info.default_taps)
+    taps = info.low_level_taps
+    if not isinstance(value, (list, tuple)) or not 1 <= len(value) <= len(taps):
+        raise _bad(source, "low_level_blocks", f"must be a list of 1..{len(taps)} tap indices")
+    blocks = [_int(source, "low_level_blocks", b, min(taps), max(taps)) for b in value]
     if len(set(blocks)) != len(blocks):
         raise _bad(source, "low_level_blocks", "has duplicate block indices")
     return blocks
@@ -297,6 +300,7 @@ def validate_metadata(metadata: Any, *, source: str = "adapter metadata") -> dic
     out["rank"] = _int(src, "rank", m.get("rank"), 0, 256)
     out["fusion"] = _choice(src, "fusion", m.get("fusion"), FUSIONS)
     out["low_level_blocks"] = _low_level(src, m.get("low_level_blocks"), out["backbone"])
+    out["pixel_norm"] = _choice(src, "pixel_norm", m.get("pixel_norm", "imagenet"), tuple(PIXEL_NORMS))
     out["base_checkpoint"] = _base_checkpoint(src, m.get("base_checkpoint"))
     out["classes"] = _classes(src, m.get("classes"))
     out["intensity_preset"] = _choice(src, "intensity_preset", m.get("intensity_preset", "ct"), PRESETS)

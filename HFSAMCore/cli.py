@@ -19,6 +19,7 @@ from . import __version__
 from .errors import Cancelled, HFSAMError, HFSAMWarning, InputError, is_out_of_memory
 from .malloc import keep_freed_memory
 from .options import OneLineParser, UsageError, check_options, progress_mode
+from .model.registry import FUSIONS, backbone_names, pretrained_backbones
 from .progress import Progress
 
 DESCRIPTION = """\
@@ -71,13 +72,15 @@ def _add_model_args(p: argparse.ArgumentParser, *, adapter_help: str) -> None:
     g.add_argument("--checkpoint", metavar="C",
                    help="SAM base checkpoint file; default: the library's for the backbone; "
                         "'none' = random initialisation (tests and benchmarks only)")
-    g.add_argument("--backbone", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"], action=_Explicit,
-                   help="SAM image encoder (with --adapter: the adapter's; another value is refused)")
-    g.add_argument("--img-size", type=int, default=512, action=_Explicit,
-                   help="model input size in pixels (512 or 224; with --adapter: the adapter's)")
+    g.add_argument("--backbone", default="auto", choices=("auto", *backbone_names()), action=_Explicit,
+                   help="image encoder; auto: SAM vit_b when its checkpoint is in the library, else lite_medsam "
+                        "(LiteMedSAM, installed with HF-SAM); with --adapter: the adapter's (another value is refused)")
+    g.add_argument("--img-size", type=int, action=_Explicit,
+                   help="model input size in pixels (default: the backbone's, 512 for SAM ViT (or 224), 256 for "
+                        "LiteMedSAM; with --adapter: the adapter's)")
     g.add_argument("--rank", type=int, default=5, action=_Explicit, help="LoRA rank (with --adapter: the adapter's)")
-    g.add_argument("--fusion", default="two_step", choices=["two_step", "released"], action=_Explicit,
-                   help="two_step: the paper's decoder; released: the authors' released code")
+    g.add_argument("--fusion", default="two_step", choices=tuple(FUSIONS), action=_Explicit,
+                   help="; ".join(f"{k}: {v}" for k, v in FUSIONS.items()))
     g.add_argument("--library", metavar="DIR", help="model library folder (default: $HFSAM_HOME or ~/.hfsam)")
 
 
@@ -103,6 +106,8 @@ def _sub(subparsers, name: str, help_: str, example: str) -> argparse.ArgumentPa
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .model.registry import PIXEL_NORMS
+
     parser = OneLineParser(prog="hfsam", description=DESCRIPTION, formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"hfsam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -156,11 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "info", "Architecture summary with total, trainable and LoRA parameter counts.",
              "hfsam info --backbone vit_b --img-size 512 --classes 8 --rank 5 --json")
-    p.add_argument("--backbone", default="vit_b", choices=["vit_b", "vit_l", "vit_h", "tiny"])
-    p.add_argument("--img-size", type=int, default=512)
+    p.add_argument("--backbone", default="vit_b", choices=backbone_names())
+    p.add_argument("--img-size", type=int, help="default: the backbone's (vit_b 512, lite_medsam 256)")
     p.add_argument("--classes", default="8", help="number of classes, a preset or names")
     p.add_argument("--rank", type=int, default=5)
-    p.add_argument("--fusion", default="two_step", choices=["two_step", "released"])
+    p.add_argument("--fusion", default="two_step", choices=tuple(FUSIONS))
+    p.add_argument("--pixel-norm", choices=list(PIXEL_NORMS), help="default: the backbone's own")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
@@ -169,9 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
              "hfsam demo --output demo_output")
     p.add_argument("--output", default="demo_output", help="folder for the results")
     p.add_argument("--labeled-slices", type=int, default=5, help="how many labeled slices to train on")
-    p.add_argument("--steps", type=int, help="training steps (default: 300 for tiny, 1000 for vit_b)")
-    p.add_argument("--backbone", choices=["auto", "vit_b", "tiny"], default="auto",
-                   help="auto: vit_b with a SAM checkpoint and a GPU, else the tiny random-init model")
+    p.add_argument("--steps", type=int, help="training steps (default: the backbone's few-shot recipe)")
+    p.add_argument("--backbone", choices=("auto", *pretrained_backbones(), "tiny"), default="auto",
+                   help="auto: SAM vit_b with its checkpoint and a CUDA GPU, else LiteMedSAM; "
+                        "tiny: the random-init test model")
     p.add_argument("--device", default="auto")
     p.add_argument("--library", metavar="DIR")
     p.add_argument("--progress", default="auto", choices=["auto", "json", "tty", "none"])
@@ -497,9 +504,11 @@ def cmd_info(args, progress: Progress) -> int:
 
     from .classes import resolve_classes
     from .model.hfsam import HFSAM, ModelSpec
+    from .model.registry import get_backbone_info
 
     k = int(args.classes) if args.classes.isdigit() else len(resolve_classes(args.classes))
-    spec = ModelSpec(args.backbone, args.img_size, k, args.rank, args.fusion).resolved()
+    spec = ModelSpec(args.backbone, args.img_size or get_backbone_info(args.backbone).default_img_size, k, args.rank,
+                     args.fusion, pixel_norm=args.pixel_norm).resolved()
     with torch.device("meta"):  # counts without allocating vit_h's weights
         model = HFSAM(spec)
     tokens = spec.img_size // 16
@@ -515,7 +524,8 @@ def cmd_info(args, progress: Progress) -> int:
     else:
         c = info["parameters"]
         print(f"HF-SAM {spec.backbone} at {spec.img_size} px, {k} classes + background, LoRA rank {spec.rank}, "
-              f"fusion {spec.fusion}, low-level block(s) {list(spec.low_level_blocks)}")
+              f"fusion {spec.fusion}, low-level block(s) {list(spec.low_level_blocks)}, "
+              f"pixel normalisation {spec.pixel_norm}")
         print(f"parameters: total {c['total']:,}  trainable {c['trainable']:,}  LoRA {c['lora']:,}  "
               f"frozen {c['frozen']:,}")
     return 0

@@ -18,12 +18,15 @@ from .progress import Progress
 
 TRAIN_HELP = "Train HF-SAM on a dataset (Synapse, ACDC, NIfTI folders): the paper's few-shot regimes."
 TRAIN_EXAMPLE = """examples:
-  # the paper's Synapse setting: 10 % of the training slices, drawn as H-SAM does (random.sample, seed 2345)
+  # the authors' Synapse run: their 221-slice list (HF-SAM's lists/lists_Synapse/train.txt), their recipe
+  hfsam train --dataset synapse --root data/Synapse/train_npz --train-list data/Synapse/lists/train_authors.txt \\
+      --preset hfsam-synapse --checkpoint sam_vit_b_01ec64.pth -o runs/synapse10
+  # 10 % of TransUNet's 2211 slices, drawn as H-SAM's make_list.py draws them (random.sample, seed 2345)
   hfsam train --dataset synapse --root data/Synapse/train_npz --list lists/lists_Synapse/train.txt \\
-      --fraction 0.1 --seed 2345 --preset hfsam-synapse --checkpoint sam_vit_b_01ec64.pth -o runs/synapse10
+      --fraction 0.1 --seed 2345 --preset hfsam-synapse -o runs/synapse10-seed2345
   # ACDC with 7 labeled patients (SSL4MIS: the first 7 patients of train_slices.list)
   hfsam train --dataset acdc --root data/ACDC --patients 7 -o runs/acdc7
-  # two GPUs (global batch 16, as the authors trained): the same command under torchrun
+  # two GPUs: the same command under torchrun (the global batch of 16 is split, 8 per GPU)
   torchrun --nproc_per_node 2 -m HFSAMCore train --dataset synapse ... -o runs/synapse10
   # continue after an interruption, from the last checkpoint
   hfsam train -o runs/synapse10 --resume
@@ -76,6 +79,10 @@ def _dataset_args(p: argparse.ArgumentParser, *, required: bool) -> None:
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    from .augmentation import AUGMENTATIONS
+    from .model.registry import PIXEL_NORMS
+    from .train_dataset import LR_SCHEDULES, PRESETS
+
     p = subparsers.add_parser("train", help=TRAIN_HELP, description=TRAIN_HELP, epilog=TRAIN_EXAMPLE,
                               formatter_class=_Formatter)
     p.add_argument("-o", "--output", required=True, help="run folder: config.json, train_selected.txt, "
@@ -84,6 +91,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="continue the run in --output from its last checkpoint (its config.json decides everything)")
     _dataset_args(p, required=False)
     g = p.add_argument_group("few-shot regime")
+    g.add_argument("--train-list", metavar="FILE",
+                   help="train on exactly the slices this file names, one per line, no draw (the authors' list: "
+                        "HF-SAM's lists/lists_Synapse/train.txt, see docs/reproduce.md); replaces --list, "
+                        "--fraction and --patients")
     g.add_argument("--fraction", type=float, help="train on this share of the listed slices, drawn with "
                                                   "random.sample after random.seed(--seed), as H-SAM (0.1 = the paper)")
     g.add_argument("--patients", type=int, help="train on every slice of K patients (ACDC: 3 or 7, as SSL4MIS)")
@@ -91,25 +102,39 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="--patients: the first K of the list (SSL4MIS, default) or random.sample with --seed")
     g.add_argument("--seed", type=int, help="seed of the draw, the shuffling and the augmentation (default 2345)")
     g = p.add_argument_group("recipe (defaults: the --preset)")
-    g.add_argument("--preset", choices=["hfsam-synapse", "hfsam-acdc", "tiny"],
-                   help="hfsam-synapse / hfsam-acdc: the paper's recipe (vit_b, 512 px, rank 5, batch 8 per GPU, "
-                        "AdamW lr 0.0025, 250 warm-up steps, 300 epochs); tiny: CPU smoke tests")
+    g.add_argument("--preset", choices=list(PRESETS),
+                   help="hfsam-synapse / hfsam-acdc: the authors' recipe (vit_b, 512 px, rank 5, [0, 1] input, "
+                        "global batch 16, AdamW lr 0.0025 with H-SAM's schedule, 250 warm-up steps, 300 epochs, "
+                        "H-SAM's augmentation, fp32; docs/reproduce.md lists every setting); tiny: CPU smoke tests")
     g.add_argument("--classes", help="class preset (synapse, acdc) or names in label order; default from --dataset")
     g.add_argument("--checkpoint", metavar="C", help="SAM base checkpoint file; default: the library's; "
                                                     "'none' = random initialisation (tests only)")
     g.add_argument("--backbone", choices=["vit_b", "vit_l", "vit_h", "tiny"])
     g.add_argument("--img-size", type=int)
     g.add_argument("--rank", type=int, help="LoRA rank")
-    g.add_argument("--fusion", choices=["two_step", "released"])
-    g.add_argument("--batch-size", type=int, help="slices per batch PER PROCESS (global batch = this x processes)")
+    g.add_argument("--fusion", choices=["two_step", "released"],
+                   help="two_step: the paper's decoder; released: the authors' released network (one fusion after "
+                        "the decoder, an extra learnable token, H-SAM's cross-attention-first blocks)")
+    g.add_argument("--pixel-norm", choices=list(PIXEL_NORMS),
+                   help="how the [0, 1] slice is normalised for the encoder: unit = unchanged (the authors'), "
+                        "imagenet = SAM's own ImageNet statistics (the default of hfsam finetune)")
+    g.add_argument("--batch-size", type=int, help="the GLOBAL batch: slices per optimisation step, over all "
+                                                  "processes (split evenly under torchrun); the authors': 16")
     g.add_argument("--lr", type=float, help="base learning rate (AdamW)")
+    g.add_argument("--lr-schedule", choices=list(LR_SCHEDULES),
+                   help="hsam: H-SAM's warm-up, then poly(0.9) over all steps (ends near 8 %% of --lr); "
+                        "poly: warm-up, then poly(0.9) down to 0")
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--warmup", type=int, help="linear warm-up steps before the poly(0.9) decay")
     g.add_argument("--epochs", type=int)
     g.add_argument("--save-every", type=int, help="epochs between checkpoints (the last epoch is always saved)")
-    g.add_argument("--no-augment", dest="augment", action="store_const", const=False,
-                   help="no rotation / crop / elastic augmentation")
-    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA and on CPUs with bf16 instructions, else fp32")
+    g.add_argument("--augment", choices=list(AUGMENTATIONS),
+                   help="hsam: H-SAM's (one of rotation, crop-resize, elastic per slice); independent: hfsam "
+                        "finetune's milder recipe; none")
+    g.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="= --augment none")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on GPUs and CPUs that have it, else fp16 (with loss scaling) on GPUs, fp32 on "
+                        "CPUs; the paper presets: fp32, as the authors trained")
     g.add_argument("--name", help="adapter name (default: the output folder's name)")
     g.add_argument("--description", help="free text stored in the adapter")
     _common(p)
@@ -119,9 +144,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-_TRAIN_KEYS = ("dataset", "root", "list", "subset", "axis", "intensity", "fraction", "patients", "patient_order",
-               "seed", "preset", "classes", "checkpoint", "backbone", "img_size", "rank", "fusion", "batch_size",
-               "lr", "weight_decay", "warmup", "epochs", "save_every", "augment", "precision", "name", "description")
+_TRAIN_KEYS = ("dataset", "root", "list", "train_list", "subset", "axis", "intensity", "fraction", "patients",
+               "patient_order", "seed", "preset", "classes", "checkpoint", "backbone", "img_size", "rank", "fusion",
+               "pixel_norm", "batch_size", "lr", "lr_schedule", "weight_decay", "warmup", "epochs", "save_every",
+               "augment", "precision", "name", "description")
 
 
 def cmd_train(args, progress: Progress) -> int:

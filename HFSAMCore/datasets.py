@@ -23,8 +23,10 @@ The preprocessed formats are already normalised: they are NOT re-windowed here
 (windowing [0, 1] data as HU would flatten it to black). Values are only
 clipped to [0, 1].
 
-Every reader answers the same two questions: which slices (names, in list
-order; each slice belongs to a patient) and which volumes (for evaluation).
+Every reader answers the same questions: which slices (names, in list
+order; each slice belongs to a patient), which of some named slices it does
+not hold (``missing_slices``, checked before a run starts) and which volumes
+(for evaluation).
 Readers are plain picklable objects, so DataLoader worker processes can use
 them; h5py is imported only by the readers that need it.
 
@@ -236,6 +238,9 @@ class SynapseData:
     def patient_of(name: str) -> str:
         return name.split("_slice")[0]
 
+    def missing_slices(self, names: list[str]) -> list[str]:
+        return [n for n in names if not (self.root / f"{n}.npz").is_file()]
+
     def load_slice(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         path = self.root / f"{name}.npz"
         if not path.is_file():
@@ -282,6 +287,9 @@ class AcdcData:
     @staticmethod
     def patient_of(name: str) -> str:
         return name.split("_")[0]
+
+    def missing_slices(self, names: list[str]) -> list[str]:
+        return [n for n in names if not (self.root / "data" / "slices" / f"{n}.h5").is_file()]
 
     def load_slice(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return _read_h5(self.root / "data" / "slices" / f"{name}.h5", 2)
@@ -373,21 +381,41 @@ class NiftiData:
     # -- slices ------------------------------------------------------------------
     def slice_names(self, list_file: str | Path | None = None) -> list[str]:
         """Every canonical slice of the listed cases (default: all cases), from the headers only."""
+        cases = read_list(list_file) if list_file is not None else self.cases()
+        return [f"{case}_slice{k:03d}" for case in cases for k in range(self.n_slices(case))]
+
+    def n_slices(self, case: str) -> int:
+        """Canonical slices of a case along the axis, from the image header only."""
         import SimpleITK as sitk
 
         from .slices import SliceView
 
-        cases = read_list(list_file) if list_file is not None else self.cases()
-        names = []
-        for case in cases:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(self.image_path(case)))
-            reader.ReadImageInformation()
-            if reader.GetDimension() != 3:
-                raise InputError(f"{self.image_path(case)} is not a 3D volume")
-            n = SliceView.from_image(reader, self.axis).n_slices  # duck-typed: the reader has the geometry
-            names += [f"{case}_slice{k:03d}" for k in range(n)]
-        return names
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(self.image_path(case)))
+        reader.ReadImageInformation()
+        if reader.GetDimension() != 3:
+            raise InputError(f"{self.image_path(case)} is not a 3D volume")
+        return SliceView.from_image(reader, self.axis).n_slices  # duck-typed: the reader has the geometry
+
+    def missing_slices(self, names: list[str]) -> list[str]:
+        """Names that are no CASE_sliceNNN of a case here (image and label map) within its slices."""
+        counts: dict[str, int] = {}
+        missing = []
+        for name in names:
+            match = _SLICE_NAME.match(name)
+            if not match:
+                missing.append(name)
+                continue
+            case = match["case"]
+            if case not in counts:
+                try:
+                    self.label_path(case)
+                    counts[case] = self.n_slices(case)
+                except InputError:
+                    counts[case] = 0
+            if int(match["index"]) >= counts[case]:
+                missing.append(name)
+        return missing
 
     @staticmethod
     def patient_of(name: str) -> str:

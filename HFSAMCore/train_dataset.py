@@ -3,10 +3,14 @@
 One code path for the CPU, one GPU and many GPUs: PyTorch's own
 DistributedDataParallel, launched by ``torchrun`` (which sets RANK/WORLD_SIZE).
 A plain ``hfsam train`` is simply a world of one process. The optimisation step
-itself (loss, AdamW, warm-up + poly schedule, augmentation) is the few-shot
-trainer's, ``finetune.train_step`` and ``finetune.augment``; this module only
-adds what a dataset needs: streaming slices with a DataLoader, the few-shot
-draw, epochs, checkpoints and resuming.
+itself (loss, AdamW) is the few-shot trainer's, ``finetune.train_step``; the
+augmentation is a recipe of ``augmentation.py`` and the learning-rate schedule
+one of ``LR_SCHEDULES``; this module adds what a dataset needs: streaming slices
+with a DataLoader, the few-shot draw, epochs, checkpoints and resuming.
+
+``batch_size`` is the GLOBAL batch (slices per optimisation step over all
+processes), split evenly over them: the authors' 8 per GPU on 2 GPUs is 16, on
+one GPU or on two.
 
 Why the same global batch gives the same weights on 1 or N processes:
 
@@ -53,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import Cancelled, InputError
+from .errors import Cancelled, HFSAMError, InputError
 from .progress import Progress
 
 if TYPE_CHECKING:  # torch is imported inside the functions: `import HFSAMCore` stays cheap
@@ -67,21 +71,34 @@ ADAPTER_FILE = "adapter.safetensors"
 CHECKPOINT_DIR = "checkpoints"
 _CKPT_NAME = re.compile(r"^epoch_(\d{4,})\.safetensors$")
 
-#: The paper's recipe (HF-SAM, Liu & Xu 2025; the authors' train.py and H-SAM's README):
-#: vit_b at 512 px, LoRA rank 5, batch 8 per GPU (they ran 2 GPUs: global batch 16),
-#: AdamW lr 0.0025 with 250 warm-up iterations then poly(0.9), 300 epochs,
-#: loss 0.1 CE + 0.9 Dice (finetune.hfsam_loss). ACDC: the same recipe is assumed.
+#: The authors' recipe (HF-SAM's train.py + trainer.py, run as H-SAM's README runs it: --warmup --AdamW
+#: --base_lr 0.0025 on 2 GPUs); docs/reproduce.md lists every setting with its source, row by row.
+#: SAM fed the [0, 1] slice unchanged (pixel_mean 0, pixel_std 1), global batch 16 (8 per GPU x 2),
+#: AdamW lr 0.0025, H-SAM's schedule (250 warm-up steps, poly(0.9) over all steps), 300 epochs, H-SAM's
+#: augmentation, fp32 (the authors used no autocast); loss 0.1 CE + 0.9 Dice (finetune.hfsam_loss).
+#: The decoder is the paper's two-step fusion; --fusion released is the authors' released network.
+#: ACDC: the same recipe is assumed (the authors released only the Synapse trainer).
 _PAPER_RECIPE: dict[str, Any] = {
-    "backbone": "vit_b", "img_size": 512, "rank": 5, "fusion": "two_step", "batch_size": 8, "lr": 0.0025,
-    "weight_decay": 0.1, "warmup": 250, "epochs": 300, "save_every": 25, "augment": True,
+    "backbone": "vit_b", "img_size": 512, "rank": 5, "fusion": "two_step", "pixel_norm": "unit",
+    "batch_size": 16, "lr": 0.0025, "lr_schedule": "hsam", "weight_decay": 0.1, "warmup": 250, "epochs": 300,
+    "save_every": 25, "augment": "hsam", "precision": "fp32",
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "hfsam-synapse": dict(_PAPER_RECIPE),
     "hfsam-acdc": dict(_PAPER_RECIPE),
-    # CPU smoke tests and CI: a random tiny model, a handful of steps, fp32 for reproducible numbers.
-    "tiny": {"backbone": "tiny", "img_size": 64, "rank": 2, "fusion": "two_step", "batch_size": 2, "lr": 0.0025,
-             "weight_decay": 0.1, "warmup": 2, "epochs": 2, "save_every": 1, "augment": True, "precision": "fp32"},
+    # CPU smoke tests and CI: the paper's recipe on a random tiny model, a handful of steps.
+    "tiny": {**_PAPER_RECIPE, "backbone": "tiny", "img_size": 64, "rank": 2, "batch_size": 2, "warmup": 2,
+             "epochs": 2, "save_every": 1},
 }
+#: Learning-rate schedules (the factor of the base rate at each step):
+#: "hsam"  SAMed's trainer, kept by H-SAM and HF-SAM: step s uses s/W during the warm-up (step 0: 1/W),
+#:         then (1 - (s - 1 - W) / T) ** 0.9 with T ALL steps, so it ends near ((W + 2) / T) ** 0.9
+#:         (8 % for T = 4200, W = 250) instead of 0;
+#: "poly"  the few-shot trainer's (finetune.lr_factor): warm-up to 1, then poly(0.9) down to 0 at T.
+LR_SCHEDULES = ("hsam", "poly")
+#: sha256 of the authors' training list: HF-SAM's lists/lists_Synapse/train.txt, byte for byte H-SAM's
+#: lists/lists_Synapse/train_220.txt (221 slices, an unseeded random.sample of TransUNet's 2211).
+AUTHORS_SYNAPSE_LIST_SHA256 = "b2d6ee0b083bcc9b80be2a9c1716fca8f538eb78ce207cd9b0c689b377b161c2"
 DEFAULT_PRESET = {"synapse": "hfsam-synapse", "acdc": "hfsam-acdc", "nifti": "hfsam-synapse"}
 DEFAULT_CLASSES = {"synapse": "synapse", "acdc": "acdc"}
 
@@ -93,6 +110,8 @@ class DatasetTrainConfig:
     dataset: str
     root: str
     list: str | None = None  # slice list (synapse train.txt, acdc train_slices.list) or case list (nifti)
+    train_list: str | None = None  # exactly these slices, no draw (the authors' 221-slice train.txt)
+    train_list_sha256: str | None = None  # of the train_list file as it was read
     fraction: float | None = None  # draw this fraction of the slices (H-SAM)
     patients: int | None = None  # or every slice of K patients (SSL4MIS)
     patient_order: str = "list"  # "list": the first K patients; "random": random.sample with the seed
@@ -103,14 +122,16 @@ class DatasetTrainConfig:
     img_size: int = 512
     rank: int = 5
     fusion: str = "two_step"
+    pixel_norm: str | None = None  # registry.PIXEL_NORMS key; None: the backbone's default
     checkpoint: str | None = None  # SAM base checkpoint file, "none" (random, tests), None (the library's)
-    batch_size: int = 8  # per process
+    batch_size: int = 16  # GLOBAL: slices per step over all processes
     lr: float = 0.0025
+    lr_schedule: str = "hsam"  # LR_SCHEDULES
     weight_decay: float = 0.1
     warmup: int = 250  # iterations
     epochs: int = 300
     save_every: int = 25  # epochs between checkpoints (the last epoch is always saved)
-    augment: bool = True
+    augment: str = "hsam"  # augmentation.AUGMENTATIONS
     precision: str = "auto"
     intensity: str = "auto"  # nifti only: ct, mr or auto
     subset: str = "Tr"  # nifti only
@@ -131,7 +152,7 @@ class DatasetTrainConfig:
 
 # The options a user may set; everything else in DatasetTrainConfig is derived.
 TRAINING_OPTIONS = tuple(f.name for f in dataclasses.fields(DatasetTrainConfig)
-                         if f.name not in ("world_size", "hfsam_version"))
+                         if f.name not in ("world_size", "hfsam_version", "train_list_sha256"))
 
 
 def make_config(dataset: str, root: str | os.PathLike, *, preset: str | None = None, **options) -> DatasetTrainConfig:
@@ -152,9 +173,16 @@ def make_config(dataset: str, root: str | os.PathLike, *, preset: str | None = N
             raise InputError("name the classes of a NIfTI dataset in label order: --classes 'liver,spleen' "
                              "or a preset (synapse, acdc)")
         values["classes"] = DEFAULT_CLASSES[dataset]
-    for key in ("list", "checkpoint"):
+    for key in ("list", "train_list", "checkpoint"):
         if values.get(key) is not None and values[key] != "none":
             values[key] = str(Path(values[key]).expanduser().resolve())
+    if values.get("train_list") is not None:
+        from .download import sha256_file
+
+        if not Path(values["train_list"]).is_file():
+            raise InputError(f"--train-list {values['train_list']} does not exist; pass the file of slice names "
+                             "to train on (e.g. the authors' lists/lists_Synapse/train.txt)")
+        values["train_list_sha256"] = sha256_file(values["train_list"])
     from . import __version__
 
     cfg = DatasetTrainConfig(dataset=dataset, root=str(Path(root).expanduser().resolve()), preset=preset,
@@ -164,8 +192,21 @@ def make_config(dataset: str, root: str | os.PathLike, *, preset: str | None = N
 
 
 def check_config(cfg: DatasetTrainConfig) -> None:
+    from .augmentation import AUGMENTATIONS
+    from .model.registry import PIXEL_NORMS
+
     if cfg.fraction is not None and cfg.patients is not None:
         raise InputError("give either --fraction (a share of the slices) or --patients (K labeled patients), not both")
+    if cfg.train_list is not None:
+        others = [flag for flag, value in (("--list", cfg.list), ("--fraction", cfg.fraction),
+                                           ("--patients", cfg.patients)) if value is not None]
+        if others:
+            raise InputError(f"--train-list names exactly the slices to train on; drop {', '.join(others)}")
+    for key, value, choices in (("augment", cfg.augment, AUGMENTATIONS), ("lr_schedule", cfg.lr_schedule, LR_SCHEDULES),
+                                ("pixel_norm", cfg.pixel_norm, (*PIXEL_NORMS, None))):
+        if value not in choices:
+            names = ", ".join(c for c in choices if c is not None)
+            raise InputError(f"--{key.replace('_', '-')} must be one of {names}, not {value!r}")
     positive = {"batch_size": cfg.batch_size, "epochs": cfg.epochs, "save_every": cfg.save_every,
                 "warmup": cfg.warmup}
     for key, value in positive.items():
@@ -194,9 +235,12 @@ def load_config(output: Path) -> DatasetTrainConfig:
 
 
 def draw_slices(cfg: DatasetTrainConfig, reader) -> list[str]:
-    """The training slices: all listed, a fraction (H-SAM's random.sample), or K patients (SSL4MIS)."""
-    from .datasets import sample_fraction, sample_patients
+    """The training slices: the --train-list as it is, or of the --list (default: all) every slice,
+    a fraction (H-SAM's random.sample), or K patients (SSL4MIS)."""
+    from .datasets import read_list, sample_fraction, sample_patients
 
+    if cfg.train_list is not None:
+        return read_list(cfg.train_list)
     names = reader.slice_names(cfg.list)
     if cfg.fraction is not None:
         return sample_fraction(names, cfg.fraction, cfg.seed)
@@ -259,14 +303,38 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def augment_samples(x, y, seeds: list[int]):
-    """finetune.augment applied to each sample with its own generator (see the module docstring)."""
+def augment_samples(kind: str, x, y, seeds: list[int], sizes: list[tuple[int, int]]):
+    """The augmentation recipe ``kind`` applied to each sample with its own generator (see the module
+    docstring); ``sizes``: each slice's (H, W) as stored, which H-SAM's sizes are relative to."""
     import torch
 
-    from .finetune import augment
+    from .augmentation import augment_sample
 
-    out = [augment(x[i:i + 1], y[i:i + 1], torch.Generator().manual_seed(s)) for i, s in enumerate(seeds)]
+    out = [augment_sample(kind, x[i:i + 1], y[i:i + 1], torch.Generator().manual_seed(s), sizes[i])
+           for i, s in enumerate(seeds)]
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+
+def hsam_lr_factor(step: int, total: int, warmup: int) -> float:
+    """SAMed's / H-SAM's / HF-SAM's schedule (LR_SCHEDULES "hsam"), step counted from 0.
+
+    Their loop sets the rate AFTER each step, so step 0 runs at the initial base/W and
+    step s at what step s-1 set: (s-1+1)/W in the warm-up, then poly(0.9) of the steps
+    after the warm-up over ALL steps T (not T - W).
+    """
+    if step <= warmup:
+        return max(step, 1) / warmup
+    return (1.0 - (step - 1 - warmup) / total) ** 0.9
+
+
+def lr_factor_for(schedule: str, step: int, total: int, warmup: int) -> float:
+    if schedule == "hsam":
+        return hsam_lr_factor(step, total, warmup)
+    if schedule == "poly":
+        from .finetune import lr_factor
+
+        return lr_factor(step, total, warmup)
+    raise InputError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, not {schedule!r}")
 
 
 # --------------------------------------------------------------------------- distributed
@@ -395,8 +463,10 @@ def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(path: Path, model, optimizer, *, epoch: int, step: int, digest: str, base: dict) -> Path:
-    """Trainable tensors + AdamW state as safetensors, position and hyper-parameters as JSON; atomic."""
+def save_checkpoint(path: Path, model, optimizer, *, epoch: int, step: int, digest: str, base: dict,
+                    scaler=None) -> Path:
+    """Trainable tensors + AdamW state as safetensors, position, hyper-parameters and the fp16
+    GradScaler's state (``scaler``, if any) as JSON; atomic."""
     from safetensors.torch import save
 
     from .atomic import atomic_write
@@ -414,7 +484,7 @@ def save_checkpoint(path: Path, model, optimizer, *, epoch: int, step: int, dige
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
     meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch, "step": step,
             "config_digest": digest, "base_checkpoint": base, "parameters": names, "param_groups": groups,
-            "extra_state": extra_state}
+            "extra_state": extra_state, "grad_scaler": scaler.state_dict() if scaler is not None else None}
     data = save(tensors, metadata={"hfsam_checkpoint": json.dumps(meta)})
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda fh: fh.write(data), overwrite=True)
@@ -424,8 +494,8 @@ class DamagedCheckpoint(InputError):
     """A checkpoint file that cannot be read (resume then falls back to the one before)."""
 
 
-def load_checkpoint(path: Path, model, optimizer, *, digest: str, base: dict) -> dict:
-    """Restore model and optimizer from ``path``; returns its position {"epoch", "step"}.
+def load_checkpoint(path: Path, model, optimizer, *, digest: str, base: dict, scaler=None) -> dict:
+    """Restore model, optimizer (and the fp16 ``scaler``) from ``path``; returns its position {"epoch", "step"}.
 
     Raises DamagedCheckpoint for an unreadable file, InputError for a checkpoint
     of another run (other configuration, base or model).
@@ -465,6 +535,8 @@ def load_checkpoint(path: Path, model, optimizer, *, digest: str, base: dict) ->
             g["betas"] = tuple(g["betas"])
         groups.append(g)
     optimizer.load_state_dict({"state": state, "param_groups": groups})  # moves the moments to the params' device
+    if scaler is not None and meta.get("grad_scaler"):
+        scaler.load_state_dict(meta["grad_scaler"])
     return {"epoch": int(meta["epoch"]), "step": int(meta["step"])}
 
 
@@ -504,7 +576,7 @@ def _prepare_folder(cfg: DatasetTrainConfig | None, output: Path, *, resume: boo
         saved = load_config(output)
         if saved.world_size != world:
             raise InputError(f"this run was trained with {saved.world_size} process(es) (global batch "
-                             f"{saved.batch_size * saved.world_size}); resume it with the same number "
+                             f"{saved.batch_size}); resume it with the same number "
                              f"(torchrun --nproc_per_node {saved.world_size})")
         if not (output / SELECTED_FILE).is_file():
             raise InputError(f"{output / SELECTED_FILE} is missing; the run folder is incomplete")
@@ -516,13 +588,22 @@ def _prepare_folder(cfg: DatasetTrainConfig | None, output: Path, *, resume: boo
     if output.exists() and not output.is_dir():
         raise InputError(f"{output} is a file; --output must be a folder")
     # Fail before writing anything on what would fail later: the base checkpoint, the classes, the draw.
+    if cfg.batch_size % world:
+        raise InputError(f"the global batch {cfg.batch_size} does not split evenly over {world} processes; "
+                         f"pass a --batch-size that is a multiple of {world} (the authors': 16)")
     resolve_checkpoint(cfg.checkpoint, cfg.backbone, library if library is not None else ModelLibrary())
     resolve_classes(cfg.classes)
     cfg = dataclasses.replace(cfg, world_size=world)
     reader = open_reader(cfg)
     selected = draw_slices(cfg, reader)
-    if len(selected) < cfg.batch_size * world:
-        progress.warn(f"only {len(selected)} training slice(s) for a global batch of {cfg.batch_size * world}")
+    missing = reader.missing_slices(selected)
+    if missing:
+        raise InputError(f"{len(missing)} of the {len(selected)} training slices are not in {cfg.root} (first: "
+                         f"{missing[0]}); check --root and the list")
+    if cfg.train_list_sha256 == AUTHORS_SYNAPSE_LIST_SHA256:
+        progress.log("--train-list is the authors' list (HF-SAM's lists_Synapse/train.txt = H-SAM's train_220.txt)")
+    if len(selected) < cfg.batch_size:
+        progress.warn(f"only {len(selected)} training slice(s) for a global batch of {cfg.batch_size}")
     output.mkdir(parents=True, exist_ok=True)
     write_list(selected, output / SELECTED_FILE, overwrite=True)
     write_json(cfg.as_dict(), output / CONFIG_FILE)
@@ -562,7 +643,8 @@ def _load_base_model(cfg: DatasetTrainConfig, library, progress: Progress):
     from .loading import load_model
 
     lm = load_model(checkpoint=cfg.checkpoint, backbone=cfg.backbone, img_size=cfg.img_size, rank=cfg.rank,
-                    fusion=cfg.fusion, classes=cfg.classes, library=library, progress=progress)
+                    fusion=cfg.fusion, pixel_norm=cfg.pixel_norm, classes=cfg.classes, library=library,
+                    progress=progress)
     if lm.base.get("sha256"):
         progress.log(f"base: {lm.base['name']} (sha256 {lm.base['sha256'][:12]}...)")
     values = [c["value"] for c in lm.classes]
@@ -576,11 +658,12 @@ def _train(cfg: DatasetTrainConfig, output: Path, ctx: DistContext, *, num_worke
     from torch.utils.data import DataLoader, DistributedSampler
 
     from .datasets import read_list
-    from .device import resolve_precision
-    from .finetune import lr_factor, make_optimizer, train_step
+    from .device import is_out_of_memory, resolve_precision
+    from .finetune import grad_scaler, make_optimizer, train_step
 
     device = ctx.device
     dtype = resolve_precision(cfg.precision, device)
+    per_process = cfg.batch_size // ctx.world
     selected = read_list(output / SELECTED_FILE)
     reader = open_reader(cfg)
     if hasattr(reader, "preload"):
@@ -589,12 +672,13 @@ def _train(cfg: DatasetTrainConfig, output: Path, ctx: DistContext, *, num_worke
     model = lm.model.to(device)
     num_classes = len(lm.classes)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    scaler = grad_scaler(dtype, device)
 
     start_epoch, step, resumed_from = 0, 0, None
     if resumed:
         for _, path in reversed(list_checkpoints(output)):
             try:
-                position = load_checkpoint(path, model, optimizer, digest=cfg.digest(), base=lm.base)
+                position = load_checkpoint(path, model, optimizer, digest=cfg.digest(), base=lm.base, scaler=scaler)
             except DamagedCheckpoint as exc:  # e.g. truncated by a copy; the one before is as good
                 progress.warn(f"skipping checkpoint {path.name}: {exc}")
                 continue
@@ -606,7 +690,7 @@ def _train(cfg: DatasetTrainConfig, output: Path, ctx: DistContext, *, num_worke
 
     dataset = _torch_dataset_class()(reader, selected)
     sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=num_workers,
+    loader = DataLoader(dataset, batch_size=per_process, sampler=sampler, num_workers=num_workers,
                         collate_fn=collate_slices, persistent_workers=num_workers > 0)
     steps_per_epoch = len(loader)
     total = cfg.epochs * steps_per_epoch
@@ -620,9 +704,11 @@ def _train(cfg: DatasetTrainConfig, output: Path, ctx: DistContext, *, num_worke
         train_model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
     reduce = global_sum if ctx.world > 1 else None
 
-    progress.log(f"{len(selected)} slices, {ctx.world} process(es) x batch {cfg.batch_size} = global batch "
-                 f"{cfg.batch_size * ctx.world}, {steps_per_epoch} steps/epoch, {cfg.epochs} epochs "
-                 f"({total} steps), device {device}, {str(dtype).replace('torch.', '')}")
+    progress.log(f"{len(selected)} slices, {ctx.world} process(es) x batch {per_process} = global batch "
+                 f"{cfg.batch_size}, {steps_per_epoch} steps/epoch, {cfg.epochs} epochs ({total} steps), "
+                 f"lr {cfg.lr:g} ({cfg.lr_schedule} schedule), augmentation {cfg.augment}, pixel normalisation "
+                 f"{model.spec.pixel_norm}, device {device}, {str(dtype).replace('torch.', '')}"
+                 f"{' with loss scaling' if scaler is not None else ''}")
     losses: list[float] = []
     start = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
@@ -637,22 +723,31 @@ def _train(cfg: DatasetTrainConfig, output: Path, ctx: DistContext, *, num_worke
             if top > num_classes:
                 raise InputError(f"a training slice holds label {top} but the model has {num_classes} classes; "
                                  "check --classes")
-            if cfg.augment:
-                x, y = augment_samples(x, y, [sample_seed(cfg.seed, epoch, i) for i, _, _ in batch])
-            lr = cfg.lr * lr_factor(step, total, cfg.warmup)
-            loss = ctx.mean(train_step(train_model, optimizer, x, y, lr=lr, precision=dtype, loss_reduce=reduce))
+            if cfg.augment != "none":
+                x, y = augment_samples(cfg.augment, x, y, [sample_seed(cfg.seed, epoch, i) for i, _, _ in batch],
+                                       [image.shape[-2:] for _, image, _ in batch])
+            lr = cfg.lr * lr_factor_for(cfg.lr_schedule, step, total, cfg.warmup)
+            try:
+                loss = ctx.mean(train_step(train_model, optimizer, x, y, lr=lr, precision=dtype, loss_reduce=reduce,
+                                           scaler=scaler))
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                raise HFSAMError(f"out of memory at {per_process} slices of {cfg.img_size} px per process on "
+                                 f"{device}: spread the global batch over more GPUs (torchrun --nproc_per_node N) "
+                                 "or lower --batch-size (then the run differs from the authors' 16)") from None
             if not math.isfinite(loss):
                 raise InputError(f"training diverged: the loss became {loss} at step {step + 1}; try a lower --lr")
             step += 1
             losses.append(loss)
-            progress.progress("train", step, total, epoch=epoch + 1, loss=round(loss, 4))
+            progress.progress("train", step, total, epoch=epoch + 1, loss=round(loss, 4), lr=lr)
         done = epoch + 1
         progress.metric(epoch=done, step=step, loss=round(float(np.mean(losses[-steps_per_epoch:])), 5),
                         lr=lr, epoch_seconds=round(time.monotonic() - epoch_start, 2))
         if done % cfg.save_every == 0 or done == cfg.epochs:
             if ctx.is_main:
                 path = save_checkpoint(checkpoint_path(output, done), model, optimizer, epoch=done, step=step,
-                                       digest=cfg.digest(), base=lm.base)
+                                       digest=cfg.digest(), base=lm.base, scaler=scaler)
                 progress.emit("checkpoint", epoch=done, step=step, path=str(path))
                 progress.log(f"checkpoint {path.name} (epoch {done}/{cfg.epochs})")
             ctx.barrier()
@@ -667,14 +762,15 @@ def _train(cfg: DatasetTrainConfig, output: Path, ctx: DistContext, *, num_worke
         progress.log(f"wrote {adapter}")
     ctx.barrier()
     return RunResult(str(output), adapter, cfg.epochs, step, resumed_from, len(selected), ctx.world,
-                     cfg.batch_size * ctx.world, final_loss, seconds, losses)
+                     cfg.batch_size, final_loss, seconds, losses)
 
 
 def _save_final_adapter(cfg: DatasetTrainConfig, output: Path, model, lm, *, preset: str, step: int,
                         final_loss: float, seconds: float, n_slices: int, world: int) -> Path:
     from .adapters import save_adapter
 
-    regime = (f"{cfg.fraction:g} of the slices" if cfg.fraction is not None
+    regime = ("the --train-list" if cfg.train_list is not None
+              else f"{cfg.fraction:g} of the slices" if cfg.fraction is not None
               else f"{cfg.patients} patients" if cfg.patients is not None else "all listed slices")
     spec = {k: v for k, v in model.spec.as_dict().items() if k != "num_classes"}
     metadata = {
@@ -685,7 +781,7 @@ def _save_final_adapter(cfg: DatasetTrainConfig, output: Path, model, lm, *, pre
         "intensity_preset": preset,
         "axis": cfg.axis,
         "training": {"image": cfg.root, "slices": [], "heldout_slices": [], "steps": step, "seed": cfg.seed,
-                     "batch_size": cfg.batch_size * world, "lr": cfg.lr, "minutes": None, "started_from": None},
+                     "batch_size": cfg.batch_size, "lr": cfg.lr, "minutes": None, "started_from": None},
         "metrics": {"final_loss": final_loss, "seconds": seconds},
         "description": cfg.description or f"HF-SAM trained on {cfg.dataset} ({regime}, {n_slices} slices, "
                                           f"{cfg.epochs} epochs, preset {cfg.preset})",

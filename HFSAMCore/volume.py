@@ -702,7 +702,8 @@ def _atomic_write(target: Path, produce, *, overwrite: bool, names: dict[str, st
 
 
 def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
+    # "rb+": Windows' fsync (_commit) needs a handle with write access; on "rb" it fails with EBADF.
+    with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
 
 

@@ -4,9 +4,11 @@
 
 HFSAMSegmentTest runs the scenarios of HFSAMSegmentLib/selftest.py (the ones the pytest suite
 runs against slicer-core in CI) on Slicer's own scene: volume geometry round trip, engine output
--> segmentation node next to the volume, labeled-slice detection, and a short engine run of the
-random tiny model through the background runner (skipped, with a message, while the engine's
-Python packages are not installed in Slicer). Not collected by pytest: it needs Slicer's Python.
+-> segmentation node next to the volume, labeled-slice detection, and real engine runs of the
+random tiny model through the background runner: Segment, Cancel (after the first slice: nothing
+left behind) and Fine-tune (into a private model library, then Segment with the new adapter).
+The engine runs are skipped, with a message, while the engine's Python packages are not installed
+in Slicer. Works on Slicer 5.8 and later. Not collected by pytest: it needs Slicer's Python.
 """
 
 import sys

@@ -292,3 +292,20 @@ def test_written_list_reads_back(tmp_path):
         write_list(names, tmp_path / "train.txt")
     (tmp_path / "suffixed.txt").write_text("# a comment\ncase0001_slice002.npz\n\ncase0002.npy.h5\n")
     assert read_list(tmp_path / "suffixed.txt") == ["case0001_slice002", "case0002"]
+
+
+def test_readers_name_the_slices_they_do_not_hold(tmp_path):
+    """Checked before a run writes anything: a --train-list or --list naming slices that are not there."""
+    write_synapse(tmp_path / "syn")
+    syn = SynapseData(tmp_path / "syn" / "train_npz")
+    assert syn.missing_slices(["case0005_slice001", "case0005_slice009", "case0099_slice000"]) == [
+        "case0005_slice009", "case0099_slice000"]
+    write_acdc(tmp_path / "acdc")
+    acdc = AcdcData(tmp_path / "acdc")
+    assert acdc.missing_slices(["patient001_frame01_slice_2", "patient001_frame01_slice_3"]) == [
+        "patient001_frame01_slice_3"]
+    write_nifti(tmp_path / "nii")  # 2 cases of 5 axial slices
+    nii = NiftiData(tmp_path / "nii")
+    assert nii.missing_slices(["liver_001_slice004", "liver_001_slice005", "liver_009_slice000", "liver_001"]) == [
+        "liver_001_slice005", "liver_009_slice000", "liver_001"]
+    assert nii.missing_slices(nii.slice_names()) == []

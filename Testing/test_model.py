@@ -1,5 +1,6 @@
 """The HF-SAM model: shapes, LoRA, AWFFM, freezing, and SAM checkpoint loading."""
 
+import json
 import pickle
 
 import numpy as np
@@ -9,7 +10,7 @@ from torch.nn import functional as F
 
 from HFSAMCore.errors import InputError
 from HFSAMCore.model.awffm import AWFFM
-from HFSAMCore.model.backbone import load_sam_weights, read_sam_state_dict
+from HFSAMCore.model.sam_vit import load_sam_weights, read_sam_state_dict
 from HFSAMCore.model.hfsam import HFSAM, ModelSpec, build_hfsam
 
 
@@ -137,6 +138,102 @@ def test_fusion_modes_have_the_right_modules():
     rel = tiny(fusion="released").mask_decoder
     assert hasattr(two, "awffm_1") and hasattr(two, "awffm_2") and not hasattr(two, "awffm")
     assert hasattr(rel, "awffm") and not hasattr(rel, "awffm_1")
+    assert hasattr(rel, "hf_token") and not hasattr(two, "hf_token")
+
+
+# -- the authors' released network, from its equations ------------------------------
+def _attention(m, q, k, v):
+    """SAM's Attention as an equation: per head softmax(q Wq (k Wk)^T / sqrt(d)) v Wv, then Wo."""
+    heads = m.num_heads
+    q, k, v = (F.linear(t, lin.weight, lin.bias) for t, lin in ((q, m.q_proj), (k, m.k_proj), (v, m.v_proj)))
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(q.shape[0], -1, heads * q.shape[-1])
+    return F.linear(out, m.out_proj.weight, m.out_proj.bias)
+
+
+def _norm(m, x):
+    return F.layer_norm(x, x.shape[-1:], m.weight, m.bias, m.eps)
+
+
+def _awffm(m, g, low):  # DESIGN.md's AWFFM equations (= the authors' CIF_block)
+    x = F.conv2d(torch.cat((g, low), 1), m.fuse.weight, m.fuse.bias)
+    g = g * torch.sigmoid(F.conv2d(torch.cat((x.mean(1, keepdim=True), x.amax(1, keepdim=True)), 1),
+                                   m.spatial.weight, padding=1))
+    mlp = lambda t: F.conv2d(F.relu(F.conv2d(t, m.channel_mlp[0].weight)), m.channel_mlp[2].weight)  # noqa: E731
+    return g + low * torch.sigmoid(mlp(g.mean((2, 3), keepdim=True)) + mlp(g.amax((2, 3), keepdim=True)))
+
+
+def _authors_decoder(dec, g, low, pe, dense, *, sam_order=False, hf_token=True):
+    """HF-SAM's released MaskDecoder_512 as equations: tokens [iou, mask_0..K, hf]; src = G + dense (the
+    first fusion is overwritten); H-SAM's blocks, cross-attention first (the first block's self-attention
+    without PE or residual); SAM's final token attention; ONE fusion after the transformer; SAM's upscaling
+    and one hypernetwork MLP per mask token. ``sam_order``/``hf_token``: the two things that differ from SAM,
+    switched back, to show that the test can tell."""
+    b, c, h, w = g.shape
+    parts = [dec.iou_token.weight, dec.mask_tokens.weight] + ([dec.hf_token.weight] if hf_token else [])
+    tokens = torch.cat(parts).unsqueeze(0).expand(b, -1, -1)
+    keys, kpe = (g + dense).flatten(2).transpose(1, 2), pe.flatten(2).transpose(1, 2)
+    q, qpe = tokens, tokens
+    for i, blk in enumerate(dec.transformer.layers):
+        def self_attention(q):
+            if i == 0:
+                return _norm(blk.norm1, _attention(blk.self_attn, q, q, q))
+            return _norm(blk.norm1, q + _attention(blk.self_attn, q + qpe, q + qpe, q))
+
+        if sam_order:
+            q = self_attention(q)
+        q = _norm(blk.norm2, q + _attention(blk.cross_attn_token_to_image, q + qpe, keys + kpe, keys))
+        if not sam_order:
+            q = self_attention(q)
+        q = _norm(blk.norm3, q + blk.mlp.lin2(F.relu(blk.mlp.lin1(q))))
+        keys = _norm(blk.norm4, keys + _attention(blk.cross_attn_image_to_token, keys + kpe, q + qpe, q))
+    t = dec.transformer
+    q = _norm(t.norm_final_attn, q + _attention(t.final_attn_token_to_image, q + qpe, keys + kpe, keys))
+    src = _awffm(dec.awffm, keys.transpose(1, 2).reshape(b, c, h, w), low)
+    up = dec.output_upscaling(src)
+    hyper = torch.stack([mlp(q[:, 1 + i]) for i, mlp in enumerate(dec.output_hypernetworks_mlps)], dim=1)
+    return (hyper @ up.flatten(2)).reshape(b, -1, *up.shape[-2:])
+
+
+def test_released_decoder_is_the_authors_network():
+    from HFSAMCore.model.decoder import HFSAMDecoder
+
+    torch.manual_seed(3)
+    dec = HFSAMDecoder(num_classes=3, transformer_dim=32, depth=2, mlp_dim=48, num_heads=2, fusion="released")
+    with torch.no_grad():
+        for p in dec.parameters():  # LayerNorms start at 1/0 and B of nothing: move every weight off its init
+            p.add_(0.2 * torch.randn_like(p))
+    g, low = torch.randn(2, 32, 4, 4), torch.randn(2, 32, 4, 4)
+    pe, dense = torch.randn(1, 32, 4, 4), torch.randn(1, 32, 1, 1)
+    with torch.no_grad():
+        got = dec(g, low, pe, dense)
+        want = _authors_decoder(dec, g, low, pe, dense)
+        sam_order = _authors_decoder(dec, g, low, pe, dense, sam_order=True)
+        no_hf = _authors_decoder(dec, g, low, pe, dense, hf_token=False)
+    assert got.shape == (2, 4, 16, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - sam_order).abs().max() > 1e-2 and (got - no_hf).abs().max() > 1e-2  # both matter
+
+
+def test_released_trainable_count_is_the_authors(capsys):
+    """`hfsam info --fusion released` (vit_b, 512 px, 8 classes, rank 5: the authors' train.py defaults) reports
+    the 5,155,474 parameters that the authors' model trains (docs/reproduce.md: counted on their code)."""
+    from HFSAMCore.cli import build_parser, cmd_info
+    from HFSAMCore.progress import Progress
+
+    args = build_parser().parse_args(["info", "--fusion", "released", "--pixel-norm", "unit", "--json"])
+    cmd_info(args, Progress("none"))
+    out = json.loads(capsys.readouterr().out)
+    assert out["pixel_norm"] == "unit" and out["fusion"] == "released"
+    assert out["parameters"]["trainable"] == 5_155_474 and out["parameters"]["lora"] == 184_320
+    # the frozen encoder is SAM's ViT-B at 512 px (87,278,848, as theirs) plus the unused prompt embeddings
+    assert out["parameters"]["frozen"] == 87_278_848 + 4 * 256 + 256 + 4_684
+    # the paper's two-step decoder: a second AWFFM (147,730), no hf_token (256)
+    with torch.device("meta"):
+        two = HFSAM(ModelSpec("vit_b", 512, 8, 5, "two_step"))
+    assert two.parameter_counts()["trainable"] == 5_155_474 - 256 + 147_730
 
 
 # -- SAM checkpoints --------------------------------------------------------------
@@ -160,7 +257,7 @@ def sam_style_checkpoint(path, *, img_size=1024, extra=None, drop=None):
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):
     state = sam_style_checkpoint(tmp_path / "sam_tiny.pth")
     model = build_hfsam(ModelSpec("tiny", 1024, 3, 4))
-    report = load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.cfg, 1024)
+    report = load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.info, 1024)
     assert report["loaded"] == len(state) - 2
     mine = model.state_dict()
     compared = 0
@@ -174,7 +271,7 @@ def test_checkpoint_round_trip_is_bit_exact(tmp_path):
 def test_checkpoint_resizes_position_tables(tmp_path):
     state = sam_style_checkpoint(tmp_path / "sam_tiny.pth")
     model = build_hfsam(ModelSpec("tiny", 224, 3, 4))
-    load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.cfg, 224)
+    load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.info, 224)
     pos = model.image_encoder.pos_embed
     assert pos.shape == (1, 14, 14, 64)
     want = F.interpolate(state["image_encoder.pos_embed"].permute(0, 3, 1, 2), size=(14, 14), mode="bilinear",
@@ -186,6 +283,27 @@ def test_checkpoint_resizes_position_tables(tmp_path):
     assert torch.equal(model.image_encoder.blocks[0].attn.rel_pos_h, state["image_encoder.blocks.0.attn.rel_pos_h"])
 
 
+def test_sam_weights_load_by_name_into_the_released_blocks(tmp_path):
+    """As the authors' load_from: every SAM decoder key by its name, into the reordered blocks; hf_token is new."""
+    state = sam_style_checkpoint(tmp_path / "sam_tiny.pth")
+    torch.manual_seed(1)
+    model = build_hfsam(ModelSpec("tiny", 1024, 3, 4, "released"))
+    report = load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.info, 1024)
+    assert report["loaded"] == len(state) - 2  # the SAM-only mask tokens and IoU head are skipped, as theirs
+    mine = model.state_dict()
+    transformer = [k for k in state if k.startswith("mask_decoder.transformer.")]
+    assert len(transformer) > 20 and all(torch.equal(mine[k], state[k]) for k in transformer)
+    assert "mask_decoder.hf_token.weight" not in state and mine["mask_decoder.hf_token.weight"].shape == (1, 64)
+    # the blocks run in H-SAM's order: the same weights give another output than SAM's own transformer
+    from segment_anything.modeling.transformer import TwoWayTransformer
+
+    sam = TwoWayTransformer(depth=1, embedding_dim=64, num_heads=2, mlp_dim=128)
+    sam.load_state_dict({k[len("mask_decoder.transformer."):]: state[k] for k in transformer})
+    src, pe, tokens = torch.randn(1, 64, 4, 4), torch.randn(1, 64, 4, 4), torch.randn(1, 5, 64)
+    with torch.no_grad():
+        assert (model.mask_decoder.transformer(src, pe, tokens)[0] - sam(src, pe, tokens)[0]).abs().max() > 1e-2
+
+
 def test_official_vit_b_key_layout_loads_strictly(tmp_path):
     from segment_anything import sam_model_registry
 
@@ -194,7 +312,7 @@ def test_official_vit_b_key_layout_loads_strictly(tmp_path):
     torch.save(sam.state_dict(), tmp_path / "sam_vit_b_random.pth")
     del sam
     model = build_hfsam(ModelSpec("vit_b", 224, 8, 5))
-    report = load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_vit_b_random.pth"), model.cfg, 224)
+    report = load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_vit_b_random.pth"), model.info, 224)
     assert any(k.startswith("mask_decoder.iou_prediction_head") for k in report["skipped"])
     assert model.image_encoder.pos_embed.shape == (1, 14, 14, 768)
     assert model.image_encoder.blocks[2].attn.rel_pos_h.shape == (27, 64)
@@ -217,7 +335,7 @@ def test_checkpoint_mismatches_are_reported(tmp_path, case, fragment):
         torch.save(state, path)
     model = build_hfsam(ModelSpec("tiny", 224, 3, 4))
     with pytest.raises(InputError, match=fragment):
-        load_sam_weights(model, read_sam_state_dict(path), model.cfg, 224)
+        load_sam_weights(model, read_sam_state_dict(path), model.info, 224)
 
 
 class _RunsCode:

@@ -20,7 +20,7 @@ slicer = pytest.importorskip("slicer")  # slicer-core: real MRML classes, no Sli
 
 from HFSAMSegmentLib import mrml_adapter, selftest  # noqa: E402
 from HFSAMSegmentLib.errors import UserInputError  # noqa: E402
-from HFSAMSegmentLib.terminology import Terminology, find_term_file, normalize_name  # noqa: E402
+from HFSAMSegmentLib.terminology import Terminology, find_term_file, load_into_slicer, normalize_name  # noqa: E402
 
 FLIP = np.diag([-1.0, -1.0, 1.0])
 
@@ -138,7 +138,7 @@ def test_engine_output_of_the_real_ct(scene, ct3mm, tmp_path):
     for cls in presets:
         segment = seg.GetSegment(seg.GetSegmentIdBySegmentName(cls["name"]))
         np.testing.assert_allclose(segment.GetColor(), np.array(cls["color"]) / 255.0, atol=1e-6)
-        assert cls["type"]["code"] in segment.GetTerminology()
+        assert cls["type"]["code"] in mrml_adapter.segment_terminology(segment)
 
 
 def test_writing_into_an_existing_segmentation_replaces_only_same_named_segments(scene, tmp_path):
@@ -296,3 +296,85 @@ def test_every_engine_class_name_has_the_engines_codes():
                 if cls.get("modifier"):
                     assert f"^{cls['modifier']['code']}^" in entry.serialized, (name, entry.serialized)
     assert normalize_name(" Kidney_Right ") == "kidney right"
+
+
+def test_the_terminology_tag_is_the_one_slicer_5_8_reads():
+    """vtkSegment.SetTerminology/GetTerminology exist only from Slicer 5.10 (they wrap this same tag)."""
+    segment = slicer.vtkSegment()
+    entry = Terminology.default().lookup("liver").serialized
+    mrml_adapter.set_segment_terminology(segment, entry)
+    value = vtk.reference("")
+    assert segment.GetTag("TerminologyEntry", value) and str(value) == entry  # Slicer's tag name
+    assert mrml_adapter.segment_terminology(segment) == entry == segment.GetTerminology()  # 5.10+ agrees
+    fresh = slicer.vtkSegment()  # a new segment carries Slicer's default entry ("Tissue")
+    assert mrml_adapter.segment_terminology(fresh) == fresh.GetTerminology() and "85756007" in fresh.GetTerminology()
+
+
+def test_the_terminology_is_loaded_into_slicer_once():
+    logic = slicer.vtkSlicerTerminologiesModuleLogic()
+
+    def loaded():
+        names = vtk.vtkStringArray()
+        logic.GetLoadedTerminologyNames(names)
+        return [names.GetValue(i) for i in range(names.GetNumberOfValues())]
+
+    before = loaded()
+    context = load_into_slicer(logic)
+    assert context == Terminology.default().context and loaded() == before + [context]
+    assert load_into_slicer(logic) == context and loaded() == before + [context]  # not loaded twice
+
+
+def test_a_failed_import_leaves_no_half_filled_segmentation(scene, tmp_path, monkeypatch):
+    volume, _ = selftest.make_volume(scene, shape=(3, 6, 7))
+    labels = np.zeros((3, 6, 7), np.uint8)
+    labels[1, 2:4, 2:5] = 1
+    path = selftest.write_engine_output(tmp_path, labels, mrml_adapter.Geometry.of_node(volume), [{"value": 1, "name": "liver"}])
+
+    def slicer_5_8(segment, serialized):  # what vtkSegment.SetTerminology did on Slicer 5.8
+        raise AttributeError("'vtkSegmentationCore.vtkSegment' object has no attribute 'SetTerminology'")
+
+    monkeypatch.setattr(mrml_adapter, "set_segment_terminology", slicer_5_8)
+    before = scene.GetNumberOfNodes()
+    with pytest.raises(AttributeError):
+        mrml_adapter.import_segmentation(path, scene, volume, terminology=Terminology.default())
+    assert scene.GetNumberOfNodes() == before
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+
+
+def test_labeled_slices_read_each_segments_own_labelmap_and_agree_with_resampling(scene, ct3mm):
+    volume = mrml_adapter.import_volume(ct3mm / "image.nii.gz", scene)
+    classes = [{"value": v, "name": n} for v, n in ((1, "spleen"), (4, "gallbladder"), (5, "liver"), (8, "pancreas"))]
+    node = mrml_adapter.import_segmentation(ct3mm / "labels_synapse8.nii.gz", scene, volume, sidecar={"classes": classes})
+    seg = node.GetSegmentation()
+    axis = mrml_adapter.Geometry.of_node(volume).slice_axis()
+    for ids in ([seg.GetSegmentIdBySegmentName("gallbladder")],
+                [seg.GetSegmentIdBySegmentName(n) for n in ("liver", "spleen", "pancreas")]):
+        fast = mrml_adapter._slices_on_the_volume_grid(node, ids, volume, axis)
+        assert fast is not None, "segments on the volume's grid must not be resampled"
+        merged = mrml_adapter.merged_labels(node, ids, volume)
+        assert fast[0] == mrml_adapter.slices_with_labels(merged, axis)
+        if len(ids) == 1:
+            assert fast[1] == [int(np.count_nonzero(merged))]
+    # A segmentation under another transform than the volume: resampled, and still right.
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    gallbladder = [seg.GetSegmentIdBySegmentName("gallbladder")]
+    assert mrml_adapter._slices_on_the_volume_grid(node, gallbladder, volume, axis) is None
+    assert len(mrml_adapter.labeled_slices(node, gallbladder, volume).slices) == 13
+
+
+def test_a_finished_run_imports_nothing_once_its_volume_left_the_scene(scene, tmp_path):
+    """The scene was closed while the engine ran: the result must not land in the next scene."""
+    from HFSAMSegmentLib.engine_command import Engine
+    from HFSAMSegmentLib.jobs import SegmentJob
+    from HFSAMSegmentLib.process_runner import RunResult
+
+    volume, _ = selftest.make_volume(scene, shape=(2, 5, 6))
+    labels = np.ones((2, 5, 6), np.uint8)
+    path = selftest.write_engine_output(tmp_path, labels, mrml_adapter.Geometry.of_node(volume), [{"value": 1, "name": "liver"}])
+    job = SegmentJob(Engine(sys.executable), scene, volume, ["--adapter", "x"])
+    job.output_path = path
+    scene.RemoveNode(volume)
+    outcome = job._collect(RunResult("done", 0, result={"output": str(path)}))
+    assert outcome.status == "cancelled" and "left the scene" in outcome.message
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0

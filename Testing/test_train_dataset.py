@@ -4,6 +4,8 @@ Every run uses the tiny random model at 64 px on a few synthetic slices written
 by test_datasets.py's writers, so a run takes seconds.
 """
 
+import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -23,7 +25,8 @@ from HFSAMCore.finetune import make_optimizer
 from HFSAMCore.loading import load_model
 from HFSAMCore.model.hfsam import ModelSpec, build_hfsam
 from HFSAMCore.progress import Progress
-from HFSAMCore.train_dataset import load_checkpoint, make_config, save_checkpoint, train_on_dataset
+from HFSAMCore.train_dataset import (PRESETS, hsam_lr_factor, load_checkpoint, lr_factor_for, make_config,
+                                     save_checkpoint, train_on_dataset)
 
 
 def run_cli(*args, launcher=(), check=0, timeout=300):
@@ -63,10 +66,15 @@ def max_diff(a: dict, b: dict) -> float:
 # --------------------------------------------------------------------------- configuration
 
 
-def test_presets_hold_the_papers_recipe(synapse):
+def test_presets_hold_the_authors_recipe(synapse):
+    """docs/reproduce.md's table, the preset column: every setting, for both paper presets."""
+    for preset in ("hfsam-synapse", "hfsam-acdc"):
+        cfg = make_config("synapse", synapse / "train_npz", fraction=0.1, preset=preset)
+        recipe = {k: getattr(cfg, k) for k in PRESETS[preset]}
+        assert recipe == {"backbone": "vit_b", "img_size": 512, "rank": 5, "fusion": "two_step", "pixel_norm": "unit",
+                          "batch_size": 16, "lr": 0.0025, "lr_schedule": "hsam", "weight_decay": 0.1, "warmup": 250,
+                          "epochs": 300, "save_every": 25, "augment": "hsam", "precision": "fp32"}
     cfg = make_config("synapse", synapse / "train_npz", fraction=0.1)
-    assert (cfg.backbone, cfg.img_size, cfg.rank, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.warmup,
-            cfg.epochs) == ("vit_b", 512, 5, 8, 0.0025, 0.1, 250, 300)
     assert cfg.preset == "hfsam-synapse" and cfg.classes == "synapse" and cfg.seed == 2345
     cfg = make_config("synapse", synapse / "train_npz", preset="tiny", epochs=7, lr=0.001)
     assert (cfg.backbone, cfg.epochs, cfg.lr) == ("tiny", 7, 0.001)
@@ -77,7 +85,25 @@ def test_presets_hold_the_papers_recipe(synapse):
         make_config("synapse", synapse, epochs=0)
     with pytest.raises(InputError, match="name the classes"):
         make_config("nifti", synapse)
+    with pytest.raises(InputError, match="--augment must be one of hsam, independent, none"):
+        make_config("synapse", synapse, augment="flip")
+    with pytest.raises(InputError, match="--pixel-norm must be one of imagenet, unit"):
+        make_config("synapse", synapse, pixel_norm="zscore")
+    with pytest.raises(InputError, match="--lr-schedule"):
+        make_config("synapse", synapse, lr_schedule="cosine")
 
+
+def test_hsam_schedule_is_the_authors_loop():
+    """Their loop, transcribed: the rate set after step i is what step i+1 runs at (trainer.py)."""
+    base, warmup, total = 0.0025, 250, 300 * 14  # 221 slices / 16 = 14 steps per epoch
+    used, lr = [], base / warmup
+    for it in range(total):
+        used.append(lr)
+        lr = base * (it + 1) / warmup if it < warmup else base * (1.0 - (it - warmup) / total) ** 0.9
+    ours = [base * hsam_lr_factor(s, total, warmup) for s in range(total)]
+    np.testing.assert_allclose(ours, used, rtol=1e-12)
+    assert ours[-1] / base == pytest.approx(((warmup + 2) / total) ** 0.9) and 0.079 < ours[-1] / base < 0.080
+    assert lr_factor_for("poly", total - 1, total, warmup) < 0.01  # the few-shot schedule goes to 0
 
 # --------------------------------------------------------------------------- a run
 
@@ -227,11 +253,12 @@ def test_resume_takes_its_settings_from_the_run_folder(synapse, tmp_path):
 
 
 def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(synapse, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo, CPU), batch 2 each == one process with batch 4, augmentation on."""
+    """torchrun --nproc_per_node 2 (gloo, CPU), global batch 4 (2 each) == one process with batch 4,
+    H-SAM's augmentation on."""
     args = ["train", "--dataset", "synapse", "--root", synapse / "train_npz", "--list", synapse / "lists" / "train.txt",
             "--preset", "tiny", "--checkpoint", "none", "--epochs", 2, "--progress", "json"]
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = run_cli(*args, "--batch-size", 2, "-o", tmp_path / "ddp", launcher=launcher, timeout=240)
+    proc = run_cli(*args, "--batch-size", 4, "-o", tmp_path / "ddp", launcher=launcher, timeout=240)
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["world_size"] == 2 and result["global_batch"] == 4 and result["steps"] == 4
     assert json.loads((tmp_path / "ddp" / "config.json").read_text())["world_size"] == 2
@@ -247,3 +274,148 @@ def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(synaps
     # (measured at ~9e-3 when developing), lands far away.
     other = train_on_dataset(tiny(synapse, epochs=2, batch_size=2), tmp_path / "other")
     assert other.steps == 8 and max_diff(weights(tmp_path / "other" / "adapter.safetensors"), one_w) > 1e-3
+
+
+# --------------------------------------------------------------------------- the recipe reaches the run
+
+
+def first_step_loss(cfg, augment):
+    """The first step's loss, rebuilt outside the training loop: the same random base, the sampler's first
+    global batch, each slice augmented by the recipe ``augment`` from its own seed, the HF-SAM loss."""
+    from torch.utils.data import DistributedSampler
+
+    from HFSAMCore.augmentation import augment_sample
+    from HFSAMCore.datasets import SynapseData
+    from HFSAMCore.finetune import hfsam_loss
+    from HFSAMCore.train_dataset import sample_seed, to_model_batch
+
+    model = load_model(checkpoint="none", backbone=cfg.backbone, img_size=cfg.img_size, rank=cfg.rank,
+                       fusion=cfg.fusion, pixel_norm=cfg.pixel_norm, classes=cfg.classes).model.train()
+    names = read_list(cfg.list)
+    sampler = DistributedSampler(range(len(names)), num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+    sampler.set_epoch(0)
+    first = list(sampler)[:cfg.batch_size]
+    reader = SynapseData(cfg.root)
+    batch = [(i, *reader.load_slice(names[i])) for i in first]
+    x, y = to_model_batch(batch, cfg.img_size, torch.device("cpu"))
+    pairs = [augment_sample(augment, x[k:k + 1], y[k:k + 1], torch.Generator().manual_seed(sample_seed(cfg.seed, 0, i)),
+                            image.shape) for k, (i, image, _) in enumerate(batch)]
+    x, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    with torch.no_grad():
+        return float(hfsam_loss(model(x), y))
+
+
+def test_every_preset_setting_reaches_the_model_and_the_loop(synapse, tmp_path):
+    """The paper preset on the tiny model: normalisation in the buffers and the adapter, the schedule step by
+    step, AdamW's settings, the global batch, fp32, and H-SAM's augmentation in the very first batch."""
+    from safetensors import safe_open
+
+    cfg = make_config("synapse", synapse / "train_npz", preset="hfsam-synapse", list=str(synapse / "lists" / "train.txt"),
+                      backbone="tiny", img_size=64, rank=2, checkpoint="none", epochs=2, batch_size=4, warmup=3,
+                      save_every=1)
+    assert (cfg.pixel_norm, cfg.augment, cfg.lr_schedule, cfg.precision) == ("unit", "hsam", "hsam", "fp32")
+    out, err = io.StringIO(), io.StringIO()
+    result = train_on_dataset(cfg, tmp_path / "run", progress=Progress("json", out=out, err=err))
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    # the global batch: 8 slices / 4 = 2 steps per epoch
+    assert result.steps == 4 and result.global_batch == 4
+    # H-SAM's schedule, every step (the poly schedule would differ from step 1 on)
+    lrs = [e["lr"] for e in events if e.get("stage") == "train"]
+    assert lrs == pytest.approx([0.0025 * hsam_lr_factor(s, 4, 3) for s in range(4)], rel=1e-12)
+    assert lrs != pytest.approx([0.0025 * lr_factor_for("poly", s, 4, 3) for s in range(4)])
+    assert "float32" in err.getvalue() and "with loss scaling" not in err.getvalue()
+    # AdamW (0.9, 0.999), weight decay 0.1, as the checkpoint records the optimizer
+    with safe_open(str(tmp_path / "run" / "checkpoints" / "epoch_0002.safetensors"), "pt") as fh:
+        header = json.loads(fh.metadata()["hfsam_checkpoint"])
+    group = header["param_groups"][0]
+    assert (group["betas"], group["weight_decay"], group["lr"]) == ([0.9, 0.999], 0.1, pytest.approx(lrs[-1]))
+    assert header["grad_scaler"] is None
+    # the normalisation is recorded, and a model loaded from the adapter feeds the [0, 1] slice unchanged
+    meta = load_adapter(tmp_path / "run" / "adapter.safetensors")[1]
+    assert (meta["pixel_norm"], meta["fusion"], meta["training"]["batch_size"]) == ("unit", "two_step", 4)
+    lm = load_model(adapter=str(tmp_path / "run" / "adapter.safetensors"))
+    assert torch.equal(lm.model.pixel_mean, torch.zeros(1, 3, 1, 1))
+    assert torch.equal(lm.model.pixel_std, torch.ones(1, 3, 1, 1))
+    # the first step ran on H-SAM's augmentation of the sampler's first batch, on the unit-normalised model
+    assert result.losses[0] == pytest.approx(first_step_loss(cfg, "hsam"), abs=1e-5)
+    assert abs(result.losses[0] - first_step_loss(cfg, "none")) > 1e-3  # ... which the test can tell apart
+    imagenet = dataclasses.replace(cfg, pixel_norm="imagenet")
+    assert abs(result.losses[0] - first_step_loss(imagenet, "hsam")) > 1e-3
+
+
+def test_train_list_is_used_as_it_is(synapse, tmp_path):
+    names = ["case0006_slice002", "case0005_slice000", "case0006_slice003"]
+    listed = tmp_path / "authors_train.txt"
+    listed.write_text("".join(n + "\n" for n in names))
+    from HFSAMCore.cli import build_parser
+
+    args = build_parser().parse_args(map(str, [
+        "train", "--dataset", "synapse", "--root", synapse / "train_npz", "--preset", "tiny", "--checkpoint", "none",
+        "--epochs", 1, "--batch-size", 3, "--train-list", listed, "-o", tmp_path / "run"]))
+    out = io.StringIO()
+    assert args.func(args, Progress("json", out=out, err=io.StringIO())) == 0  # `hfsam train`, in this process
+    assert read_list(tmp_path / "run" / "train_selected.txt") == names  # no draw, the file's order
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train_list"] == str(listed) and saved["train_list_sha256"] == hashlib.sha256(listed.read_bytes()).hexdigest()
+    assert json.loads(out.getvalue().splitlines()[-1])["n_slices"] == 3
+    with pytest.raises(InputError, match="drop --list, --fraction"):
+        tiny(synapse, train_list=str(listed), fraction=0.5)  # tiny() passes --list too
+    listed.write_text("case0005_slice000\ncase0005_slice042\n")
+    with pytest.raises(InputError, match="1 of the 2 training slices are not in .*case0005_slice042"):
+        train_on_dataset(tiny(synapse, list=None, train_list=str(listed)), tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_the_global_batch_must_split_over_the_processes(synapse, tmp_path):
+    from HFSAMCore.train_dataset import _prepare_folder
+
+    with pytest.raises(InputError, match="global batch 3 does not split evenly over 2 processes"):
+        _prepare_folder(tiny(synapse, batch_size=3), tmp_path / "run", resume=False, world=2, library=None,
+                        progress=Progress("none"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_loss_scaling_steps_alike_skips_overflows_and_resumes(tmp_path):
+    """fp16 needs a GradScaler; its wiring, checked in fp32 on the CPU (fp16 autocast is for GPUs)."""
+    from HFSAMCore.finetune import train_step
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_hfsam(ModelSpec("tiny", 64, 3, 2))
+        return model, make_optimizer(model, 0.0025, 0.1)
+
+    x, y = torch.rand(2, 1, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    plain, plain_opt = fresh()
+    scaled, scaled_opt = fresh()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for _ in range(2):
+        train_step(plain, plain_opt, x, y, lr=0.001, precision=torch.float32)
+        train_step(scaled, scaled_opt, x, y, lr=0.001, precision=torch.float32, scaler=scaler)
+    assert max_diff(plain.trainable_state_dict(), scaled.trainable_state_dict()) < 1e-6  # scaled, then unscaled
+    before = {k: v.clone() for k, v in scaled.trainable_state_dict().items()}
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("inf")  # overflowing gradients: the step is skipped and the scale backs off
+    train_step(scaled, scaled_opt, bad, y, lr=0.001, precision=torch.float32, scaler=scaler)
+    assert max_diff(before, scaled.trainable_state_dict()) == 0 and scaler.get_scale() == 2.0 ** 9
+    base = {"name": "random-init", "sha256": None, "seed": 0}
+    path = save_checkpoint(tmp_path / "c.safetensors", scaled, scaled_opt, epoch=1, step=3, digest="d", base=base,
+                           scaler=scaler)
+    other, other_opt = fresh()
+    restored = torch.amp.GradScaler("cpu")
+    load_checkpoint(path, other, other_opt, digest="d", base=base, scaler=restored)
+    assert restored.state_dict() == scaler.state_dict()
+
+
+def test_out_of_memory_stops_with_what_to_do_and_keeps_the_batch(synapse, tmp_path, monkeypatch):
+    """CUDA OOM cannot happen on the CPU: the model raises torch's own OOM error (a simulation). Unlike
+    `hfsam finetune`, a dataset run never shrinks its batch by itself: that would change the recipe."""
+    from HFSAMCore.errors import HFSAMError
+    from HFSAMCore.model.hfsam import HFSAM
+
+    def forward(self, images):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(HFSAM, "forward", forward)
+    with pytest.raises(HFSAMError, match="out of memory at 4 slices of 64 px per process .* --nproc_per_node"):
+        train_on_dataset(tiny(synapse, batch_size=4), tmp_path / "run")
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()

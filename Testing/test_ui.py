@@ -1,6 +1,7 @@
 """The panel (.ui) and the module file, checked without Slicer: the .ui loads with PySide6's
-QUiLoader (offscreen), every widget the module code uses exists, parameter bindings match the
-parameter node, heavy imports stay out, and the CMake/extension files list what is on disk.
+QUiLoader (offscreen), every widget the panel code uses exists, parameter bindings match the
+parameter node, the module file is thin, heavy imports stay out, and the CMake/extension files
+(and the Extensions Index entry) list what is on disk.
 
 Run ``python Testing/test_ui.py --screenshot`` to render Resources/Screenshots/panel.png.
 """
@@ -8,6 +9,7 @@ Run ``python Testing/test_ui.py --screenshot`` to render Resources/Screenshots/p
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -22,86 +24,19 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 REPO = Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "HFSAMSegment"
 MODULE_FILE = MODULE_DIR / "HFSAMSegment.py"
+LIB_DIR = MODULE_DIR / "HFSAMSegmentLib"
+PANEL_FILES = (LIB_DIR / "panel.py", LIB_DIR / "library_section.py")
+PARAMETERS_FILE = LIB_DIR / "parameters.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "HFSAMSegment.ui"
 SCREENSHOT = REPO / "Resources" / "Screenshots" / "panel.png"
 
 QtWidgets = pytest.importorskip("PySide6.QtWidgets")
 from PySide6 import QtCore, QtGui  # noqa: E402
-from PySide6.QtCore import Property  # noqa: E402
-from PySide6.QtUiTools import QUiLoader  # noqa: E402
-
-# -- stand-ins for Slicer's widget classes ----------------------------------------------------------
-# The ONLY fakes in the test suite: ctk* and qMRML* widgets exist only inside Slicer (C++ classes
-# wrapped by PythonQt), not in PySide6. These minimal look-alikes let QUiLoader build the panel so
-# the layout, the widget names and the screenshot can be checked; they implement no behaviour.
-
-
-class ctkCollapsibleButton(QtWidgets.QGroupBox):  # noqa: N801 - must carry Slicer's class name
-    """Stand-in: a titled box (Slicer's collapses; the title is its 'text' property)."""
-
-    def _text(self):
-        return self.title()
-
-    def _set_text(self, value):
-        self.setTitle(("\u25b8 " if self._collapsed else "\u25be ") + value)
-
-    def _get_collapsed(self):
-        return self._collapsed
-
-    def _set_collapsed(self, value):
-        self._collapsed = bool(value)
-
-    _collapsed = False
-    text = Property(str, _text, _set_text)
-    collapsed = Property(bool, _get_collapsed, _set_collapsed)
-
-
-class qMRMLWidget(QtWidgets.QWidget):  # noqa: N801
-    """Stand-in: the panel's top-level widget."""
-
-
-class qMRMLNodeComboBox(QtWidgets.QComboBox):  # noqa: N801
-    """Stand-in: a node selector (shows one placeholder item)."""
-
-
-class qMRMLSegmentSelectorWidget(QtWidgets.QWidget):  # noqa: N801
-    """Stand-in: a segmentation selector plus a checkable segment list."""
-
-    def __init__(self, parent=None):
-        super().__init__(parent)
-        layout = QtWidgets.QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        self.node = QtWidgets.QComboBox()
-        self.segments = QtWidgets.QListWidget()
-        self.segments.setFixedHeight(52)
-        layout.addWidget(self.node)
-        layout.addWidget(self.segments)
-
-
-class ctkPathLineEdit(QtWidgets.QLineEdit):  # noqa: N801
-    """Stand-in: a path field."""
-
-
-STAND_INS = (ctkCollapsibleButton, qMRMLWidget, qMRMLNodeComboBox, qMRMLSegmentSelectorWidget, ctkPathLineEdit)
-
-
-def app():
-    return QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
-
+from slicer_widgets import app  # noqa: E402
+from slicer_widgets import load_panel as _load  # noqa: E402
 
 def load_panel():
-    app()
-    loader = QUiLoader()
-    for cls in STAND_INS:
-        loader.registerCustomWidget(cls)
-    handle = QtCore.QFile(str(UI_FILE))
-    assert handle.open(QtCore.QFile.ReadOnly)
-    try:
-        widget = loader.load(handle)
-    finally:
-        handle.close()
-    assert widget is not None, loader.errorString()
-    return widget
+    return _load(UI_FILE)
 
 
 # -- parsing helpers ------------------------------------------------------------------------------
@@ -125,21 +60,29 @@ def ui_property(widget: ET.Element, name: str):
     return None
 
 
+def parsed(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
 def module_ast() -> ast.Module:
-    return ast.parse(MODULE_FILE.read_text(encoding="utf-8"), filename=str(MODULE_FILE))
+    return parsed(MODULE_FILE)
 
 
-def ui_names_used_by_module() -> set[str]:
+def ui_names_used_by_panel() -> set[str]:
+    """X of every ``self.ui.X`` and ``ui.X`` in the panel's code."""
     names = set()
-    for node in ast.walk(module_ast()):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "ui"
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"):
+    for node in (n for path in PANEL_FILES for n in ast.walk(parsed(path))):
+        if not isinstance(node, ast.Attribute):
+            continue
+        value = node.value
+        if (isinstance(value, ast.Attribute) and value.attr == "ui" and isinstance(value.value, ast.Name)
+                and value.value.id == "self") or (isinstance(value, ast.Name) and value.id == "ui"):
             names.add(node.attr)
     return names
 
 
 def parameter_fields() -> dict[str, str]:
-    for node in module_ast().body:
+    for node in parsed(PARAMETERS_FILE).body:
         if isinstance(node, ast.ClassDef) and node.name == "HFSAMSegmentParameterNode":
             return {item.target.id: ast.unparse(item.annotation) for item in node.body if isinstance(item, ast.AnnAssign)}
     raise AssertionError("HFSAMSegmentParameterNode not found")
@@ -152,9 +95,9 @@ def test_panel_loads_and_has_every_widget_the_module_uses():
     panel = load_panel()
     assert type(panel).__name__ == "qMRMLWidget" and panel.objectName() == "HFSAMSegment"
     loaded = {w.objectName() for w in panel.findChildren(QtWidgets.QWidget)}
-    used = ui_names_used_by_module()
-    assert len(used) >= 20, sorted(used)  # the regex/ast really found the module's widget uses
-    assert used - loaded == set(), f"used by HFSAMSegment.py but missing from the .ui: {sorted(used - loaded)}"
+    used = ui_names_used_by_panel()
+    assert len(used) >= 20, sorted(used)  # the ast really found the panel's widget uses
+    assert used - loaded == set(), f"used by panel.py but missing from the .ui: {sorted(used - loaded)}"
     # and the reverse for interactive widgets: nothing in the panel is left unwired
     interactive = {n for n, w in ui_widgets().items() if w.get("class") in
                    ("QPushButton", "QComboBox", "qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget", "QLineEdit",
@@ -259,12 +202,27 @@ def test_module_metadata_and_citation():
     for needle in ("Liu &amp; Xu", "104389", "Computer Vision and Image Understanding 258 (2025)", "Kirillov et al."):
         assert needle in text, needle
     classes = {n.name: [ast.unparse(b) for b in n.bases] for n in module_ast().body if isinstance(n, ast.ClassDef)}
-    assert classes["HFSAMSegment"] == ["ScriptedLoadableModule"]
-    assert classes["HFSAMSegmentWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
-    assert classes["HFSAMSegmentLogic"] == ["ScriptedLoadableModuleLogic"]
-    assert classes["HFSAMSegmentTest"] == ["ScriptedLoadableModuleTest"]
-    assert "parameterNodeWrapper" in [ast.unparse(d) for d in next(
-        n for n in module_ast().body if isinstance(n, ast.ClassDef) and n.name == "HFSAMSegmentParameterNode").decorator_list]
+    assert classes == {"HFSAMSegment": ["ScriptedLoadableModule"], "HFSAMSegmentWidget": ["ScriptedLoadableModuleWidget"],
+                       "HFSAMSegmentLogic": ["ScriptedLoadableModuleLogic", "ModuleLogic"],
+                       "HFSAMSegmentTest": ["ScriptedLoadableModuleTest"]}
+    wrapper = next(n for n in parsed(PARAMETERS_FILE).body if isinstance(n, ast.ClassDef) and n.name == "HFSAMSegmentParameterNode")
+    assert [ast.unparse(d) for d in wrapper.decorator_list] == ["parameterNodeWrapper"]
+
+
+def test_the_module_file_is_thin():
+    """Only the four classes Slicer looks for, each a few lines; the behaviour lives in HFSAMSegmentLib."""
+    tree = module_ast()
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef)]
+    assert [c.name for c in classes] == ["HFSAMSegment", "HFSAMSegmentWidget", "HFSAMSegmentLogic", "HFSAMSegmentTest"]
+    assert [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))] == []
+    for cls in classes:
+        methods = [m for m in cls.body if isinstance(m, ast.FunctionDef)]
+        assert len(methods) <= 6, (cls.name, [m.name for m in methods])
+        for method in methods:
+            body_lines = method.end_lineno - method.body[0].lineno + 1
+            limit = 25 if (cls.name, method.name) == ("HFSAMSegment", "__init__") else 12  # metadata texts
+            assert body_lines <= limit, f"{cls.name}.{method.name} has {body_lines} lines"
+    assert len(MODULE_FILE.read_text(encoding="utf-8").splitlines()) <= 130
 
 
 HEAVY = {"torch", "torchvision", "segment_anything", "HFSAMCore", "safetensors"}
@@ -282,26 +240,54 @@ def imports_of(path: Path, top_level_only: bool) -> set[str]:
     return found
 
 
+SLICER_APP_ONLY = {"parameters", "slicer_host"}  # need Slicer's own Python (parameterNodeWrapper, qt)
+MRML_FACING = {"mrml_adapter", "selftest", "panel"}  # (library_section is plain Python)  # import slicer/vtk (slicer-core in CI)
+
+
 def test_no_heavy_imports_and_no_qt_in_lib():
-    lib_files = sorted((MODULE_DIR / "HFSAMSegmentLib").glob("*.py"))
+    lib_files = sorted(LIB_DIR.glob("*.py"))
     for path in [MODULE_FILE, *lib_files]:
         assert imports_of(path, top_level_only=False) & HEAVY == set(), f"{path.name} imports the engine or torch"
     for path in lib_files:
-        assert imports_of(path, top_level_only=False) & {"qt", "ctk", "PySide6", "PyQt5", "PythonQt"} == set(), path.name
-        if path.stem not in ("mrml_adapter", "selftest"):
+        if path.stem not in SLICER_APP_ONLY:
+            assert imports_of(path, top_level_only=False) & {"qt", "ctk", "PySide6", "PyQt5", "PythonQt"} == set(), path.name
+        if path.stem not in MRML_FACING | SLICER_APP_ONLY:
             assert imports_of(path, top_level_only=True) & {"slicer", "vtk", "vtkmodules"} == set(), f"{path.name} touches MRML"
     # Slicer imports every scripted module at start-up: keep its top level light.
-    assert imports_of(MODULE_FILE, top_level_only=True) <= {"importlib", "logging", "sys", "typing", "qt", "slicer", "vtk",
-                                                             "HFSAMSegmentLib"}
+    assert imports_of(MODULE_FILE, top_level_only=True) <= {"slicer", "HFSAMSegmentLib"}
+    lib_at_start = {n.module for n in module_ast().body if isinstance(n, ast.ImportFrom) and n.module.startswith("HFSAMSegmentLib")}
+    assert lib_at_start == {"HFSAMSegmentLib.logic", "HFSAMSegmentLib.terminology"}
 
 
-def test_lib_pieces_import_without_mrml_or_simpleitk():
+def test_lib_pieces_import_without_mrml_or_simpleitk_or_torch():
+    """What Slicer imports at start-up (logic, terminology) and the pieces CI uses without MRML stay light:
+    the backbone registry comes from HFSAMCore, and nothing heavy with it."""
     code = ("import sys; sys.path.insert(0, sys.argv[1]);"
             "import HFSAMSegmentLib.progress_parser, HFSAMSegmentLib.process_runner, HFSAMSegmentLib.engine_command,"
-            " HFSAMSegmentLib.library_bridge, HFSAMSegmentLib.installer, HFSAMSegmentLib.terminology;"
-            "print(sorted(m for m in ('slicer', 'vtk', 'SimpleITK', 'torch', 'numpy') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "[]"
+            " HFSAMSegmentLib.library_bridge, HFSAMSegmentLib.installer, HFSAMSegmentLib.terminology,"
+            " HFSAMSegmentLib.logic, HFSAMSegmentLib.backbones, HFSAMSegmentLib.child_process;"
+            "assert HFSAMSegmentLib.backbones.pretrained();"
+            "print(sorted(m for m in ('slicer', 'vtk', 'SimpleITK', 'torch', 'numpy', 'HFSAMCore.model.backbone',"
+            " 'HFSAMCore.library') if m in sys.modules), 'HFSAMCore.model.registry' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, check=True,
+                          cwd=MODULE_DIR)
+    assert done.stdout.strip() == "[] True"
+
+
+def test_module_code_parses_as_python_3_9():
+    """Slicer 5.8 runs Python 3.9.10: no 3.10+ syntax (match, parenthesised context managers, ...) in the module,
+    and every `X | Y` annotation is postponed (PEP 563) where the file uses one."""
+    files = [MODULE_FILE, *sorted(LIB_DIR.glob("*.py")), REPO / "HFSAMCore" / "model" / "registry.py",
+             REPO / "HFSAMCore" / "errors.py"]
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        tree = ast.parse(text, filename=str(path), feature_version=(3, 9))
+        postponed = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
+                        for n in tree.body)
+        for node in ast.walk(tree):
+            annotation = getattr(node, "annotation", None) or getattr(node, "returns", None)
+            if annotation is not None and any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(annotation)):
+                assert postponed, f"{path.name}:{node.lineno} uses `X | Y` in an annotation without `from __future__ import annotations`"
 
 
 # -- packaging ---------------------------------------------------------------------------------------
@@ -359,3 +345,30 @@ if __name__ == "__main__":
         print(f"wrote {SCREENSHOT}")
     else:
         print(__doc__)
+
+
+def test_extensions_index_entry_follows_the_catalog_schema_and_agrees_with_cmake_and_s4ext():
+    """The Extensions Index reads <name>.json (schema slicer-extension-catalog-entry-schema-v1.0.1), whose
+    name must equal the top-level project() name; its checks also want LF endings and a known category."""
+    top = (REPO / "CMakeLists.txt").read_text()
+    project = re.search(r"^project\(\s*(\w+)", top, re.M).group(1)
+    path = REPO / f"{project}.json"
+    assert project == "HFSAMExtension" and path.is_file() and (REPO / f"{project}.s4ext").is_file()
+    raw = path.read_bytes()
+    assert b"\r" not in raw and raw.endswith(b"\n")
+    entry = json.loads(raw)
+    allowed = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+               "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+    assert set(entry) <= set(allowed) and {"$schema", "category", "scm_url"} <= set(entry)
+    assert all(isinstance(entry[k], allowed[k]) for k in entry) and 1 <= entry["tier"] <= 5
+    assert entry["$schema"].endswith("/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    s4ext = dict(line.split(" ", 1) for line in (REPO / f"{project}.s4ext").read_text().splitlines()
+                 if line.strip() and not line.startswith("#"))
+    meta = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', top))
+    assert entry["category"] == s4ext["category"] == meta["EXTENSION_CATEGORY"] == "Segmentation"
+    assert entry["scm_url"] == s4ext["scmurl"] and entry["scm_revision"] == s4ext["scmrevision"]
+    assert entry["build_dependencies"] == s4ext["depends"].split() == meta["EXTENSION_DEPENDS"].split()
+    assert entry["build_subdirectory"] == s4ext["build_subdirectory"]
+    repository = entry["scm_url"].rstrip("/").rsplit("/", 1)[-1].removesuffix(".git")
+    assert repository.startswith("Slicer") and not project.lower().startswith("slicer")  # the index's naming rules
+    assert "PLACEHOLDER" in top and "PLACEHOLDER" in (REPO / f"{project}.s4ext").read_text()

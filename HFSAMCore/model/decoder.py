@@ -7,12 +7,42 @@ specific parts (one mask token and one hypernetwork MLP per class, plus
 background) start fresh, as in SAMed.
 
 fusion="two_step" (the paper):   src = AWFFM_1(image_embedding, L) + dense
-                                 hs, src = transformer(src, pe, tokens)
+                                 hs, src = transformer(src, pe, tokens)      SAM's own blocks
                                  src = AWFFM_2(src, L)
-fusion="released" (the authors' code, where the step-1 result is overwritten):
+                                 tokens = [iou, mask_0..K]
+
+fusion="released" (the authors' released network, `mask_decoder_512.py` of 1683194873xrn/HF-SAM):
+                                 src = image_embedding + dense               (their step-1 fusion is overwritten)
+                                 hs, src = transformer_xf(src, pe, tokens)   cross-attention-first blocks (H-SAM's)
+                                 src = AWFFM(src, L)                         (one module)
+                                 tokens = [iou, mask_0..K, hf]               a learnable extra token
+
+The released variant reproduces, from the equations of that code (not a copy
+of it), everything that reaches its loss: the token sequence with the extra
+`hf_token` (it takes part in every attention; its own output and its MLP are
+never used, so no MLP is built for it), and H-SAM's reordered two-way block:
+
+    q = norm2(q + A_t2i(q + q_pe, k + k_pe, k))      tokens attend to the image FIRST
+    q = norm1(A_self(q, q, q))                        first block: no PE, no residual (SAM's first-block
+                                                      rule, here applied after the cross-attention)
+    q = norm1(q + A_self(q + q_pe, q + q_pe, q))      later blocks
+    q = norm3(q + MLP(q))
+    k = norm4(k + A_i2t(k + k_pe, q + q_pe, q))       the image attends to the tokens
+
+where SAM's block runs A_self first. The block keeps SAM's sub-module names
+(self_attn, norm1, cross_attn_token_to_image, norm2, mlp, norm3, norm4,
+cross_attn_image_to_token), so a SAM checkpoint loads into it BY NAME, exactly
+as the authors load it (their `load_from` copies every SAM key whose name
+exists in their model): each attention keeps its pretrained weights, though it
+now runs in another order. Modules the authors build whose output never reaches
+the loss (H-SAM's second decoder `mask_decoder2`, the IoU head, `hf_mlp`,
+`embedding_encoder`, `embedding_maskfeature`, the prompt encoder's point and mask
+embeddings) get no gradient and keep their initial values, so they are not built
+here (docs/reproduce.md counts them).
+
+fusion="none" (an ablation: SAM's decoder with K+1 class tokens, no low-level feature):
                                  src = image_embedding + dense
                                  hs, src = transformer(src, pe, tokens)
-                                 src = AWFFM(src, L)     (one shared module)
 """
 
 from __future__ import annotations
@@ -21,11 +51,43 @@ import torch
 from torch import nn
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP
-from segment_anything.modeling.transformer import TwoWayTransformer
+from segment_anything.modeling.transformer import TwoWayAttentionBlock, TwoWayTransformer
 
 from .awffm import AWFFM
+from .registry import FUSIONS
 
-FUSION_MODES = ("two_step", "released")
+FUSION_MODES = tuple(FUSIONS)
+
+
+class CrossFirstAttentionBlock(TwoWayAttentionBlock):
+    """SAM's two-way block with the token cross-attention moved before the self-attention (H-SAM's order)."""
+
+    def forward(self, queries, keys, query_pe, key_pe):
+        k = keys + key_pe
+        queries = self.norm2(queries + self.cross_attn_token_to_image(q=queries + query_pe, k=k, v=keys))
+        if self.skip_first_layer_pe:
+            queries = self.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + self.self_attn(q=q, k=q, v=queries)
+        queries = self.norm1(queries)
+        queries = self.norm3(queries + self.mlp(queries))
+        q = queries + query_pe
+        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
+        return queries, keys
+
+
+def build_transformer(*, cross_first: bool, depth: int, embedding_dim: int, mlp_dim: int,
+                      num_heads: int) -> TwoWayTransformer:
+    """SAM's TwoWayTransformer; with ``cross_first`` its blocks are CrossFirstAttentionBlock (same names)."""
+    transformer = TwoWayTransformer(depth=depth, embedding_dim=embedding_dim, mlp_dim=mlp_dim, num_heads=num_heads)
+    if cross_first:
+        transformer.layers = nn.ModuleList(
+            CrossFirstAttentionBlock(embedding_dim=embedding_dim, num_heads=num_heads, mlp_dim=mlp_dim,
+                                     skip_first_layer_pe=(i == 0))
+            for i in range(depth)
+        )
+    return transformer
 
 
 class HFSAMDecoder(nn.Module):
@@ -43,12 +105,14 @@ class HFSAMDecoder(nn.Module):
         if fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {FUSION_MODES}, not {fusion!r}")
         self.fusion = fusion
+        released = fusion == "released"
         self.num_mask_tokens = num_classes + 1  # K classes + background
-        self.transformer = TwoWayTransformer(
-            depth=depth, embedding_dim=transformer_dim, mlp_dim=mlp_dim, num_heads=num_heads
-        )
+        self.transformer = build_transformer(cross_first=released, depth=depth, embedding_dim=transformer_dim,
+                                             mlp_dim=mlp_dim, num_heads=num_heads)
         self.iou_token = nn.Embedding(1, transformer_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
+        if released:
+            self.hf_token = nn.Embedding(1, transformer_dim)  # after the mask tokens, as the authors order them
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
             LayerNorm2d(transformer_dim // 4),
@@ -59,23 +123,25 @@ class HFSAMDecoder(nn.Module):
         self.output_hypernetworks_mlps = nn.ModuleList(
             MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
         )
-        if fusion == "two_step":
+        if released:
+            self.awffm = AWFFM(transformer_dim)
+        elif fusion == "two_step":
             self.awffm_1 = AWFFM(transformer_dim)
             self.awffm_2 = AWFFM(transformer_dim)
-        else:
-            self.awffm = AWFFM(transformer_dim)
 
     def forward(
         self,
         image_embedding: torch.Tensor,
-        low_level: torch.Tensor,
+        low_level: torch.Tensor | None,
         image_pe: torch.Tensor,
         dense_embedding: torch.Tensor,
     ) -> torch.Tensor:
         """Embeddings [B,C,h,w] -> mask logits [B, K+1, 4h, 4w]."""
         b, c, h, w = image_embedding.shape
-        tokens = torch.cat((self.iou_token.weight, self.mask_tokens.weight), dim=0)
-        tokens = tokens.unsqueeze(0).expand(b, -1, -1)
+        parts = [self.iou_token.weight, self.mask_tokens.weight]
+        if self.fusion == "released":
+            parts.append(self.hf_token.weight)
+        tokens = torch.cat(parts, dim=0).unsqueeze(0).expand(b, -1, -1)
 
         if self.fusion == "two_step":
             src = self.awffm_1(image_embedding, low_level) + dense_embedding
@@ -83,7 +149,10 @@ class HFSAMDecoder(nn.Module):
             src = image_embedding + dense_embedding
         hs, src = self.transformer(src, image_pe, tokens)
         src = src.transpose(1, 2).reshape(b, c, h, w)
-        src = self.awffm_2(src, low_level) if self.fusion == "two_step" else self.awffm(src, low_level)
+        if self.fusion == "two_step":
+            src = self.awffm_2(src, low_level)
+        elif self.fusion == "released":
+            src = self.awffm(src, low_level)
 
         upscaled = self.output_upscaling(src)
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]

@@ -1,9 +1,12 @@
-"""HF-SAM assembled: SAM encoder + LoRA, low-level feature, AWFFM decoder.
+"""HF-SAM assembled: an image encoder + LoRA, low-level feature, AWFFM decoder.
 
-    images [B,3,H,W] in [0,1]
-      -> SAM ImageEncoderViT (frozen, LoRA on q/v)          -> G  [B,256,H/16,W/16]
-         the first global-attention block's output           -> 1x1 conv -> L [B,256,H/16,W/16]
-      -> HFSAMDecoder(G, L, SAM's dense PE, no_mask_embed)  -> logits [B,K+1,H/4,W/4]
+    images [B,3,H,W] in [0,1], normalised as the backbone expects (``pixel_norm``)
+      -> image encoder (frozen, LoRA on q/v)               -> G  [B,256,h,w]
+         an early block's / stage's output (the tap)       -> 1x1 conv -> L [B,256,h,w]
+      -> HFSAMDecoder(G, L, SAM's dense PE, no_mask_embed)  -> logits [B,K+1,4h,4w]
+
+h = H/16 for SAM's ViT, H/4 for LiteMedSAM's TinyViT (256 px -> 64 x 64). The encoder comes
+from its family (``families.py``); everything after it is the same on every backbone.
 
 `build_hfsam` is the one place a model is made; `ModelSpec` is everything that
 must match between a model and an adapter (see adapters.check_compatible).
@@ -19,16 +22,10 @@ from torch.nn import functional as F
 from segment_anything.modeling import PromptEncoder
 
 from ..errors import InputError
-from .attention import use_fast_encoder
-from .backbone import PATCH_SIZE, BackboneConfig, build_image_encoder, get_backbone
 from .decoder import FUSION_MODES, HFSAMDecoder
-from .lora import add_lora, is_lora_parameter
-
-# SAM normalises 0..255 RGB with ImageNet statistics.
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
-IMG_SIZES = (224, 512)
-
+from .families import get_family
+from .lora import is_lora_parameter
+from .registry import PIXEL_NORMS, BackboneInfo, get_backbone_info
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -37,25 +34,28 @@ class ModelSpec:
     num_classes: int = 8
     rank: int = 5
     fusion: str = "two_step"
-    low_level_blocks: tuple[int, ...] | None = None  # None: the backbone's first global block
+    low_level_blocks: tuple[int, ...] | None = None  # None: the backbone's default taps
+    pixel_norm: str | None = None  # None: the backbone's own (registry.PIXEL_NORMS)
 
     def resolved(self) -> "ModelSpec":
         """Validate and fill defaults; raises InputError on impossible values."""
-        cfg = get_backbone(self.backbone)
-        if self.img_size % PATCH_SIZE or not 64 <= self.img_size <= 2048:
-            raise InputError(f"--img-size {self.img_size} is not supported: use 512 or 224 "
-                             f"(any multiple of {PATCH_SIZE} from 64 to 2048 works)")
+        info = get_backbone_info(self.backbone)
+        info.check_img_size(self.img_size)
         if not 1 <= self.num_classes <= 255:
             raise InputError(f"the number of classes must be 1..255, not {self.num_classes}")
         if not 0 <= self.rank <= 256:
             raise InputError(f"--rank must be 0..256, not {self.rank}")
         if self.fusion not in FUSION_MODES:
             raise InputError(f"--fusion must be one of {', '.join(FUSION_MODES)}, not {self.fusion!r}")
-        blocks = tuple(self.low_level_blocks) if self.low_level_blocks else (cfg.first_global_block,)
-        if any(not 0 <= b < cfg.depth for b in blocks):
-            raise InputError(f"low-level blocks {blocks} are outside the {self.backbone} encoder (0..{cfg.depth - 1})")
+        blocks = tuple(self.low_level_blocks) if self.low_level_blocks else info.default_taps
+        if any(b not in info.low_level_taps for b in blocks):
+            raise InputError(f"low-level taps {list(blocks)} are not offered by the {self.backbone} encoder "
+                             f"(choose from {list(info.low_level_taps)})")
+        norm = self.pixel_norm or info.pixel_norm
+        if norm not in PIXEL_NORMS:
+            raise InputError(f"pixel normalisation must be one of {', '.join(PIXEL_NORMS)}, not {norm!r}")
         return ModelSpec(self.backbone, int(self.img_size), int(self.num_classes), int(self.rank), self.fusion,
-                         tuple(int(b) for b in blocks))
+                         tuple(int(b) for b in blocks), norm)
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -67,36 +67,45 @@ class HFSAM(nn.Module):
     def __init__(self, spec: ModelSpec, *, fast_encoder: bool = True):
         super().__init__()
         spec = spec.resolved()
-        cfg: BackboneConfig = get_backbone(spec.backbone)
-        self.spec = spec
-        self.cfg = cfg
-        embed_size = spec.img_size // PATCH_SIZE
-        self.image_encoder = build_image_encoder(cfg, spec.img_size)
-        self.lora_parameter_count = add_lora(self.image_encoder, spec.rank)
-        use_fast_encoder(self.image_encoder, fast_encoder)  # False: SAM's own blocks, for reference
+        info: BackboneInfo = get_backbone_info(spec.backbone)
+        self.spec, self.info = spec, info
+        self.family = get_family(info)
+        embed_size = info.embedding_size(spec.img_size)
+        dim = info.decoder.dim
+        self.image_encoder = self.family.build_encoder(info, spec.img_size)
+        self.lora_parameter_count = self.family.add_lora(self.image_encoder, spec.rank)
+        self.family.set_fast_inference(self.image_encoder, fast_encoder)  # False: the reference blocks
         self.prompt_encoder = PromptEncoder(
-            embed_dim=cfg.prompt_dim,
+            embed_dim=dim,
             image_embedding_size=(embed_size, embed_size),
             input_image_size=(spec.img_size, spec.img_size),
             mask_in_chans=16,
         )
-        # One 1x1 compression conv per low-level block; several blocks are summed.
+        # One 1x1 compression conv per low-level tap; several taps are summed. The "none" ablation
+        # has no low-level branch at all.
+        self.taps = spec.low_level_blocks if spec.fusion != "none" else ()
         self.low_level_proj = nn.ModuleList(
-            nn.Conv2d(cfg.embed_dim, cfg.prompt_dim, kernel_size=1) for _ in spec.low_level_blocks
+            nn.Conv2d(self.family.tap_channels(info, t), dim, kernel_size=1) for t in self.taps
         )
         self.mask_decoder = HFSAMDecoder(
             num_classes=spec.num_classes,
-            transformer_dim=cfg.prompt_dim,
-            depth=cfg.decoder_depth,
-            mlp_dim=cfg.decoder_mlp_dim,
-            num_heads=cfg.decoder_heads,
+            transformer_dim=dim,
+            depth=info.decoder.depth,
+            mlp_dim=info.decoder.mlp_dim,
+            num_heads=info.decoder.num_heads,
             fusion=spec.fusion,
         )
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1) / 255.0, persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1) / 255.0, persistent=False)
+        mean, std = PIXEL_NORMS[spec.pixel_norm]
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.freeze_base()
 
     # -- parameters -----------------------------------------------------------
+    def train(self, mode: bool = True) -> "HFSAM":
+        super().train(mode)
+        self.family.keep_frozen(self.image_encoder)  # e.g. BatchNorm statistics are not an adapter's
+        return self
+
     def freeze_base(self) -> None:
         """Trainable: LoRA, AWFFM, compression conv, mask decoder, no_mask_embed. Frozen: the rest."""
         for name, p in self.named_parameters():
@@ -135,20 +144,11 @@ class HFSAM(nn.Module):
 
     # -- forward --------------------------------------------------------------
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B,3,H,W] in [0,1] -> (image embedding G, low-level feature L), both [B,C,H/16,W/16]."""
-        enc = self.image_encoder
+        """[B,3,H,W] in [0,1] -> (image embedding G, low-level feature L), both [B,256,h,w]."""
         x = (images - self.pixel_mean) / self.pixel_std
-        x = enc.patch_embed(x)
-        if enc.pos_embed is not None:
-            x = x + enc.pos_embed
-        low = None
-        wanted = self.spec.low_level_blocks
-        for i, block in enumerate(enc.blocks):
-            x = block(x)
-            if i in wanted:
-                proj = self.low_level_proj[wanted.index(i)](x.permute(0, 3, 1, 2))
-                low = proj if low is None else low + proj
-        return enc.neck(x.permute(0, 3, 1, 2)), low
+        embedding, taps = self.family.encode(self.image_encoder, x, self.taps)
+        low = sum(proj(t) for proj, t in zip(self.low_level_proj, taps)) if taps else None
+        return embedding, low
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B,1|3,H,W] in [0,1] -> low-resolution class logits [B, K+1, H/4, W/4]."""

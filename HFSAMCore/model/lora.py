@@ -1,4 +1,4 @@
-"""LoRA on the q and v parts of SAM's fused qkv projection.
+"""LoRA on the q and v parts of a fused qkv projection (SAM's ViT and TinyViT).
 
 Why not `peft`: peft adapts a whole Linear layer, i.e. all of q, k and v of SAM's
 fused `qkv` projection. HF-SAM (like SAMed) adapts only q and v, which gives the
@@ -20,12 +20,19 @@ from torch.nn import functional as F
 
 
 class LoRAQKV(nn.Linear):
-    """qkv = W x + b, plus B_q A_q x on the q third and B_v A_v x on the v third."""
+    """qkv = W x + b, plus B_q A_q x on the q rows and B_v A_v x on the v rows.
 
-    def __init__(self, dim: int, rank: int, bias: bool = True):
+    Two row layouts of a fused qkv exist: SAM's ViT stacks [q | k | v] (each ``dim`` rows);
+    TinyViT interleaves them head by head ([q0 k0 v0 | q1 k1 v1 | ...]), given here as
+    ``interleaved_heads``. Taking "the first and last third" on TinyViT would adapt q, k and v of
+    a few heads instead of q and v of all of them.
+    """
+
+    def __init__(self, dim: int, rank: int, bias: bool = True, interleaved_heads: int | None = None):
         super().__init__(dim, 3 * dim, bias=bias)
         self.dim = dim
         self.rank = rank
+        self.interleaved_heads = interleaved_heads
         self.lora_A_q = nn.Linear(dim, rank, bias=False)
         self.lora_B_q = nn.Linear(rank, dim, bias=False)
         self.lora_A_v = nn.Linear(dim, rank, bias=False)
@@ -33,28 +40,48 @@ class LoRAQKV(nn.Linear):
         self.reset_lora()
 
     def reset_lora(self) -> None:
-        # A Kaiming-uniform, B zero: a fresh adapter leaves SAM's output unchanged.
+        # A Kaiming-uniform, B zero: a fresh adapter leaves the encoder's output unchanged.
         for a in (self.lora_A_q, self.lora_A_v):
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
         for b in (self.lora_B_q, self.lora_B_v):
             nn.init.zeros_(b.weight)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int) -> "LoRAQKV":
+    def from_linear(cls, linear: nn.Linear, rank: int, *, interleaved_heads: int | None = None) -> "LoRAQKV":
         dim = linear.in_features
-        module = cls(dim, rank, bias=linear.bias is not None).to(linear.weight.device, linear.weight.dtype)
+        module = cls(dim, rank, bias=linear.bias is not None, interleaved_heads=interleaved_heads)
+        module = module.to(linear.weight.device, linear.weight.dtype)
         with torch.no_grad():
             module.weight.copy_(linear.weight)
             if linear.bias is not None:
                 module.bias.copy_(linear.bias)
         return module
 
+    def lora_parameter_count(self) -> int:
+        return sum(p.numel() for n, p in self.named_parameters() if n.startswith("lora_"))
+
+    def q_v_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices of q and of v in the fused output (what the tests check LoRA touches)."""
+        rows = torch.arange(3 * self.dim)
+        if self.interleaved_heads is None:
+            return rows[: self.dim], rows[2 * self.dim:]
+        per_head = rows.view(self.interleaved_heads, 3, -1)
+        return per_head[:, 0].flatten(), per_head[:, 2].flatten()
+
+    def _full_width(self, dq: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
+        """Place q and v updates [..., dim] at their rows of a [..., 3 dim] tensor (zeros for k)."""
+        zero = torch.zeros_like(dq)
+        if self.interleaved_heads is None:
+            return torch.cat((dq, zero, dv), dim=-1)
+        h = self.interleaved_heads
+        parts = [t.unflatten(-1, (h, 1, -1)) for t in (dq, zero, dv)]
+        return torch.cat(parts, dim=-2).flatten(-3)
+
     def merged_weight(self) -> torch.Tensor:
-        """W + [B_q A_q; 0; B_v A_v]: the adapted projection as one matrix."""
-        zero = torch.zeros_like(self.weight[: self.dim])
-        delta = torch.cat((self.lora_B_q.weight @ self.lora_A_q.weight, zero,
-                           self.lora_B_v.weight @ self.lora_A_v.weight))
-        return self.weight + delta
+        """W + the LoRA rows: the adapted projection as one matrix."""
+        dq = (self.lora_B_q.weight @ self.lora_A_q.weight).t()  # [in, dim]: rows of the update, transposed
+        dv = (self.lora_B_v.weight @ self.lora_A_v.weight).t()
+        return self.weight + self._full_width(dq, dv).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
@@ -62,10 +89,7 @@ class LoRAQKV(nn.Linear):
             # two low-rank paths and a concatenation over every token.
             return F.linear(x, self.merged_weight(), self.bias)
         qkv = F.linear(x, self.weight, self.bias)
-        dq = self.lora_B_q(self.lora_A_q(x))
-        dv = self.lora_B_v(self.lora_A_v(x))
-        q, k, v = qkv.split(self.dim, dim=-1)
-        return torch.cat((q + dq, k, v + dv), dim=-1)
+        return qkv + self._full_width(self.lora_B_q(self.lora_A_q(x)), self.lora_B_v(self.lora_A_v(x)))
 
 
 def add_lora(image_encoder: nn.Module, rank: int) -> int:
@@ -75,7 +99,7 @@ def add_lora(image_encoder: nn.Module, rank: int) -> int:
     count = 0
     for block in image_encoder.blocks:
         block.attn.qkv = LoRAQKV.from_linear(block.attn.qkv, rank)
-        count += sum(p.numel() for n, p in block.attn.qkv.named_parameters() if n.startswith("lora_"))
+        count += block.attn.qkv.lora_parameter_count()
     return count
 
 

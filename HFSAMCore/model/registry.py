@@ -34,18 +34,62 @@ PIXEL_NORMS: dict[str, tuple[tuple[float, float, float], tuple[float, float, flo
     "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 
+#: Decoder fusion modes, with what each means (the --fusion choices and the adapter field).
+FUSIONS: dict[str, str] = {
+    "two_step": "the paper's two-step skip fusion: AWFFM before and after the two-way transformer",
+    "released": "the authors' released network: one AWFFM after H-SAM's cross-attention-first transformer, hf_token",
+    "none": "ablation: SAM's decoder with one mask token per class, no low-level feature",
+}
+
+
+@dataclass(frozen=True)
+class ViTArch:
+    """SAM's ImageEncoderViT: patch size 16, windowed blocks with a few global ones."""
+
+    embed_dim: int
+    depth: int
+    num_heads: int
+    global_attn_indexes: tuple[int, ...]
+    window_size: int = 14
+    patch_size: int = 16
+
+
+@dataclass(frozen=True)
+class TinyViTArch:
+    """MobileSAM's TinyViT as LiteMedSAM configures it (1x1 patch embedding, stride-4 output)."""
+
+    embed_dims: tuple[int, ...] = (64, 128, 160, 320)
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (2, 4, 5, 10)
+    window_sizes: tuple[int, ...] = (7, 7, 14, 7)
+    mlp_ratio: float = 4.0
+    mbconv_expand_ratio: float = 4.0
+    local_conv_size: int = 3
+    patch_size: int = 4  # input pixels per embedding cell
+
+
+@dataclass(frozen=True)
+class DecoderArch:
+    """SAM's mask decoder: width (= the prompt embedding's), two-way transformer depth, MLP, heads."""
+
+    dim: int = 256
+    depth: int = 2
+    mlp_dim: int = 2048
+    num_heads: int = 8
+
 
 @dataclass(frozen=True)
 class BackboneInfo:
     name: str
-    family: str  # "sam_vit" | "tinyvit": which torch module builds it
+    family: str  # "sam_vit" | "tinyvit": which torch module builds it (model/families.py)
     title: str  # what a person reads in a menu
     img_sizes: tuple[int, ...]  # input sizes it supports; the first is the default
     pixel_norm: str  # default pixel normalisation (a key of PIXEL_NORMS)
     checkpoint: str | None  # catalog key of its pretrained weights; None: none exist (test configuration)
     low_level_taps: tuple[int, ...]  # valid low-level tap indices
     default_taps: tuple[int, ...]  # the taps a new model uses
-    encoder_depth: int  # blocks (ViT) or stages (TinyViT): the range of tap indices
+    arch: ViTArch | TinyViTArch
+    decoder: DecoderArch = DecoderArch()
     test_only: bool = False  # random weights only; never offered to a clinician
 
     @property
@@ -53,24 +97,40 @@ class BackboneInfo:
         return self.img_sizes[0]
 
     @property
-    def any_img_size(self) -> bool:
-        """A ViT takes any multiple of 16 (position tables are resized); TinyViT only its own size."""
-        return self.family == "sam_vit"
+    def patch_size(self) -> int:
+        return self.arch.patch_size
+
+    def embedding_size(self, img_size: int) -> int:
+        """Side of the image embedding (and of the low-level feature) for an input size."""
+        return img_size // self.arch.patch_size
+
+    def check_img_size(self, img_size: int) -> None:
+        """A ViT takes any multiple of 16 (its position tables are resized); TinyViT only its own size."""
+        if self.family == "sam_vit":
+            if img_size % 16 or not 64 <= img_size <= 2048:
+                raise InputError(f"--img-size {img_size} is not supported by {self.name}: use "
+                                 f"{' or '.join(map(str, self.img_sizes))} (any multiple of 16 from 64 to 2048 works)")
+        elif img_size not in self.img_sizes:
+            raise InputError(f"--img-size {img_size} is not supported by {self.name}: it was trained at "
+                             f"{self.default_img_size} px only; use --img-size {self.default_img_size}")
 
 
-def _vit(name: str, title: str, depth: int, first_global: int, checkpoint: str | None, *,
+def _vit(name: str, title: str, arch: ViTArch, checkpoint: str | None, *, decoder: DecoderArch = DecoderArch(),
          test_only: bool = False, img_sizes: tuple[int, ...] = (512, 224)) -> BackboneInfo:
-    return BackboneInfo(name, "sam_vit", title, img_sizes, "imagenet", checkpoint, tuple(range(depth)),
-                        (first_global,), depth, test_only)
+    return BackboneInfo(name, "sam_vit", title, img_sizes, "imagenet", checkpoint, tuple(range(arch.depth)),
+                        arch.global_attn_indexes[:1], arch, decoder, test_only)
 
 
 BACKBONES: dict[str, BackboneInfo] = {b.name: b for b in (
     BackboneInfo("lite_medsam", "tinyvit", "LiteMedSAM (TinyViT, medical images, 9.8 M, runs on a laptop CPU)",
-                 (256,), "unit", "lite_medsam", (1, 2, 3), (1,), 4),
-    _vit("vit_b", "SAM ViT-B (Meta AI, 91 M; the paper's backbone, GPU)", 12, 2, "vit_b"),
-    _vit("vit_l", "SAM ViT-L (Meta AI, 308 M, GPU)", 24, 5, "vit_l"),
-    _vit("vit_h", "SAM ViT-H (Meta AI, 636 M, GPU)", 32, 7, "vit_h"),
-    _vit("tiny", "tiny ViT, random weights (tests only)", 4, 1, None, test_only=True, img_sizes=(224,)),
+                 (256,), "unit", "lite_medsam", (1, 2, 3), (1,), TinyViTArch()),
+    _vit("vit_b", "SAM ViT-B (Meta AI, 91 M; the paper's backbone, GPU)", ViTArch(768, 12, 12, (2, 5, 8, 11)),
+         "vit_b"),
+    _vit("vit_l", "SAM ViT-L (Meta AI, 308 M, GPU)", ViTArch(1024, 24, 16, (5, 11, 17, 23)), "vit_l"),
+    _vit("vit_h", "SAM ViT-H (Meta AI, 636 M, GPU)", ViTArch(1280, 32, 16, (7, 15, 23, 31)), "vit_h"),
+    # For CPU tests and CI: the same architecture, a few hundred thousand parameters.
+    _vit("tiny", "tiny ViT, random weights (tests only)", ViTArch(64, 4, 2, (1, 3), window_size=7), None,
+         decoder=DecoderArch(64, 1, 128, 2), test_only=True, img_sizes=(224,)),
 )}
 
 #: The paper's backbone, for users with Meta's checkpoint and a GPU.

@@ -5,6 +5,11 @@ The module never imports HFSAMCore (it imports torch and SAM); it runs
 This file is the single place that knows the command line, so the panel, the
 self-test and the CI tests build exactly the same commands.
 
+Long commands (segment, finetune, checkpoint download/import) run through
+``parent_watch.py``, which stops the engine and removes the job's folder when
+Slicer exits or crashes mid-run (the runner holds the child's stdin as a
+lifeline); quick library commands run the engine directly.
+
 Layouts where HFSAMCore is found (the folder that *contains* HFSAMCore/):
 - source tree:  <repo>/HFSAMCore beside <repo>/HFSAMSegment/
 - installed extension: <...>/qt-scripted-modules/HFSAMCore beside HFSAMSegment.py
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 DEVICES = ("auto", "cuda", "cpu")
+PARENT_WATCH = Path(__file__).resolve().with_name("parent_watch.py")
 
 
 def find_engine_dir(start: Path | None = None) -> Path | None:
@@ -54,8 +60,13 @@ class Engine:
     def locate(cls, python: str | None = None, library: str | Path | None = None) -> "Engine":
         return cls(python or find_python(), find_engine_dir(), Path(library) if library else None)
 
-    def argv(self, *args: str) -> list[str]:
-        return [self.python, "-m", "HFSAMCore", *[str(a) for a in args]]
+    def argv(self, *args: str, watched: bool = False, job_dir: str | Path | None = None) -> list[str]:
+        """``python -m HFSAMCore ARGS``; ``watched``: under parent_watch.py (needs a runner holding stdin),
+        which removes ``job_dir`` if the parent dies."""
+        head = [self.python]
+        if watched:
+            head += [str(PARENT_WATCH), *(["--remove", str(job_dir)] if job_dir else [])]
+        return [*head, "-m", "HFSAMCore", *[str(a) for a in args]]
 
     def env(self, base: dict | None = None) -> dict:
         """The child's environment: HFSAMCore importable, output unbuffered, UTF-8."""
@@ -81,6 +92,7 @@ class Engine:
         classes: str | None = None,
         batch_size: int | None = None,
         overwrite: bool = False,
+        job_dir: str | Path | None = None,
     ) -> list[str]:
         """argv of ``segment IMAGE -o OUT`` (writes OUT and its sidecar OUT-with-.json)."""
         _check_device(device)
@@ -91,7 +103,7 @@ class Engine:
             args += ["--batch-size", str(int(batch_size))]
         if overwrite:
             args.append("--overwrite")
-        return self.argv(*args, *self.library_args(), "--progress", "json")
+        return self.argv(*args, *self.library_args(), "--progress", "json", watched=True, job_dir=job_dir)
 
     def finetune(
         self,
@@ -107,6 +119,7 @@ class Engine:
         minutes: float | None = None,
         device: str = "auto",
         seed: int | None = None,
+        job_dir: str | Path | None = None,
     ) -> list[str]:
         """argv of ``finetune IMAGE LABELS [-o ADAPTER] [--name NAME]``: a file, a library entry, or both."""
         _check_device(device)
@@ -129,11 +142,11 @@ class Engine:
             args += ["--seed", str(int(seed))]
         if name:
             args += ["--name", name]
-        return self.argv(*args, *self.library_args(), "--progress", "json")
+        return self.argv(*args, *self.library_args(), "--progress", "json", watched=True, job_dir=job_dir)
 
-    def models(self, *args: str) -> list[str]:
-        """argv of ``models <args>`` (list --json, import, export, remove, download, import-checkpoint, path)."""
-        return self.argv("models", *args, *self.library_args())
+    def models(self, *args: str, watched: bool = False) -> list[str]:
+        """argv of ``models <args> --progress json`` (list, import, export, remove, download, import-checkpoint, path)."""
+        return self.argv("models", *args, *self.library_args(), "--progress", "json", watched=watched)
 
 
 def _check_device(device: str) -> None:

@@ -9,10 +9,20 @@ nothing behind.
 The widget drives a job with a QTimer calling ``poll()``; tests and the
 self-test call ``wait()``. Either way the MRML work after the run happens in
 the caller's thread (ProcessRunner's rule), never in a reader thread.
+
+The temporary folder lies under ``temp_root`` (Slicer's configured temporary
+folder, ``slicer.app.temporaryPath``) and is never left behind:
+
+- run ends (done, failed, cancelled): removed by the job;
+- Slicer exits mid-run: ``stop_all()`` (called on ``aboutToQuit`` and from
+  ``atexit``) stops the child and removes it;
+- Slicer crashes mid-run: the child notices (parent_watch.py), stops, and
+  removes it itself.
 """
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -41,24 +51,44 @@ class JobOutcome:
         return self.status == "done"
 
 
+_RUNNING: set = set()  # jobs started and not finished: what stop_all() stops
+
+
+def stop_all(grace_s: float = 5.0) -> int:
+    """Stop every running job and remove its folder (Slicer exits); returns how many were running."""
+    jobs = list(_RUNNING)
+    for job in jobs:
+        job.stop(grace_s)
+    return len(jobs)
+
+
+atexit.register(stop_all)
+
+
 class _Job:
     """Shared plumbing: temp folder, runner, completion in the caller's thread."""
 
-    def __init__(self, engine: Engine, *, on_event=None, on_log=None, on_done: Callable[[JobOutcome], None] | None = None):
+    def __init__(self, engine: Engine, *, on_event=None, on_log=None, on_done: Callable[[JobOutcome], None] | None = None,
+                 temp_root: str | Path | None = None):
         self.engine = engine
         self.on_event = on_event
         self.on_log = on_log
         self.on_done = on_done
+        self.temp_root = Path(temp_root) if temp_root else None  # None: the system's temporary folder
         self.workdir: Path | None = None
         self.runner: ProcessRunner | None = None
         self.outcome: JobOutcome | None = None
 
     def _start_runner(self, argv: Sequence[str]) -> None:
         self.runner = ProcessRunner(argv, env=self.engine.env(), on_event=self.on_event, on_log=self.on_log, on_finished=self._finished)
+        _RUNNING.add(self)
         self.runner.start()
 
     def start(self) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="hfsam-"))
+        if self.temp_root is not None and not self.temp_root.is_dir():
+            raise UserInputError(f"the temporary folder {self.temp_root} does not exist; "
+                                 "choose another one in Slicer's Application Settings (General > Temporary directory)")
+        self.workdir = Path(tempfile.mkdtemp(prefix="hfsam-job-", dir=self.temp_root))
         try:
             self._prepare_and_run()
         except BaseException:
@@ -75,6 +105,13 @@ class _Job:
     def cancel(self) -> None:
         if self.runner:
             self.runner.cancel()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Cancel, wait for the child to be gone, remove the folder; deliver nothing (shutdown)."""
+        if self.runner:
+            self.runner.stop(grace_s)
+        self._cleanup()
+        self.outcome = self.outcome or JobOutcome("cancelled", "stopped: Slicer is closing")
 
     def wait(self, timeout: float | None = None) -> JobOutcome:
         if self.runner is None:
@@ -99,6 +136,8 @@ class _Job:
             outcome = JobOutcome("error", f"{type(exc).__name__}: {exc}", run)
         finally:
             self._cleanup()
+        if self.outcome is not None:  # stopped meanwhile (scene closed, Slicer exits): nobody waits for it
+            return
         self.outcome = outcome
         if self.on_done:
             self.on_done(outcome)
@@ -107,6 +146,7 @@ class _Job:
         raise NotImplementedError
 
     def _cleanup(self) -> None:
+        _RUNNING.discard(self)
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -131,6 +171,8 @@ class SegmentJob(_Job):
         super().__init__(engine, **callbacks)
         if volume_node is None:
             raise UserInputError("no input volume selected; pick the volume to segment")
+        if scene is None:
+            raise UserInputError(f"volume '{volume_node.GetName()}' is not in a scene; add it to the scene first")
         self.scene = scene
         self.volume_node = volume_node
         self.model_args = list(model_args)
@@ -144,10 +186,16 @@ class SegmentJob(_Job):
         image = mrml_adapter.export_volume(self.volume_node, self.workdir / "image.nrrd")
         self.output_path = self.workdir / "segmentation.nrrd"
         self._start_runner(
-            self.engine.segment(image, self.output_path, self.model_args, device=self.device, batch_size=self.batch_size)
+            self.engine.segment(image, self.output_path, self.model_args, device=self.device, batch_size=self.batch_size,
+                                job_dir=self.workdir)
         )
 
     def _collect(self, run: RunResult) -> JobOutcome:
+        if self.volume_node.GetScene() is not self.scene or (
+                self.output_node is not None and self.output_node.GetScene() is not self.scene):
+            # The scene was closed (or the node deleted) while the engine ran: never import into another scene.
+            return JobOutcome("cancelled", "the input volume or the output segmentation left the scene during the run; "
+                                           "nothing was imported", run)
         result = run.result or {}
         output = Path(result.get("output") or self.output_path)
         sidecar = result.get("sidecar") or mrml_adapter.sidecar_path(output)
@@ -215,6 +263,7 @@ class FinetuneJob(_Job):
             minutes=self.minutes,
             device=self.device,
             seed=self.seed,
+            job_dir=self.workdir,
         )
         if self.overwrite:
             argv.append("--overwrite")

@@ -12,9 +12,14 @@ into Slicer's process. Why:
 - one interface: the panel, the CLI user and CI call exactly the same commands,
   and the engine alone decides where the library is and how entries are stored.
 
-The cost is a Python start-up (a fraction of a second) per click, acceptable for
-a list or an import. Long operations (checkpoint download or import, which hash
-gigabytes) run through ``ProcessRunner`` with progress events and Cancel.
+The panel never waits for one: ``start()`` returns a running ``ProcessRunner``
+whose result arrives through the panel's poll timer, so opening the module or
+clicking Refresh never blocks Slicer (the blocking ``_run`` is for scripts and
+tests). Long operations (checkpoint download or import, which hash gigabytes)
+report progress events and can be cancelled.
+
+The backbones offered for fine-tuning come from the engine's registry
+(``backbones.py``), never from a list of our own.
 """
 
 from __future__ import annotations
@@ -23,14 +28,14 @@ import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
+from . import backbones
+from .child_process import popen_options
 from .engine_command import Engine
 from .errors import UserInputError
 from .process_runner import ProcessRunner, RunResult
 from .progress_parser import parse_line
-
-BACKBONES = ("vit_b", "vit_l", "vit_h")
 
 
 class EngineError(RuntimeError):
@@ -41,21 +46,43 @@ class EngineError(RuntimeError):
 class ModelChoice:
     """One entry of the panel's model selector: what the user sees and the engine arguments it means."""
 
-    key: str  # stored in the parameter node: "adapter:NAME", "file:PATH", "base:vit_b", "test:tiny"
+    key: str  # stored in the parameter node: "adapter:NAME", "file:PATH", "base:BACKBONE", "test:tiny"
     label: str
     args: tuple[str, ...]
     classes: tuple[str, ...] = ()
 
 
-# The random-weights tiny model: only for tests and the self-test (developer mode).
-TINY_TEST_ARGS = ("--checkpoint", "none", "--backbone", "tiny", "--img-size", "224")
+def _tiny_test_args() -> tuple[str, ...]:
+    tiny = next(b for b in backbones.registry().BACKBONES.values() if b.test_only)
+    return ("--checkpoint", "none", "--backbone", tiny.name, "--img-size", str(tiny.default_img_size))
+
+
+# The random-weights test model: only for tests and the self-test (developer mode).
+TINY_TEST_ARGS = _tiny_test_args()
+BASE_PREFIX = "base:"
+
+
+def base_key(backbone: str) -> str:
+    return BASE_PREFIX + backbone
+
+
+def backbone_of_key(key: str) -> str | None:
+    """"base:lite_medsam" -> "lite_medsam"; None for adapters, files and the test model."""
+    return key[len(BASE_PREFIX):] if key and key.startswith(BASE_PREFIX) else None
+
+
+def default_base_key(installed_checkpoint_keys: Iterable[str]) -> str:
+    """The "start from" a new adapter gets by default (the registry decides: LiteMedSAM without a SAM checkpoint)."""
+    return base_key(backbones.default_backbone(installed_checkpoint_keys))
 
 
 def model_choices(adapters: Sequence[dict], *, for_finetune: bool = False, developer: bool = False) -> list[ModelChoice]:
-    """Selector entries: library adapters (unreadable ones left out), base SAM for fine-tuning, tiny test model."""
+    """Selector entries: library adapters (unreadable ones left out), every pretrained backbone for fine-tuning,
+    the tiny test model in developer mode."""
     choices: list[ModelChoice] = []
     if for_finetune:
-        choices.append(ModelChoice("base:vit_b", "SAM ViT-B (new adapter)", ("--backbone", "vit_b")))
+        for info in backbones.pretrained():
+            choices.append(ModelChoice(base_key(info.name), f"{info.title}: new adapter", backbones.model_args(info.name)))
     for entry in adapters:
         if "error" in entry or not entry.get("name"):
             continue
@@ -93,10 +120,11 @@ class LibraryBridge:
     def __init__(self, engine: Engine, *, timeout_s: float = 120.0):
         self.engine = engine
         self.timeout_s = timeout_s
+        self._catalog = None  # ((path, mtime), checkpoints) of the last catalog read
 
     def _run(self, *args: str) -> dict:
-        """Run ``models <args> --progress json``; return the payload of its result event."""
-        argv = self.engine.models(*args, "--progress", "json")
+        """Run ``models <args> --progress json`` and wait; return the payload of its result event (scripts, tests)."""
+        argv = self.engine.models(*args)
         try:
             done = subprocess.run(
                 argv,
@@ -107,6 +135,7 @@ class LibraryBridge:
                 errors="replace",
                 env=self.engine.env(),
                 timeout=self.timeout_s,
+                **popen_options(),
             )
         except OSError as exc:
             raise EngineError(f"could not start {argv[0]}: {exc}") from exc
@@ -121,6 +150,25 @@ class LibraryBridge:
             if event and event["event"] == "result":
                 return event
         raise EngineError(f"'models {args[0]}' sent no result event; is the engine older than this module?")
+
+    def start(self, *args: str, on_done: Callable[[dict | None, str, str], None], on_event=None,
+              watched: bool = False) -> ProcessRunner:
+        """Start ``models <args>`` in the background; returns the runner (poll it from the GUI thread).
+
+        ``on_done(payload, status, message)``: the result event (None unless status is "done"), the
+        runner's status ("done", "bad_input", "cancelled", "error") and its one-line message.
+        """
+
+        def finished(run: RunResult) -> None:
+            if run.ok and run.result is None:
+                on_done(None, "error", f"'models {args[0]}' sent no result event; is the engine older than this module?")
+            else:
+                on_done(run.result if run.ok else None, run.status, run.message)
+
+        runner = ProcessRunner(self.engine.models(*args, watched=watched), env=self.engine.env(), on_event=on_event,
+                               on_finished=finished)
+        runner.start()
+        return runner
 
     # -- adapters --------------------------------------------------------------
     def list_adapters(self) -> list[dict]:
@@ -147,27 +195,45 @@ class LibraryBridge:
         return Path(self._run("path")["path"])
 
     # -- base checkpoints ---------------------------------------------------------
-    def checkpoint_status(self, backbone: str = "vit_b") -> Path | None:
-        """The base checkpoint file if the library has it (of the catalog's size), else None.
-
-        Reads the catalog and looks in the library's checkpoints/ folder, by the
-        engine's rules (``ModelLibrary.checkpoint_path``: catalog from
-        $HFSAM_CATALOG, else Resources/models.json; same size as the catalog
-        says); the SHA256 was verified when the file was downloaded or imported.
-        The engine's ``models list`` reports adapters only, hence this.
-        """
-        catalog_file = self.engine.env().get("HFSAM_CATALOG") or (
+    def catalog(self) -> dict:
+        """The engine's checkpoint catalog ($HFSAM_CATALOG, else Resources/models.json beside HFSAMCore); {} if unreadable."""
+        catalog_file = Path(self.engine.env().get("HFSAM_CATALOG") or (
             (self.engine.engine_dir or Path(".")) / "Resources" / "models.json"
-        )
-        catalog_file = Path(catalog_file)
+        ))
         try:
-            entry = json.loads(catalog_file.read_text(encoding="utf-8"))["checkpoints"][backbone]
-        except (OSError, ValueError, KeyError):
+            stamp = (str(catalog_file), catalog_file.stat().st_mtime_ns)
+            if self._catalog is None or self._catalog[0] != stamp:  # the panel asks at every GUI update
+                checkpoints = json.loads(catalog_file.read_text(encoding="utf-8"))["checkpoints"]
+                self._catalog = (stamp, checkpoints if isinstance(checkpoints, dict) else {})
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+        return self._catalog[1]
+
+    def checkpoint_file(self, key: str, library_path: str | Path) -> Path | None:
+        """The base checkpoint ``key`` in ``library_path``/checkpoints if it is there with the catalog's size, else None.
+
+        Reads the catalog and the folder by the engine's rules
+        (``ModelLibrary.checkpoint_path``); the SHA256 was verified when the file
+        was downloaded or imported. No child process: the library path comes
+        from an earlier ``models path``.
+        """
+        entry = self.catalog().get(key)
+        if not isinstance(entry, dict) or not entry.get("filename"):
             return None
-        path = self.library_path() / "checkpoints" / entry["filename"]
+        path = Path(library_path) / "checkpoints" / entry["filename"]
         if not path.is_file() or (entry.get("size") and path.stat().st_size != entry["size"]):
             return None
         return path
+
+    def installed_checkpoints(self, library_path: str | Path) -> set[str]:
+        """Catalog keys of the base checkpoints present in the library."""
+        return {key for key in self.catalog() if self.checkpoint_file(key, library_path) is not None}
+
+    def checkpoint_status(self, backbone: str = "vit_b") -> Path | None:
+        """Blocking variant of ``checkpoint_file`` (runs ``models path``): for scripts and tests."""
+        info = backbones.info(backbone)
+        key = info.checkpoint if info is not None else backbone
+        return self.checkpoint_file(key, self.library_path()) if key else None
 
     def download_checkpoint(
         self,
@@ -177,8 +243,9 @@ class LibraryBridge:
         on_finished: Callable[[RunResult], None] | None = None,
     ) -> ProcessRunner:
         """A started runner that downloads (or resumes) the checkpoint, verified by SHA256; Cancel keeps the .part."""
-        if backbone not in BACKBONES:
-            raise UserInputError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
+        names = [b.name for b in backbones.pretrained()]
+        if backbone not in names:
+            raise UserInputError(f"unknown backbone {backbone!r}; choose one of {', '.join(names)}")
         return self._start(["download", backbone], on_event, on_finished)
 
     def import_checkpoint(
@@ -188,13 +255,13 @@ class LibraryBridge:
         on_event: Callable[[dict], None] | None = None,
         on_finished: Callable[[RunResult], None] | None = None,
     ) -> ProcessRunner:
-        """A started runner that copies a local SAM checkpoint into the library, checking its SHA256."""
+        """A started runner that copies a local checkpoint into the library, identifying it by its SHA256."""
         if not Path(file).is_file():
-            raise UserInputError(f"{file} does not exist; pick the downloaded sam_vit_*.pth file")
+            raise UserInputError(f"{file} does not exist; pick the downloaded checkpoint (.pth) file")
         return self._start(["import-checkpoint", str(file)], on_event, on_finished)
 
     def _start(self, args: list[str], on_event, on_finished) -> ProcessRunner:
-        argv = self.engine.models(*args, "--progress", "json")
-        runner = ProcessRunner(argv, env=self.engine.env(), on_event=on_event, on_finished=on_finished)
+        runner = ProcessRunner(self.engine.models(*args, watched=True), env=self.engine.env(), on_event=on_event,
+                               on_finished=on_finished)
         runner.start()
         return runner

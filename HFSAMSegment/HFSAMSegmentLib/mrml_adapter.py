@@ -163,7 +163,8 @@ def write_image(image: sitk.Image, path: str | Path, *, overwrite: bool = False,
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, compress)
-        with open(tmp, "rb") as handle:
+        # "rb+", not "rb": on Windows fsync needs a handle with write access (EBADF otherwise).
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -283,13 +284,39 @@ def import_segmentation(
     present = [int(v) for v in np.unique(array) if v > 0]
     table = _class_table(info.get("classes", []), present, terminology)
 
-    new_node = segmentation_node is None
-    if new_node:
-        base = name or f"{reference_volume.GetName()} segmentation"
-        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(base))
+    if segmentation_node is not None:
+        _fill_segmentation(scene, segmentation_node, reference_volume, table, array, geometry, new_node=False)
+        return segmentation_node
+    # A new node is added to the scene only complete: if anything fails, it is removed again,
+    # so a failed import never leaves a half-filled segmentation behind.
+    base = name or f"{reference_volume.GetName()} segmentation"
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", scene.GenerateUniqueName(base))
+    try:
         segmentation_node.CreateDefaultDisplayNodes()
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
         segmentation_node.SetAndObserveTransformNodeID(reference_volume.GetTransformNodeID())
+        _fill_segmentation(scene, segmentation_node, reference_volume, table, array, geometry, new_node=True)
+    except BaseException:
+        display = segmentation_node.GetDisplayNode()
+        if display is not None:
+            scene.RemoveNode(display)
+        scene.RemoveNode(segmentation_node)
+        raise
+    return segmentation_node
+
+
+def set_segment_terminology(segment, serialized: str) -> None:
+    """Tag a segment with a terminology entry the way Slicer 5.8 reads it (``vtkSegment.SetTerminology`` is 5.10+)."""
+    segment.SetTag(segment.GetTerminologyEntryTagName(), serialized)
+
+
+def segment_terminology(segment) -> str:
+    """A segment's serialized terminology entry, "" when it has none (works on Slicer 5.8 and later)."""
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(segment.GetTerminologyEntryTagName(), value) else ""
+
+
+def _fill_segmentation(scene, segmentation_node, reference_volume, table, array, geometry, *, new_node: bool) -> None:
     segmentation = segmentation_node.GetSegmentation()
 
     segment_ids = vtk.vtkStringArray()  # index v-1 -> segment that receives label value v ("" = skip)
@@ -305,7 +332,7 @@ def import_segmentation(
         segment = segmentation.GetSegment(segment_id)
         segment.SetColor(*cls["color"])
         if cls["terminology"]:
-            segment.SetTerminology(cls["terminology"])
+            set_segment_terminology(segment, cls["terminology"])
         segment_ids.InsertNextValue(segment_id)
 
     # The label file is in the volume's local frame, so the temporary labelmap
@@ -328,7 +355,6 @@ def import_segmentation(
         display.SetVisibility(True)
         display.SetVisibility2D(True)
     place_next_to(scene, segmentation_node, reference_volume)
-    return segmentation_node
 
 
 def place_next_to(scene, node, reference) -> None:
@@ -414,11 +440,84 @@ def slices_with_labels(labels: np.ndarray, axis_ijk: int) -> list[int]:
 
 
 def labeled_slices(segmentation_node, segment_ids: Sequence[str], reference_volume) -> TrainingLabels:
-    """Which slices of the volume hold labels of the chosen segments (nothing is written)."""
-    labels = merged_labels(segmentation_node, segment_ids, reference_volume)
+    """Which slices of the volume hold labels of the chosen segments (nothing is written).
+
+    The panel calls this after every pause in painting, in the GUI thread, so it
+    reads each segment's own labelmap within its own extent (no resampling, no
+    volume-sized array) whenever that labelmap lies on the volume's voxel grid,
+    as it does for segments painted on this volume. Otherwise (another grid, a
+    different parent transform, a closed-surface source) it resamples like
+    ``merged_labels``. ``voxel_counts`` are per segment; voxels two segments
+    share count for both.
+    """
+    if segmentation_node is None:
+        raise UserInputError("no segmentation selected; pick the segmentation that holds your labeled slices")
+    if not segment_ids:
+        raise UserInputError("no segments chosen; tick the segments the model should learn")
+    names = segment_names(segmentation_node, segment_ids)
     axis = Geometry.of_node(reference_volume).slice_axis()
+    fast = _slices_on_the_volume_grid(segmentation_node, segment_ids, reference_volume, axis)
+    if fast is not None:
+        slices, counts = fast
+        return TrainingLabels(None, slices, names, axis, counts)
+    labels = merged_labels(segmentation_node, segment_ids, reference_volume)
     counts = [int(np.count_nonzero(labels == n + 1)) for n in range(len(segment_ids))]
-    return TrainingLabels(None, slices_with_labels(labels, axis), segment_names(segmentation_node, segment_ids), axis, counts)
+    return TrainingLabels(None, slices_with_labels(labels, axis), names, axis, counts)
+
+
+def _matrix(getter) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    getter(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _slices_on_the_volume_grid(segmentation_node, segment_ids, reference_volume, axis):
+    """(slices, counts) from the segments' own labelmaps, or None when one of them is not on the volume's grid."""
+    if segmentation_node.GetTransformNodeID() != reference_volume.GetTransformNodeID():
+        return None
+    reference = reference_volume.GetImageData()
+    if reference is None:
+        node_array(reference_volume)  # raises the "has no voxels" error
+    ref_extent = np.array(reference.GetExtent()).reshape(3, 2)
+    volume_from_ras = np.linalg.inv(_matrix(reference_volume.GetIJKToRASMatrix))
+    labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    segmentation = segmentation_node.GetSegmentation()
+    found: set[int] = set()
+    counts = []
+    for segment_id in segment_ids:
+        segment = segmentation.GetSegment(segment_id)
+        image = segment.GetRepresentation(labelmap_name)
+        if image is None or not image.IsA("vtkOrientedImageData"):
+            return None
+        extent = np.array(image.GetExtent()).reshape(3, 2)
+        scalars = image.GetPointData().GetScalars() if image.GetPointData() else None
+        if scalars is None or np.any(extent[:, 1] < extent[:, 0]):
+            counts.append(0)  # never painted
+            continue
+        # labelmap voxel index -> volume voxel index: must be the identity plus a whole-voxel shift.
+        to_volume = volume_from_ras @ _matrix(image.GetImageToWorldMatrix)
+        shift = np.round(to_volume[:3, 3])
+        if not (np.allclose(to_volume[:3, :3], np.eye(3), atol=1e-4) and np.allclose(to_volume[:3, 3], shift, atol=1e-3)):
+            return None
+        dims = extent[:, 1] - extent[:, 0] + 1
+        values = numpy_support.vtk_to_numpy(scalars)
+        if values.size != int(np.prod(dims)):
+            return None
+        mask = values.reshape(dims[2], dims[1], dims[0]) == segment.GetLabelValue()
+        # Keep the part inside the volume (in volume IJK: labelmap index + shift).
+        lo = np.maximum(extent[:, 0] + shift, ref_extent[:, 0]).astype(int)
+        hi = np.minimum(extent[:, 1] + shift, ref_extent[:, 1]).astype(int)
+        if np.any(hi < lo):
+            counts.append(0)
+            continue
+        start = (lo - shift - extent[:, 0]).astype(int)
+        stop = (hi - shift - extent[:, 0] + 1).astype(int)
+        inside = mask[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]]  # numpy order is [k, j, i]
+        counts.append(int(np.count_nonzero(inside)))
+        axis_np = 2 - axis
+        other = tuple(a for a in range(3) if a != axis_np)
+        found.update(int(i) + int(lo[axis] - ref_extent[axis, 0]) for i in np.flatnonzero(inside.any(axis=other)))
+    return sorted(found), counts
 
 
 def export_training_labels(

@@ -17,6 +17,11 @@ sends SIGTERM to the group (the engine turns it into a clean ``Cancelled``, exit
 period if anything is left. On Windows ``taskkill /T /F`` kills the tree at once.
 Either way the engine writes outputs atomically, so no half-written file is left
 under a final name.
+
+Lifeline: the child's stdin is a pipe this runner holds open and never writes
+to, so a child started through ``parent_watch.py`` sees end-of-file, and
+stops, only when this process is gone (exit or crash). Children get no console
+window on Windows (``child_process.popen_options``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
+from .child_process import popen_options
 from .progress_parser import parse_line
 
 # Exit codes of the engine's command line (DESIGN.md).
@@ -127,20 +133,15 @@ class ProcessRunner:
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")  # lines must arrive while the run goes on
         env.setdefault("PYTHONIOENCODING", "utf-8")
-        kwargs: dict = {}
-        if sys.platform == "win32":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
-        else:
-            kwargs["start_new_session"] = True  # own process group: cancel reaches grandchildren too
         try:
             self._proc = subprocess.Popen(
                 self.argv,
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE,  # the lifeline (see the module docstring); never written to
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=env,
                 cwd=self.cwd,
-                **kwargs,
+                **popen_options(own_group=True),  # own process group: cancel reaches grandchildren too
             )
         except OSError as exc:
             # Same path as any other failure, so the GUI has one place to handle it.
@@ -179,6 +180,7 @@ class ProcessRunner:
         assert self._proc
         code = self._proc.wait()
         self._exited.set()
+        self._close_lifeline()
         if self._cancel_requested.is_set():
             self._kill_tree(force=True)  # helpers the engine started may outlive it
         # A leftover grandchild holding the pipes open must not keep the run "running".
@@ -189,6 +191,14 @@ class ProcessRunner:
             out.join()
             err.join()
         self._queue.put(("exit", code))
+
+    def _close_lifeline(self) -> None:
+        stdin = self._proc.stdin if self._proc else None
+        if stdin is not None:
+            try:
+                stdin.close()
+            except OSError:
+                pass
 
     # -- cancel ---------------------------------------------------------------
     def cancel(self) -> None:
@@ -214,9 +224,11 @@ class ProcessRunner:
             if proc.poll() is None:
                 subprocess.run(
                     ["taskkill", "/PID", str(proc.pid), "/T", "/F"],
+                    stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                     check=False,
+                    **popen_options(),
                 )
             return
         try:
@@ -224,6 +236,17 @@ class ProcessRunner:
             os.killpg(proc.pid, signal.SIGKILL if force else signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass  # the whole group is already gone
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """Cancel and wait (at most ``grace_s``) until the child is gone, killing its tree if it lingers.
+
+        For shutdown (Slicer exits, the scene closes): nothing is delivered, no callback runs.
+        """
+        self.cancel()
+        if self._proc is None or self._exited.wait(grace_s):
+            return
+        self._kill_tree(force=True)
+        self._exited.wait(grace_s)
 
     # -- delivery (caller's thread) -------------------------------------------
     def poll(self) -> bool:

@@ -4,7 +4,10 @@ Each scenario builds its own small data in the given scene (no downloads, no
 sample data needed inside Slicer), checks values, and raises AssertionError
 with a clear message when something is off. ``Testing/test_*.py`` calls the
 same functions (plus finer checks), and ``HFSAMSegmentTest`` in
-HFSAMSegment.py runs them inside a real Slicer: one set of scenarios, two hosts.
+HFSAMSegment.py runs ``SCENARIOS`` inside a real Slicer: one set of scenarios,
+two hosts. The engine scenarios (Segment, Fine-tune, Cancel) run the real
+engine with the random tiny model and write only into their own folder (a
+private model library included), never into the user's.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import SimpleITK as sitk
 
 from . import mrml_adapter
 from .engine_command import Engine
-from .library_bridge import TINY_TEST_ARGS
+from .library_bridge import TINY_TEST_ARGS, LibraryBridge
 from .terminology import Terminology
 
 TOLERANCE_MM = 1e-6
@@ -149,8 +152,9 @@ def label_import(scene, folder: str | Path, terminology: Terminology | None = No
     liver = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("liver"))
     _assert_close(liver.GetColor(), np.array([221, 130, 101]) / 255.0, "liver colour")
     if terminology is not None:
-        assert "10200004" in liver.GetTerminology(), f"liver terminology {liver.GetTerminology()!r}"
-        kidney = segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("right kidney")).GetTerminology()
+        liver_term = mrml_adapter.segment_terminology(liver)
+        assert "10200004" in liver_term, f"liver terminology {liver_term!r}"
+        kidney = mrml_adapter.segment_terminology(segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("right kidney")))
         assert "64033007" in kidney and "24028007" in kidney, f"right kidney terminology {kidney!r}"
     # Reference geometry = the input volume; placed in the volume's study folder.
     reference = node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
@@ -248,3 +252,107 @@ def tiny_segment_run(scene, engine: Engine | None = None, *, device: str = "cpu"
     assert merged.shape == (3, 40, 48), f"result grid {merged.shape}"
     assert not job.workdir.exists(), f"temporary folder {job.workdir} was left behind"
     return {"segmentation": node, "volume": volume, "events": events, "job": job}
+
+
+def tiny_cancel_run(scene, engine: Engine | None = None, *, timeout_s: float = 300) -> dict:
+    """Cancel a real engine run after its first slice: status "cancelled", no segmentation node, no files left."""
+    from .jobs import SegmentJob
+
+    engine = engine or Engine.locate()
+    volume, _ = make_volume(scene, shape=(40, 40, 48), name="cancel run volume")
+    before = scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
+    events = []
+
+    def on_event(event):
+        events.append(event)
+        if event["event"] == "progress" and event["stage"] == "segment" and event["done"] >= 1:
+            job.cancel()
+
+    job = SegmentJob(engine, scene, volume, TINY_TEST_ARGS + ("--classes", "synapse"), device="cpu", batch_size=1,
+                     on_event=on_event)
+    job.start()
+    outcome = job.wait(timeout_s)
+    assert outcome.status == "cancelled", f"cancelled run ended {outcome.status}: {outcome.message}"
+    done = [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "segment"]
+    assert done and max(done) < 40, f"the run was not stopped mid-way (slices done: {done[-3:]})"
+    after = scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems()
+    assert after == before, f"a cancelled run added {after - before} segmentation node(s)"
+    assert not job.workdir.exists(), f"temporary folder {job.workdir} was left behind"
+    return {"job": job, "events": events}
+
+
+def tiny_finetune_run(scene, folder: str | Path, engine: Engine | None = None, *, timeout_s: float = 300) -> dict:
+    """Paint 2 segments on 3 slices, fine-tune the tiny model for 2 steps into a private library, then segment
+    with the new adapter: the adapter has the painted classes, and the result has their segments."""
+    from .jobs import FinetuneJob, SegmentJob
+
+    base = engine or Engine.locate()
+    engine = Engine(base.python, base.engine_dir, Path(folder) / "library")  # never the user's library
+    volume, _ = make_volume(scene, shape=(6, 40, 48), name="finetune run volume")
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "painted for fine-tuning")
+    node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    liver = node.GetSegmentation().AddEmptySegment("", "liver", (0.8, 0.5, 0.4))
+    spleen = node.GetSegmentation().AddEmptySegment("", "spleen", (0.6, 0.4, 0.6))
+    paint_slices(node, liver, volume, [1, 2, 4], box=(slice(5, 20), slice(6, 25)))
+    paint_slices(node, spleen, volume, [2, 4], box=(slice(25, 35), slice(30, 40)))
+    events = []
+    job = FinetuneJob(engine, volume, node, [liver, spleen], "selftest_adapter", model_args=TINY_TEST_ARGS, steps=2,
+                      device="cpu", seed=0, on_event=events.append)
+    job.start()
+    outcome = job.wait(timeout_s)
+    assert outcome.ok, f"fine-tune ended {outcome.status}: {outcome.message}\n{outcome.run.stderr_tail if outcome.run else ''}"
+    assert outcome.slices == [1, 2, 4], f"trained on slices {outcome.slices}"
+    steps = [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "finetune"]
+    assert steps and steps[-1] == 2, f"fine-tune progress {steps}"
+    assert not job.workdir.exists(), f"temporary folder {job.workdir} was left behind"
+    entries = LibraryBridge(engine).list_adapters()
+    assert [(e["name"], e["classes"]) for e in entries] == [("selftest_adapter", ["liver", "spleen"])], entries
+
+    segment = SegmentJob(engine, scene, volume, ("--adapter", "selftest_adapter"), device="cpu")
+    segment.start()
+    result = segment.wait(timeout_s)
+    assert result.ok, f"segment with the new adapter ended {result.status}: {result.message}"
+    seg = result.segmentation_node.GetSegmentation()
+    names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+    assert names == ["liver", "spleen"], f"segments of the new adapter's result {names}"
+    return {"outcome": outcome, "segmentation": result.segmentation_node, "library": engine.library}
+
+
+#: (title, scenario(scene, folder, engine), needs the engine): what HFSAMSegmentTest runs inside Slicer, in order.
+SCENARIOS = (
+    ("Volume node -> NRRD -> volume node: geometry to 1e-6 mm",
+     lambda scene, folder, engine: geometry_round_trip(scene, folder), False),
+    ("Engine label file + sidecar -> segmentation node next to the volume",
+     lambda scene, folder, engine: label_import(scene, folder), False),
+    ("Painted slices -> labeled slice indices and training label file",
+     lambda scene, folder, engine: labeled_slices(scene, folder), False),
+    ("Segment: a short engine run (random tiny model) through the background runner",
+     lambda scene, folder, engine: tiny_segment_run(scene, engine), True),
+    ("Cancel: a run stopped after its first slice leaves nothing behind",
+     lambda scene, folder, engine: tiny_cancel_run(scene, engine), True),
+    ("Fine-tune: 2 painted segments -> new adapter in a private library -> segment with it",
+     lambda scene, folder, engine: tiny_finetune_run(scene, folder, engine), True),
+)
+
+
+def run_all(scene, logic, log=print) -> None:
+    """Run SCENARIOS on ``scene`` (Slicer's), each on a cleared scene with its own folder under ``logic.temp_root``;
+    the engine scenarios are skipped, with a message, while the engine's Python packages are missing."""
+    import shutil
+    import tempfile
+
+    from . import installer
+
+    missing = installer.missing_requirements()
+    for title, scenario, needs_engine in SCENARIOS:
+        if needs_engine and missing:
+            log(f"Skipped ({title}): missing " + ", ".join(m.describe() for m in missing))
+            continue
+        log(title)
+        scene.Clear(0)
+        folder = tempfile.mkdtemp(prefix="hfsam-selftest-", dir=logic.temp_root)
+        try:
+            scenario(scene, folder, logic.engine)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    log("HF-SAM self-test passed")

@@ -38,6 +38,40 @@ def find_term_file() -> Path | None:
     return None
 
 
+def load_into_slicer(terminologies_logic, path: str | Path | None = None) -> str | None:
+    """Load the context file into Slicer's Terminologies logic once; returns the context name (None: no file).
+
+    Called at ``startupCompleted`` (as TotalSegmentator does), so that a saved
+    scene reopened in a fresh session shows our segments' entries. Uses only
+    calls that exist in Slicer 5.8 (``IsTerminologyContextLoaded`` is 5.10+).
+    """
+    import vtk  # noqa: PLC0415 - only this function needs VTK (Slicer's, or slicer-core's in CI)
+
+    path = Path(path) if path else find_term_file()
+    if path is None:
+        return None
+    context = json.loads(path.read_text(encoding="utf-8"))["SegmentationCategoryTypeContextName"]
+    names = vtk.vtkStringArray()
+    terminologies_logic.GetLoadedTerminologyNames(names)
+    if context not in {names.GetValue(i) for i in range(names.GetNumberOfValues())}:
+        loaded = terminologies_logic.LoadTerminologyFromFile(str(path))
+        if loaded != context:
+            raise RuntimeError(f"Slicer could not load the terminology {path} (got {loaded!r})")
+    return context
+
+
+def register_terminology() -> None:
+    """``load_into_slicer`` with Slicer's Terminologies module; logs instead of raising (Slicer must start)."""
+    import logging
+
+    try:
+        import slicer  # noqa: PLC0415 - only inside Slicer
+
+        load_into_slicer(slicer.modules.terminologies.logic())
+    except Exception:  # noqa: BLE001
+        logging.exception(f"HF-SAM: could not load {TERM_FILE_NAME} into the Terminologies module")
+
+
 def normalize_name(name: str) -> str:
     """'Kidney_Right' -> 'kidney right': the key class names are matched on."""
     return re.sub(r"[\s_\-]+", " ", str(name)).strip().lower()

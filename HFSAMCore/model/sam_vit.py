@@ -1,6 +1,6 @@
-"""SAM image-encoder configurations and loading of the official SAM checkpoints.
+"""The SAM ViT backbone family: SAM's own ``ImageEncoderViT`` and Meta's checkpoints.
 
-The encoder is SAM's own ``ImageEncoderViT``. A SAM checkpoint is trained at
+The encoder is SAM's own ``ImageEncoderViT``, configured from the registry. A SAM checkpoint is trained at
 1024 px; at another input size the absolute position embedding and the relative
 position tables of the global-attention blocks no longer fit, so they are
 resized bilinearly (as SAMed does). Windowed blocks keep their 14x14 tables.
@@ -11,7 +11,6 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -21,65 +20,29 @@ from torch.nn import functional as F
 from segment_anything.modeling import ImageEncoderViT
 
 from ..errors import InputError
+from .attention import use_fast_encoder
+from .lora import add_lora
+from .registry import BACKBONES, BackboneInfo
 
-PATCH_SIZE = 16
 SAM_IMG_SIZE = 1024
 
 
-@dataclass(frozen=True)
-class BackboneConfig:
-    embed_dim: int
-    depth: int
-    num_heads: int
-    global_attn_indexes: tuple[int, ...]
-    window_size: int = 14
-    prompt_dim: int = 256  # SAM's prompt/decoder width
-    decoder_depth: int = 2
-    decoder_mlp_dim: int = 2048
-    decoder_heads: int = 8
-    checkpoint: str | None = None  # catalog key of the official weights
-    note: str = ""
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def first_global_block(self) -> int:
-        return self.global_attn_indexes[0]
-
-
-BACKBONES: dict[str, BackboneConfig] = {
-    "vit_b": BackboneConfig(768, 12, 12, (2, 5, 8, 11), checkpoint="vit_b"),
-    "vit_l": BackboneConfig(1024, 24, 16, (5, 11, 17, 23), checkpoint="vit_l"),
-    "vit_h": BackboneConfig(1280, 32, 16, (7, 15, 23, 31), checkpoint="vit_h"),
-    # For CPU tests and CI: the same architecture, a few hundred thousand parameters.
-    "tiny": BackboneConfig(
-        64, 4, 2, (1, 3), window_size=7, prompt_dim=64, decoder_depth=1, decoder_mlp_dim=128,
-        decoder_heads=2, note="test configuration: no pretrained weights exist",
-    ),
-}
-
-
-def get_backbone(name: str) -> BackboneConfig:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise InputError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
-
-
-def build_image_encoder(cfg: BackboneConfig, img_size: int) -> ImageEncoderViT:
+def build_image_encoder(info: BackboneInfo, img_size: int) -> ImageEncoderViT:
+    arch = info.arch
     return ImageEncoderViT(
         img_size=img_size,
-        patch_size=PATCH_SIZE,
-        embed_dim=cfg.embed_dim,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
+        patch_size=arch.patch_size,
+        embed_dim=arch.embed_dim,
+        depth=arch.depth,
+        num_heads=arch.num_heads,
         mlp_ratio=4,
-        out_chans=cfg.prompt_dim,
+        out_chans=info.decoder.dim,
         qkv_bias=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-6),
         use_rel_pos=True,
         rel_pos_zero_init=True,
-        window_size=cfg.window_size,
-        global_attn_indexes=cfg.global_attn_indexes,
+        window_size=arch.window_size,
+        global_attn_indexes=arch.global_attn_indexes,
     )
 
 
@@ -92,34 +55,41 @@ UNUSED_CHECKPOINT_PREFIXES = (
 )
 # Parameters HF-SAM adds to SAM: never expected in a SAM checkpoint.
 NEW_PARAMETER_MARKERS = (".lora_", "low_level_proj.", "awffm", "mask_decoder.mask_tokens.",
-                         "mask_decoder.output_hypernetworks_mlps.")
+                         "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.hf_token.")
 
 
-def read_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint without ever running pickled code (weights_only=True)."""
+def load_tensor_file(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's dictionary of tensors, read without ever running pickled code (weights_only=True)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"checkpoint not found: {path}; download it with `hfsam models download vit_b` "
-                         "or pass --checkpoint none --backbone tiny for a random test model")
+        raise InputError(f"{what} not found: {path}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols mean nothing to a user
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only load failed" in str(exc).lower():  # torch's wording when it refuses an object
-            raise InputError(f"{path} is not a loadable SAM checkpoint: it holds objects other than tensors, "
-                             "which could run code when loaded, so it was refused; use an official SAM "
-                             "checkpoint") from None
-        raise InputError(f"{path} is not a loadable SAM checkpoint (damaged or another format)") from None
+            raise InputError(f"{path} is not a loadable {what}: it holds objects other than tensors, "
+                             "which could run code when loaded, so it was refused; use an official file") from None
+        raise InputError(f"{path} is not a loadable {what} (damaged or another format)") from None
     except Exception as exc:  # a damaged file fails in many ways (OSError, RuntimeError, EOFError, KeyError...)
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours some messages
         first = text.splitlines()[0][:120] if text else type(exc).__name__
-        raise InputError(f"{path} is not a loadable SAM checkpoint (damaged, truncated or another format: "
+        raise InputError(f"{path} is not a loadable {what} (damaged, truncated or another format: "
                          f"{first})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"{path} is not a SAM checkpoint: expected a dictionary of tensors")
+        raise InputError(f"{path} is not a {what}: expected a dictionary of tensors")
+    return state
+
+
+def read_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path}; download it with `hfsam models download vit_b` "
+                         "or pass --checkpoint none --backbone tiny for a random test model")
+    state = load_tensor_file(path, what="SAM checkpoint")
     if "image_encoder.patch_embed.proj.weight" not in state:
         raise InputError(f"{path} is not a SAM checkpoint: it has no image_encoder weights")
     return state
@@ -140,12 +110,12 @@ def _resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
     return resized[0, 0]
 
 
-def adapt_sam_state_dict(state: dict[str, torch.Tensor], cfg: BackboneConfig, img_size: int) -> dict:
+def adapt_sam_state_dict(state: dict[str, torch.Tensor], info: BackboneInfo, img_size: int) -> dict:
     """Resize the position tables of a 1024-px SAM checkpoint to ``img_size``."""
     state = dict(state)
-    tokens = img_size // PATCH_SIZE
+    tokens = info.embedding_size(img_size)
     state["image_encoder.pos_embed"] = _resize_pos_embed(state["image_encoder.pos_embed"], tokens)
-    for i in cfg.global_attn_indexes:
+    for i in info.arch.global_attn_indexes:
         for axis in ("h", "w"):
             key = f"image_encoder.blocks.{i}.attn.rel_pos_{axis}"
             if key in state:
@@ -153,7 +123,7 @@ def adapt_sam_state_dict(state: dict[str, torch.Tensor], cfg: BackboneConfig, im
     return state
 
 
-def load_sam_weights(model: nn.Module, state: dict[str, torch.Tensor], cfg: BackboneConfig, img_size: int) -> dict:
+def load_sam_weights(model: nn.Module, state: dict[str, torch.Tensor], info: BackboneInfo, img_size: int) -> dict:
     """Load SAM weights into an HF-SAM model, strictly: every key is accounted for.
 
     Returns a report {"loaded": n, "skipped": [...]} (skipped = the known
@@ -161,11 +131,12 @@ def load_sam_weights(model: nn.Module, state: dict[str, torch.Tensor], cfg: Back
     mis-shaped keys, e.g. a vit_l checkpoint given for a vit_b model.
     """
     width = state["image_encoder.patch_embed.proj.weight"].shape[0]
-    if width != cfg.embed_dim:
-        guess = next((n for n, c in BACKBONES.items() if c.embed_dim == width), f"width {width}")
-        raise InputError(f"the checkpoint is a {guess} SAM model but the backbone is width {cfg.embed_dim}; "
+    if width != info.arch.embed_dim:
+        guess = next((n for n, b in BACKBONES.items()
+                      if b.family == "sam_vit" and b.arch.embed_dim == width), f"width {width}")
+        raise InputError(f"the checkpoint is a {guess} SAM model but the backbone is width {info.arch.embed_dim}; "
                          f"pass --backbone {guess} or the matching checkpoint")
-    state = adapt_sam_state_dict(state, cfg, img_size)
+    state = adapt_sam_state_dict(state, info, img_size)
     target = model.state_dict()
     skipped = [k for k in state if k.startswith(UNUSED_CHECKPOINT_PREFIXES)]
     usable = {k: v for k, v in state.items() if not k.startswith(UNUSED_CHECKPOINT_PREFIXES)}
@@ -183,3 +154,39 @@ def load_sam_weights(model: nn.Module, state: dict[str, torch.Tensor], cfg: Back
         for k, v in usable.items():
             target[k].copy_(v.to(target[k].dtype))
     return {"loaded": len(usable), "skipped": skipped}
+
+
+class SamViTFamily:
+    """SAM's ViT encoders (vit_b, vit_l, vit_h; tiny for tests): the paper's backbone."""
+
+    def build_encoder(self, info: BackboneInfo, img_size: int) -> ImageEncoderViT:
+        return build_image_encoder(info, img_size)
+
+    def tap_channels(self, info: BackboneInfo, tap: int) -> int:
+        return info.arch.embed_dim
+
+    def encode(self, encoder: ImageEncoderViT, images: torch.Tensor, taps: tuple[int, ...]):
+        x = encoder.patch_embed(images)
+        if encoder.pos_embed is not None:
+            x = x + encoder.pos_embed
+        taken = {}
+        for i, block in enumerate(encoder.blocks):
+            x = block(x)
+            if i in taps:
+                taken[i] = x.permute(0, 3, 1, 2)
+        return encoder.neck(x.permute(0, 3, 1, 2)), [taken[t] for t in taps]
+
+    def add_lora(self, encoder: ImageEncoderViT, rank: int) -> int:
+        return add_lora(encoder, rank)
+
+    def read_checkpoint(self, path: Path) -> dict[str, torch.Tensor]:
+        return read_sam_state_dict(path)
+
+    def load_checkpoint(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+        return load_sam_weights(model, state, model.info, model.spec.img_size)
+
+    def keep_frozen(self, encoder: ImageEncoderViT) -> None:
+        pass  # LayerNorm only: nothing has running statistics
+
+    def set_fast_inference(self, encoder: ImageEncoderViT, enabled: bool) -> None:
+        use_fast_encoder(encoder, enabled)
