@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml requirements-torch.txt
 	touch $@
 
 demo: setup
-	$(BIN)/hfsam demo --output demo_output
+	$(BIN)/hfsam demo --output demo_output --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q Testing

@@ -388,7 +388,40 @@ def load_adapter(path: str | os.PathLike, *, device: Any = "cpu") -> tuple[dict[
         raise _not_adapter(p, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
     if not tensors:
         raise _not_adapter(p, "it holds no tensors")
+    import torch
+
+    broken = next((k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if broken is not None:
+        raise _broken(p, broken)
     return tensors, metadata
+
+
+def check_finite_tensors(path: str | os.PathLike) -> None:
+    """Refuse an adapter holding NaN or infinite weights (what a diverged training saves), without
+    torch: the CLI calls it before the model is loaded. Tensor types numpy lacks (bf16) are left to
+    ``load_adapter``, which checks every tensor again."""
+    import numpy as np
+    from safetensors import safe_open
+
+    p = _existing_file(path)
+    try:
+        with safe_open(str(p), framework="numpy") as fh:
+            for key in fh.keys():
+                try:
+                    array = fh.get_tensor(key)
+                except (TypeError, ValueError):  # a dtype numpy does not have
+                    continue
+                if array.dtype.kind == "f" and not np.isfinite(array).all():
+                    raise _broken(p, key)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here means the file is damaged
+        raise _not_adapter(p, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+
+
+def _broken(path: Path, key: str) -> InputError:
+    return InputError(f"{path} is a broken adapter: its tensor '{key}' holds NaN or infinite values (its training "
+                      "diverged); train it again with a lower --lr")
 
 
 def _prepare(tensors: Mapping[str, Any], source: str) -> dict:
@@ -402,6 +435,9 @@ def _prepare(tensors: Mapping[str, Any], source: str) -> dict:
             raise InputError(f"tensor names must be non-empty strings, not {key!r:.40} ({source})")
         if not isinstance(value, torch.Tensor):
             raise InputError(f"'{key}' is a {type(value).__name__}, not a tensor ({source})")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise InputError(f"not saving {source}: tensor '{key}' holds NaN or infinite values (the training "
+                             "diverged); try a lower --lr")
         # clone: safetensors refuses tensors that share storage (views, tied weights).
         out[key] = value.detach().to("cpu").contiguous().clone()
     return out

@@ -9,16 +9,16 @@ Heavy imports (torch, SAM) happen inside the commands so that ``--help`` is inst
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from . import __version__
-from .errors import Cancelled, HFSAMError, InputError
+from .errors import Cancelled, HFSAMError, HFSAMWarning, InputError, is_out_of_memory
 from .malloc import keep_freed_memory
+from .options import OneLineParser, UsageError, check_options, progress_mode
 from .model.registry import FUSIONS, backbone_names, pretrained_backbones
 from .progress import Progress
 
@@ -57,9 +57,13 @@ class _Explicit(argparse.Action):
         setattr(namespace, "explicit", set(getattr(namespace, "explicit", ()) or ()) | {self.dest})
 
 
-# Options an adapter fixes: argparse dest -> (option, adapter metadata field).
+# Options an adapter fixes: argparse dest -> (option, adapter metadata field). Its architecture (its
+# tensors fit only that model) and everything that changes what the model sees: slice axis,
+# intensity preset, input size. A value the user typed that contradicts the adapter is refused
+# (see _adapter_metadata); a default, or "auto", gives way to the adapter's value.
 ADAPTER_FIXES = {"backbone": ("--backbone", "backbone"), "img_size": ("--img-size", "img_size"),
-                 "rank": ("--rank", "rank"), "fusion": ("--fusion", "fusion")}
+                 "rank": ("--rank", "rank"), "fusion": ("--fusion", "fusion"),
+                 "axis": ("--axis", "axis"), "preset": ("--preset", "intensity_preset")}
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, adapter_help: str) -> None:
@@ -86,10 +90,11 @@ def _add_run_args(p: argparse.ArgumentParser, *, batch_size: int) -> None:
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA (fp16 on GPUs without bf16) and on CPUs with bf16 instructions, else fp32")
     g.add_argument("--batch-size", type=int, default=batch_size, help="slices per batch")
-    g.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"],
-                   help="slice direction, in patient terms (whatever the voxel order)")
-    g.add_argument("--preset", default="auto", choices=["auto", "ct", "mr"],
-                   help="intensity preset; auto chooses from the data (DICOM modality, HU range)")
+    g.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"], action=_Explicit,
+                   help="slice direction, in patient terms (whatever the voxel order); with --adapter: the adapter's")
+    g.add_argument("--preset", default="auto", choices=["auto", "ct", "mr"], action=_Explicit,
+                   help="intensity preset; auto chooses from the data (DICOM modality, HU range); "
+                        "with --adapter: the adapter's")
     g.add_argument("--progress", default="auto", choices=["auto", "json", "tty", "none"],
                    help="json: one event per line on stdout (for the Slicer module); tty: a bar on stderr")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -103,7 +108,7 @@ def _sub(subparsers, name: str, help_: str, example: str) -> argparse.ArgumentPa
 def build_parser() -> argparse.ArgumentParser:
     from .model.registry import PIXEL_NORMS
 
-    parser = argparse.ArgumentParser(prog="hfsam", description=DESCRIPTION, formatter_class=_Formatter)
+    parser = OneLineParser(prog="hfsam", description=DESCRIPTION, formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"hfsam {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -150,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", required=True, help="predicted label map")
     p.add_argument("--classes", help="class preset or names; default: the prediction's sidecar JSON, else numbers")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--progress", default="auto", choices=["auto", "json", "tty", "none"],
+                   help="json: one event per line on stdout, the scores being the result event")
     p.set_defaults(func=cmd_evaluate)
 
     p = _sub(sub, "info", "Architecture summary with total, trainable and LoRA parameter counts.",
@@ -175,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--library", metavar="DIR")
     p.add_argument("--progress", default="auto", choices=["auto", "json", "tty", "none"])
+    p.add_argument("--overwrite", action="store_true", help="replace the results of an earlier demo in --output")
     p.set_defaults(func=cmd_demo)
 
     from . import cli_models
@@ -201,53 +209,63 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- helpers ---------------------------------------------------------------------
-def check_output(path: str | Path, overwrite: bool) -> Path:
-    """Fail before any computation if the output cannot be written."""
-    path = Path(path).expanduser()
-    if path.exists() and not overwrite:
-        raise InputError(f"{path} already exists; pass --overwrite to replace it or choose another name")
-    if path.is_dir():
-        raise InputError(f"{path} is a folder; give a file name")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"the output folder {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"the output folder {parent} is not writable; choose another place")
-    return path
-
-
 def _library(args):
     from .library import ModelLibrary
 
     return ModelLibrary(getattr(args, "library", None))
 
 
-def _adapter_metadata(args, library) -> dict | None:
-    """The --adapter's validated metadata (None without one), read from its header only,
-    so that a wrong adapter is refused before torch is even imported. Refuses model
-    options the user typed that the adapter contradicts."""
-    if not args.adapter:
-        return None
-    from .adapters import read_metadata
+def _adapter_path(args, library) -> Path | None:
+    """The --adapter's file (None without one); a missing adapter is refused here, before anything."""
+    return library.resolve_adapter(args.adapter) if getattr(args, "adapter", None) else None
 
-    path = library.resolve_adapter(args.adapter)
+
+def _adapter_metadata(args, path: Path | None) -> dict | None:
+    """The adapter's validated metadata (None without one), read without torch, so that a wrong or
+    broken adapter is refused before anything loads. Every option the adapter fixes (ADAPTER_FIXES)
+    is then taken from it: one the user typed that contradicts it is refused."""
+    if path is None:
+        return None
+    from .adapters import check_finite_tensors, read_metadata
+
     meta = read_metadata(path)
-    wrong = [f"{option} {getattr(args, dest)}" for dest, (option, field) in ADAPTER_FIXES.items()
-             if dest in (getattr(args, "explicit", None) or ()) and getattr(args, dest) != meta[field]]
+    check_finite_tensors(path)
+    typed = getattr(args, "explicit", None) or set()
+    fixed = [(dest, option, field) for dest, (option, field) in ADAPTER_FIXES.items() if hasattr(args, dest)]
+    wrong = [f"{option} {getattr(args, dest)}" for dest, option, field in fixed
+             if dest in typed and getattr(args, dest) not in (meta[field], "auto")]
     if wrong:
-        raise InputError(f"adapter {path.name} was trained for backbone {meta['backbone']}, img-size "
-                         f"{meta['img_size']}, rank {meta['rank']}, fusion {meta['fusion']}, not {', '.join(wrong)}: "
-                         "drop the option (an adapter fixes the model) or choose an adapter trained for it")
+        trained = ", ".join(f"{option[2:]} {meta[field]}" for _, option, field in fixed)
+        raise InputError(f"adapter {path.name} was trained for {trained}, not {', '.join(wrong)}: drop the option "
+                         "(an adapter fixes the model and what it sees) or choose an adapter trained for it")
+    for dest, _, field in fixed:
+        setattr(args, dest, meta[field])
     return meta
 
 
-def _claim(stack: contextlib.ExitStack, folder: Path, name: str, what: str = "output") -> None:
-    """Lock ``folder/.NAME.lock`` for the rest of the run: a second process writing the
-    same output or library entry is refused at once with a clear message, with or
-    without --overwrite, instead of racing this one to the final rename."""
-    from .library import entry_lock
+def _run_inputs(claims, args, adapter: Path | None, images: dict[str, list]) -> None:
+    """Declare what the run reads, so that no output can replace it (outputs.Claims)."""
+    from .integrity import input_files
 
-    stack.enter_context(entry_lock(folder, name, what=what))
+    for what, sources in images.items():
+        for source in sources:
+            claims.inputs(what, input_files(source))
+    if adapter is not None:
+        claims.inputs("the adapter this run reads", [adapter])
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint and str(checkpoint).lower() != "none":
+        path = Path(checkpoint).expanduser()
+        if path.is_dir():
+            raise InputError(f"--checkpoint {path} is a folder; give the checkpoint file (.pth)")
+        if not path.is_file():
+            raise InputError(f"checkpoint not found: {path}")
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+        # torch.save writes a zip (or, before torch 1.6, a pickle); safetensors starts with a header length.
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or head[8:9] == b"{"):
+            raise InputError(f"--checkpoint {path} is not a PyTorch or safetensors checkpoint (its content is neither): "
+                             "use an official SAM checkpoint (.pth)")
+        claims.inputs("the checkpoint", [path])
 
 
 def _device_and_dtype(args):
@@ -257,25 +275,52 @@ def _device_and_dtype(args):
     return device, resolve_precision(getattr(args, "precision", "auto"), device)
 
 
+def _warn_outside(progress: Progress, labels, grid, what: str, where: str, then: str) -> tuple[int, int]:
+    from .volume import describe_outside, labels_outside
+
+    outside, total = labels_outside(labels, grid)
+    note = describe_outside(outside, total, what, where)
+    if note:
+        progress.warn(f"{note}: {then}")
+    return outside, total
+
+
 # -- commands --------------------------------------------------------------------
 def cmd_segment(args, progress: Progress) -> int:
-    from .volume import read_image, sidecar_path
+    from .outputs import Claims
+    from .slices import check_slices_are_images, choose_preset
+    from .volume import check_can_store, read_image
 
     # Every check that needs no model comes first, before torch is even imported.
-    output = check_output(args.output, args.overwrite)
-    sidecar = check_output(sidecar_path(output), args.overwrite)
     library = _library(args)
-    _adapter_metadata(args, library)
-    image = read_image(args.input)
-    with contextlib.ExitStack() as claims:
-        _claim(claims, output.parent, output.name)  # one lock covers the label volume and its sidecar
-        return _segment(args, progress, image, output, sidecar, library)
+    adapter = _adapter_path(args, library)
+    claims = Claims(overwrite=args.overwrite)
+    _run_inputs(claims, args, adapter, {"the input image": [args.input]})
+    output, sidecar = claims.image_output(args.output)
+    meta = _adapter_metadata(args, adapter)
+    if args.classes is not None:
+        from .classes import resolve_classes
+
+        wanted = [c["name"] for c in resolve_classes(args.classes)]
+        if meta is not None and wanted != [c["name"] for c in meta["classes"]]:
+            raise InputError(f"adapter {adapter.name} segments {', '.join(c['name'] for c in meta['classes'])}; "
+                             "--classes cannot rename or change them (fine-tune a new adapter instead)")
+    image = read_image(args.input, warn=progress.warn)
+    check_can_store(image, output)
+    check_slices_are_images(image, args.axis, str(args.input))
+    if meta is not None and "preset" not in (getattr(args, "explicit", None) or ()):
+        looks = choose_preset(image)
+        if looks != args.preset:
+            progress.warn(f"this image looks like {looks.upper()} but the adapter was trained on {args.preset.upper()}; "
+                          f"using the {args.preset} preset the adapter needs")
+    with claims.hold() as writes:
+        return _segment(args, progress, image, output, sidecar, library, writes)
 
 
-def _segment(args, progress: Progress, image, output: Path, sidecar: Path, library) -> int:
+def _segment(args, progress: Progress, image, output: Path, sidecar: Path, library, writes) -> int:
     from .loading import load_model
     from .segment import segment_image
-    from .volume import write_image
+    from .volume import data_files, write_image
 
     device, dtype = _device_and_dtype(args)
     lm = load_model(adapter=args.adapter, checkpoint=args.checkpoint, backbone=args.backbone,
@@ -284,94 +329,70 @@ def _segment(args, progress: Progress, image, output: Path, sidecar: Path, libra
     if not args.adapter and lm.base.get("sha256"):
         progress.warn("no adapter given: the class head is untrained, so the result is not meaningful; "
                       "fine-tune one with `hfsam finetune` or pass --adapter")
-    preset = args.preset
-    trained = (lm.adapter_metadata or {}).get("intensity_preset")
-    if preset == "auto" and trained:
-        from .slices import choose_preset
-
-        if choose_preset(image) != trained:
-            progress.warn(f"this image looks like {choose_preset(image).upper()} but the adapter was trained "
-                          f"on {trained.upper()}; using the {trained} preset (override with --preset)")
-        preset = trained
-    labels, info = segment_image(image, lm.model, preset=preset, axis=args.axis, batch_size=args.batch_size,
-                                 device=device, dtype=dtype, progress=progress)
+    labels, info = segment_image(image, lm.model, preset=args.preset, axis=args.axis, batch_size=args.batch_size,
+                                 device=device, dtype=dtype, progress=progress,
+                                 class_values=[c["value"] for c in lm.classes])
     progress.check_cancelled()  # a cancel that came after the last batch still means "write nothing"
+    if info["labeled_voxels"] == 0:
+        names = ", ".join(c["name"] for c in lm.classes)
+        progress.warn(f"EVERY VOXEL CAME OUT AS BACKGROUND: none of the {len(lm.classes)} class(es) ({names}) was "
+                      f"found in any of the {info['slices']} slices. Do not read this as 'not present': if the "
+                      "structures are in the scan, this model does not fit it (another modality, body region or "
+                      "slice axis?)")
     # One atomic step for both files; the label volume is renamed last, so once it exists
     # under its name its sidecar is complete too.
+    writes.replacing(output, sidecar, *data_files(output))
     write_image(labels, output, overwrite=args.overwrite,
-                sidecar={"classes": lm.classes, "model": lm.describe(), "input": str(args.input), "run": info})
+                sidecar={"output": output.name, "classes": lm.classes, "model": lm.describe(),
+                         "input": str(args.input), "run": info})
     progress.log(f"wrote {output} ({info['slices']} slices, {info['device']}, {info['precision']}) and {sidecar.name}")
     progress.result(output=str(output), sidecar=str(sidecar), classes=lm.classes, **info)
     return 0
 
 
-def _restore(path: Path, old: bytes | None) -> None:
-    """Put back what ``path`` held before this run (or remove it if it was new)."""
-    from .atomic import atomic_write
-
-    with contextlib.suppress(Exception):  # best effort: the original error is what the user must see
-        if old is None:
-            path.unlink(missing_ok=True)
-        else:
-            atomic_write(path, lambda fh: fh.write(old), overwrite=True)
-
-
-def _class_list(spec, labels_max: int):
-    from .classes import resolve_classes
-
-    if spec:
-        return resolve_classes(spec)
-    return resolve_classes(",".join(f"label_{i}" for i in range(1, max(1, labels_max) + 1)))
-
-
 def cmd_finetune(args, progress: Progress) -> int:
     import SimpleITK as sitk
 
-    from .slices import SliceView, parse_slice_list
-    from .volume import labels_onto_image, read_image, read_label_volumes, read_labels
+    from .classes import classes_for_labels
+    from .outputs import Claims
+    from .slices import check_slices_are_images, choose_training_slices, parse_slice_list
+    from .volume import label_values, labels_onto_image, read_image, read_label_volumes, read_labels
 
     # Every check that needs no model comes first, before torch is even imported.
     if not args.output and not args.name:
         raise InputError("say where the adapter goes: -o FILE.safetensors and/or --name NAME (model library)")
-    output = check_output(args.output, args.overwrite) if args.output else None
     library = _library(args)
-    if args.name:
-        from .library import validate_name
-
-        validate_name(args.name)
-        if not args.overwrite and args.name in {e["name"] for e in library.list_adapters()}:
-            raise InputError(f"the library already has an adapter named {args.name!r}; pass --overwrite or "
-                             "choose another name")
-    adapter_meta = _adapter_metadata(args, library)
-    image = read_image(args.image)
-    labels = read_labels(args.labels[0]) if len(args.labels) == 1 else read_label_volumes(args.labels)
+    adapter = _adapter_path(args, library)
+    claims = Claims(overwrite=args.overwrite)
+    _run_inputs(claims, args, adapter, {"the input image": [args.image], "a label file of this run": args.labels})
+    output = claims.output(args.output, kind="adapter") if args.output else None
+    entry = claims.library_entry(library, args.name) if args.name else None
+    adapter_meta = _adapter_metadata(args, adapter)
+    image = read_image(args.image, warn=progress.warn)
+    warn = progress.warn
+    labels = read_labels(args.labels[0], warn=warn) if len(args.labels) == 1 else read_label_volumes(args.labels, warn=warn)
+    _warn_outside(progress, labels, image, "the labels", "the image",
+                  "if the label map is shifted or from another scan, fix it; if the image is a crop of it, "
+                  "this is expected")
     labels = labels_onto_image(labels, image)  # by physical position; refuses labels of another scan
-    view = SliceView.from_image(image, args.axis)
+    view = check_slices_are_images(image, args.axis, str(args.image))
     slices = parse_slice_list(args.slices, view.n_slices)
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(labels)
-    top = int(stats.GetMaximum())
-    if adapter_meta is not None:
-        names = [c["name"] for c in adapter_meta["classes"]]
-        if top > len(names):
-            raise InputError(f"the labels hold value {top} but adapter {adapter_meta['name']!r} knows "
-                             f"{len(names)} class(es) ({', '.join(names)}); continuing training keeps its "
-                             f"classes: use label values 0..{len(names)} only, or fine-tune a new adapter")
-        if args.classes:
-            from .classes import resolve_classes
-
-            if [c["name"] for c in resolve_classes(args.classes)] != names:
-                raise InputError("--classes differs from the adapter's classes; continuing training keeps them: "
-                                 + ", ".join(names))
-    with contextlib.ExitStack() as claims:
-        if output:
-            _claim(claims, output.parent, output.name)
-        if args.name:
-            _claim(claims, library.ensure_folder(library.adapters_dir), args.name, what="library entry")
-        return _finetune(args, progress, image, labels, slices, top, output, library)
+    source = args.labels[0] if len(args.labels) == 1 else "the label masks"
+    classes, values, note = classes_for_labels(args.classes, label_values(labels), adapter=adapter_meta,
+                                               source=str(source))
+    if note:
+        progress.warn(note)
+    # Every non-zero label is a class now (classes_for_labels), so a slice with one carries a class.
+    chosen = choose_training_slices(view, view.to_slices(sitk.GetArrayViewFromImage(labels)), slices)
+    if args.holdout is not None and args.holdout >= len(chosen):
+        raise InputError(f"--holdout {args.holdout} must leave at least one of the {len(chosen)} labeled slices "
+                         "for training")
+    with claims.hold() as writes:
+        return _finetune(args, progress, image, labels, slices, classes, values, output, entry, library, writes)
 
 
-def _finetune(args, progress: Progress, image, labels, slices, top: int, output: Path | None, library) -> int:
+def _finetune(args, progress: Progress, image, labels, slices, classes, values, output: Path | None,
+              entry: Path | None, library, writes) -> int:
     import numpy as np
     import torch
 
@@ -386,16 +407,16 @@ def _finetune(args, progress: Progress, image, labels, slices, top: int, output:
     device, dtype = _device_and_dtype(args)
     lm = load_model(adapter=args.adapter, checkpoint=args.checkpoint, backbone=args.backbone,
                     img_size=args.img_size, rank=args.rank, fusion=args.fusion,
-                    classes=None if args.adapter else _class_list(args.classes, top),
-                    library=library, progress=progress)
+                    classes=None if args.adapter else classes, library=library, progress=progress)
     model = lm.model.to(device)
     data = prepare_training_set(image, labels, num_classes=len(lm.classes), img_size=lm.spec.img_size,
-                                slices=slices, axis=args.axis, preset=args.preset, device=device)
+                                slices=slices, axis=args.axis, preset=args.preset, device=device,
+                                label_values=values)
     progress.log(f"training on {len(data.slices)} labeled slice(s): {', '.join(map(str, data.slices))}")
     steps = args.steps if args.steps is not None else (None if args.minutes else 300)
     cfg = TrainConfig(steps=steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       holdout=args.holdout, precision=dtype)
-    report = train(model, data, cfg, progress)
+    report = train(model, data, cfg, progress)  # refuses a diverged model, also after the last step
     progress.check_cancelled()  # a cancel during the last step's bookkeeping still means "write nothing"
 
     metadata = {
@@ -417,52 +438,65 @@ def _finetune(args, progress: Progress, image, labels, slices, top: int, output:
     }
     metadata.pop("num_classes", None)
     tensors = model.trainable_state_dict()
-    written = []
-    old_output = output.read_bytes() if output and args.overwrite and output.is_file() else None
-    try:
-        if output:
-            save_adapter(output, tensors, metadata, overwrite=args.overwrite)
-            written.append(str(output))
-        if args.name:
-            path = library.save_adapter(args.name, tensors, metadata, overwrite=args.overwrite)
-            written.append(str(path))
-    except BaseException:
-        if written:  # -o was written but the library entry failed: a failed run leaves nothing behind
-            _restore(output, old_output)
-        raise
+    # Both files or neither: when the library entry fails after -o was written, Claims.hold takes -o back.
+    writes.replacing(*(p for p in (output, entry) if p is not None))
+    if output:
+        save_adapter(output, tensors, metadata, overwrite=args.overwrite)
+    if args.name:
+        library.save_adapter(args.name, tensors, metadata, overwrite=args.overwrite)
+    written = [str(p) for p in (output, entry) if p is not None]
     progress.log(f"trained {report.steps} steps in {report.seconds:.0f} s (loss {report.final_loss:.3f}"
                  + (f", held-out Dice {report.heldout_dice:.3f}" if report.heldout_dice is not None else "")
                  + f"); wrote {', '.join(written)}")
-    progress.result(adapter=str(output) if output else written[-1], name=args.name, classes=lm.classes,
-                    **report.as_dict())
+    progress.result(adapter=written[0], name=args.name, classes=lm.classes, **report.as_dict())
     return 0
 
 
 def cmd_evaluate(args, progress: Progress) -> int:
     from .metrics import evaluate, format_table
-    from .volume import read_labels, sidecar_path
+    from .volume import label_values, read_labels, sidecar_path
 
-    reference = read_labels(args.reference)
-    prediction = read_labels(args.prediction)
+    reference = read_labels(args.reference, warn=progress.warn)
+    prediction = read_labels(args.prediction, warn=progress.warn)
+    outside, total = _warn_outside(progress, reference, prediction, "the reference", "the prediction's grid",
+                                   "the scores cover only the part of the reference the prediction covers")
+    ref_values, pred_values = label_values(reference), label_values(prediction)
+    if ref_values and pred_values and not set(ref_values) & set(pred_values):
+        progress.warn(f"the reference (values {_few(ref_values)}) and the prediction (values {_few(pred_values)}) "
+                      "share no label value: are they labelled alike? Every class scores 0")
     names = None
     if args.classes:
         from .classes import resolve_classes
 
         names = {c["value"]: c["name"] for c in resolve_classes(args.classes)}
     else:
-        sidecar = sidecar_path(args.prediction)
-        if sidecar.is_file():
-            try:
-                names = {int(c["value"]): str(c["name"]) for c in json.loads(sidecar.read_text())["classes"]}
-            except (ValueError, KeyError, TypeError):
-                progress.warn(f"ignoring unreadable sidecar {sidecar}")
-    result = evaluate(reference, prediction, names)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(format_table(result))
+        names = _sidecar_names(sidecar_path(args.prediction), Path(args.prediction).name, progress)
+    result = evaluate(reference, prediction, names, progress=progress)
+    result["reference_outside_prediction"] = {"voxels": outside, "of_labeled_voxels": total}
+    if progress.mode != "json":  # in JSON mode stdout carries events only: the scores are the result event
+        print(json.dumps(result, indent=2) if args.json else format_table(result))
     progress.result(**result)
     return 0
+
+
+def _few(values: list[int]) -> str:
+    return ", ".join(map(str, values[:5])) + (" ..." if len(values) > 5 else "")
+
+
+def _sidecar_names(sidecar: Path, prediction: str, progress: Progress) -> dict[int, str] | None:
+    """Class names from the prediction's sidecar, if it is this prediction's (its "output" field)."""
+    if not sidecar.is_file():
+        return None
+    try:
+        data = json.loads(sidecar.read_text())
+        owner = data.get("output")
+        if owner is not None and str(owner).casefold() != prediction.casefold():
+            progress.warn(f"ignoring {sidecar}: it is the sidecar of {owner}, not of {prediction}")
+            return None
+        return {int(c["value"]): str(c["name"]) for c in data["classes"]}
+    except (ValueError, KeyError, TypeError, AttributeError, OSError):
+        progress.warn(f"ignoring unreadable sidecar {sidecar}")
+        return None
 
 
 def cmd_info(args, progress: Progress) -> int:
@@ -512,17 +546,40 @@ def cmd_bench(args, progress: Progress) -> int:
 # -- entry point -------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:  # a malformed command line: one line too, and a JSON event when asked for
+        return _refuse(Progress(progress_mode(argv)), str(exc))
     progress = Progress(getattr(args, "progress", "auto") or "auto")
     progress.install_signal_handlers()
     keep_freed_memory()
+    with warnings.catch_warnings():
+        _warnings_as_progress(progress)
+        return _run(args, progress)
+
+
+def _warnings_as_progress(progress: Progress) -> None:
+    """The engine's warnings (HFSAMWarning, from code that has no Progress to hand, such as dataset
+    readers) become one ``warning:`` line and a JSON event, every time; other warnings are left alone."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, HFSAMWarning):
+            progress.warn(str(message))
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.simplefilter("always", HFSAMWarning)
+    warnings.showwarning = show
+
+
+def _run(args, progress: Progress) -> int:
     try:
+        check_options(args)
         return int(args.func(args, progress) or 0)
     except InputError as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else "bad input"
-        progress.error(message, exit_code=2)
-        progress.log(f"hfsam: error: {message}")
-        return 2
+        return _refuse(progress, str(exc))
     except (Cancelled, KeyboardInterrupt) as exc:
         # A Cancelled says what was kept (e.g. `train` keeps its finished checkpoints).
         message = str(exc) if isinstance(exc, Cancelled) and str(exc) else "cancelled; nothing was written"
@@ -534,9 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         progress.log(f"hfsam: error: {exc}")
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - the last line of defence reports and exits 1
-        if _out_of_memory(exc):  # even batch size 1 did not fit: say what to do, not where it happened
-            message = ("out of memory even at batch size 1; close other programs using the GPU, "
-                       "use a smaller --img-size, or run on the CPU (--device cpu)")
+        if is_out_of_memory(exc):  # even batch size 1 did not fit: say what to do, not where it happened
+            message = ("out of memory; close other programs, use a smaller --batch-size or --img-size, "
+                       "or run where there is more memory")
             progress.error(message, exit_code=1)
             progress.log(f"hfsam: error: {message}")
             return 1
@@ -545,10 +602,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    """torch.OutOfMemoryError (CUDA) or a host MemoryError, recognised without importing torch."""
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+def _refuse(progress: Progress, text: str) -> int:
+    """Bad input: exit code 2, one line on stderr and one JSON error event."""
+    # One line, whatever a path or a library put in it: line breaks are shown, not obeyed.
+    message = text.strip().replace("\r", "\\r").replace("\n", "\\n") or "bad input"
+    progress.error(message, exit_code=2)
+    progress.log(f"hfsam: error: {message}")
+    return 2
 
 
 if __name__ == "__main__":

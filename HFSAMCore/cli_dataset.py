@@ -202,31 +202,40 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_evaluate_dataset(args, progress: Progress) -> int:
+    from .adapters import read_metadata
     from .datasets import open_dataset
-    from .device import resolve_device, resolve_precision
     from .evaluate_dataset import check_outputs, evaluate_dataset, spacing_lookup, write_tables
     from .library import ModelLibrary
-    from .loading import load_model
 
     output = Path(args.output).expanduser()
-    check_outputs(output, overwrite=args.overwrite, predictions=args.save_predictions)
+    check_outputs(output, overwrite=args.overwrite, predictions=args.save_predictions,
+                  inputs={"the --list file": [args.list], "the --spacing file": [args.spacing],
+                          "the adapter": [args.adapter], "the checkpoint": [args.checkpoint]})
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, not {args.batch_size}")
     spacing = spacing_lookup(args.raw_dir, args.spacing) if (args.raw_dir or args.spacing) else None
-    device = resolve_device(args.device)
-    dtype = resolve_precision(args.precision, device)
-    lm = load_model(adapter=args.adapter, checkpoint=args.checkpoint, library=ModelLibrary(args.library),
-                    progress=progress)
-    trained_preset = (lm.adapter_metadata or {}).get("intensity_preset", "ct")
+    library = ModelLibrary(args.library)
+    meta = read_metadata(library.resolve_adapter(args.adapter))
+    trained_preset, trained_axis = meta["intensity_preset"], meta["axis"]
     if args.dataset == "nifti":
-        intensity = args.intensity or "auto"
-        reader = open_dataset("nifti", args.root, subset=args.subset or "Ts", axis=args.axis or "axial",
-                              preset=trained_preset if intensity == "auto" else intensity)
+        # What the adapter was trained with is what it must see (cli.ADAPTER_FIXES): never contradicted.
+        for option, given, trained in (("--axis", args.axis, trained_axis),
+                                       ("--intensity", args.intensity, trained_preset)):
+            if given not in (None, "auto", trained):
+                raise InputError(f"the adapter was trained with {option} {trained}, not {given}: drop the option")
+        reader = open_dataset("nifti", args.root, subset=args.subset or "Ts", axis=trained_axis,
+                              preset=trained_preset)
     else:
         reader = open_dataset(args.dataset, args.root)
         if reader.intensity_preset != trained_preset:
             progress.warn(f"the adapter was trained on {trained_preset.upper()} data, this is {args.dataset} "
                           f"({reader.intensity_preset.upper()})")
+    from .device import resolve_device, resolve_precision
+    from .loading import load_model
+
+    device = resolve_device(args.device)
+    dtype = resolve_precision(args.precision, device)
+    lm = load_model(adapter=args.adapter, checkpoint=args.checkpoint, library=library, progress=progress)
     names = reader.volume_names(args.list)  # default: every volume in --root (acdc: its test.list)
     class_names = [c["name"] for c in lm.classes]
     progress.log(f"evaluating {lm.adapter_path.name if lm.adapter_path else 'the model'} on {len(names)} "

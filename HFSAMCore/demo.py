@@ -10,6 +10,8 @@ output folder (its own folder, so it replaces its earlier results):
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from .errors import InputError
 from .progress import Progress
 
 DEFAULT_STEPS = {"tiny": 300, "vit_b": 1000}
+OUTPUT_FILES = ("adapter.safetensors", "segmentation.nrrd", "segmentation.json", "dice.md", "dice.json", "figure.png")
 IMG_SIZE = {"tiny": 224, "vit_b": 512}
 
 
@@ -80,9 +83,9 @@ def _overlay(gray: np.ndarray, labels: np.ndarray, colors: dict[int, tuple]) -> 
     return rgb.clip(0, 255).astype(np.uint8)
 
 
-def write_figure(path: Path, image_stack: np.ndarray, ref_stack: np.ndarray, pred_stack: np.ndarray,
-                 slices: list[int], classes: list[dict], preset: str, stats) -> None:
-    """Rows: held-out slices; columns: image, reference, prediction."""
+def render_figure(image_stack: np.ndarray, ref_stack: np.ndarray, pred_stack: np.ndarray,
+                  slices: list[int], classes: list[dict], preset: str, stats) -> bytes:
+    """A PNG: rows are held-out slices; columns image, reference, prediction."""
     from PIL import Image, ImageDraw
 
     from .slices import normalize
@@ -103,30 +106,66 @@ def write_figure(path: Path, image_stack: np.ndarray, ref_stack: np.ndarray, pre
     w = img.width // 3
     for i, title in enumerate(("image", "reference", "HF-SAM")):
         draw.text((i * w + 4, 3), title, fill="black")
-    tmp = path.with_name(path.name + ".tmp.png")
-    canvas.save(tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def run_demo(args, progress: Progress) -> int:
+    out = Path(args.output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file; --output must be a folder")
+    created = not out.exists()
+    if created and not out.parent.is_dir():
+        raise InputError(f"the folder {out.parent} does not exist; create it first")
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create {out}: {exc.strerror or exc}") from None
+    try:
+        return _run_demo(args, progress, out)
+    except BaseException:
+        if created:  # a failed or cancelled demo leaves no trace, not even its folder
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _run_demo(args, progress: Progress, out: Path) -> int:
+    from .outputs import Claims
+    from .sample_data import locate_sample
+
+    # Every output is claimed before any work: existing results are kept unless --overwrite.
+    claims = Claims(overwrite=args.overwrite)
+    paths = {name: out / name for name in OUTPUT_FILES}
+    claims.output(paths["adapter.safetensors"], kind="adapter")
+    claims.image_output(paths["segmentation.nrrd"])  # and its sidecar segmentation.json
+    for name in ("dice.md", "dice.json", "figure.png"):
+        claims.output(paths[name])
+    sample = locate_sample(progress=progress)
+    claims.inputs("the sample CT", [sample["image"]])
+    claims.inputs("the sample labels", [sample["labels"]])
+    with claims.hold() as writes:
+        return _demo(args, progress, out, paths, sample, writes)
+
+
+def _demo(args, progress: Progress, out: Path, paths: dict[str, Path], sample: dict, writes) -> int:
     import torch
 
     from .adapters import save_adapter
+    from .atomic import atomic_write
     from .classes import resolve_classes
     from .device import resolve_device, resolve_precision
     from .finetune import TrainConfig, prepare_training_set, train
     from .library import ModelLibrary
     from .loading import load_model
     from .metrics import format_table
-    from .sample_data import locate_sample
     from .segment import segment_image
     from .slices import SliceView, labeled_slices, volume_stats
-    from .volume import labels_onto_image, read_image, read_labels, write_image, write_json
+    from .volume import labels_onto_image, read_image, read_labels, write_image
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    sample = locate_sample(progress=progress)
-    image, reference = read_image(sample["image"]), read_labels(sample["labels"])
+    image = read_image(sample["image"], warn=progress.warn)
+    reference = read_labels(sample["labels"], warn=progress.warn)
     device = resolve_device(args.device)
     dtype = resolve_precision("auto", device)
     library = ModelLibrary(args.library)
@@ -156,13 +195,9 @@ def run_demo(args, progress: Progress) -> int:
                              "seed": 0, "batch_size": report.batch_size, "lr": 0.0025},
                 "description": "hfsam demo on the TotalSegmentator sample CT"}
     metadata.pop("num_classes", None)
-    save_adapter(out / "adapter.safetensors", lm.model.trainable_state_dict(), metadata, overwrite=True)
 
     prediction, info = segment_image(image, lm.model, preset=data.preset, device=device, dtype=dtype,
                                      progress=progress)
-    write_image(prediction, out / "segmentation.nrrd", overwrite=True)
-    write_json({"classes": classes, "model": lm.describe(), "input": str(sample["image"]), "run": info},
-               out / "segmentation.json", overwrite=True)
 
     # Score only the slices the model never saw.
     pred_stack = view.to_slices(sitk.GetArrayViewFromImage(prediction))
@@ -174,15 +209,24 @@ def run_demo(args, progress: Progress) -> int:
     table = format_table(result)
     banner = ("" if backbone != "tiny" else
               "> Tiny random-init configuration (no SAM weights): shows the pipeline, not HF-SAM's quality.\n\n")
-    (out / "dice.md").write_text(f"# hfsam demo: Dice on the {result['evaluated_slices']} held-out slices\n\n"
-                                 f"{banner}Trained on slices {train_slices} ({report.steps} steps, {backbone}, "
-                                 f"{report.seconds:.0f} s on {device}).\n\n{table}\n")
-    (out / "dice.json").write_text(json.dumps(result, indent=2))
-
+    dice_md = (f"# hfsam demo: Dice on the {result['evaluated_slices']} held-out slices\n\n"
+               f"{banner}Trained on slices {train_slices} ({report.steps} steps, {backbone}, "
+               f"{report.seconds:.0f} s on {device}).\n\n{table}\n")
     held = [s for s in range(view.n_slices) if s not in train_canonical and ref_stack[s].any()]
     show = [held[int(i)] for i in np.linspace(0, len(held) - 1, min(3, len(held)))] if held else []
-    write_figure(out / "figure.png", view.to_slices(sitk.GetArrayViewFromImage(image)), ref_stack, pred_stack,
-                 show, classes, data.preset, volume_stats(sitk.GetArrayViewFromImage(image), data.preset))
+    figure = render_figure(view.to_slices(sitk.GetArrayViewFromImage(image)), ref_stack, pred_stack, show, classes,
+                           data.preset, volume_stats(sitk.GetArrayViewFromImage(image), data.preset))
+
+    progress.check_cancelled()  # up to here nothing was written; from here on everything is
+    writes.replacing(*paths.values())
+    overwrite = args.overwrite
+    save_adapter(paths["adapter.safetensors"], lm.model.trainable_state_dict(), metadata, overwrite=overwrite)
+    write_image(prediction, paths["segmentation.nrrd"], overwrite=overwrite,
+                sidecar={"output": "segmentation.nrrd", "classes": classes, "model": lm.describe(),
+                         "input": str(sample["image"]), "run": info})
+    for name, data_ in (("dice.md", dice_md.encode()), ("dice.json", json.dumps(result, indent=2).encode()),
+                        ("figure.png", figure)):
+        atomic_write(paths[name], lambda fh, d=data_: fh.write(d), overwrite=overwrite)
 
     if progress.mode != "json":
         print(banner + table)

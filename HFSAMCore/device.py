@@ -9,6 +9,7 @@ import sys
 import torch
 
 from .errors import InputError
+from .errors import is_out_of_memory as _is_out_of_memory
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -61,7 +62,8 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """CUDA and CPU allocator failures alike (errors.is_out_of_memory): both get the batch back-off."""
+    return isinstance(exc, torch.OutOfMemoryError) or _is_out_of_memory(exc)
 
 
 def peak_memory_mb(device: torch.device) -> float:

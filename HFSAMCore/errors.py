@@ -17,3 +17,33 @@ class Cancelled(HFSAMError):
     """The run was cancelled (SIGINT/SIGTERM or a cancel request). Exit code 130."""
 
     exit_code = 130
+
+
+class HFSAMWarning(UserWarning):
+    """A problem worth telling the user that does not stop the run (e.g. what a reader only warned
+    about). API callers see it as a Python warning; the command line shows it as one ``warning:``
+    line and a JSON warning event."""
+
+
+class OutOfMemory(HFSAMError):
+    """Even batch size 1 did not fit. The message says what to do on the device that ran out. Exit code 1."""
+
+    def __init__(self, device_type: str):
+        if device_type == "cuda":
+            hint = "close other programs using the GPU, use a smaller --img-size, or run on the CPU (--device cpu)"
+        else:
+            hint = "close other programs, use a smaller --img-size, or run on a machine with more memory"
+        super().__init__(f"out of memory even at batch size 1 on the {device_type.upper()}; {hint}")
+
+
+# What torch's allocators say when they run out: CUDA ("CUDA out of memory"), the CPU allocator
+# ("DefaultCPUAllocator: can't allocate memory ... (Cannot allocate memory)"), MPS ("not enough memory").
+_OUT_OF_MEMORY_TEXTS = ("out of memory", "can't allocate memory", "cannot allocate memory", "not enough memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError, a CPU allocator failure or a host MemoryError; torch-free (the CLI's last
+    line of defence calls it too)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OUT_OF_MEMORY_TEXTS)

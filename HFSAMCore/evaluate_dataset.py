@@ -168,9 +168,19 @@ def spacing_lookup(raw_dir: str | Path | None = None, spacing_json: str | Path |
 # --------------------------------------------------------------------------- the run
 
 
-def check_outputs(output: Path, *, overwrite: bool, predictions: bool) -> None:
+def check_outputs(output: Path, *, overwrite: bool, predictions: bool, inputs: dict | None = None) -> None:
+    """Refuse, before any work, result files that exist (without ``overwrite``) or that are one of
+    the run's ``inputs`` ({what: [paths]}, e.g. the --spacing JSON): never replaced, whatever the flags."""
     if output.exists() and not output.is_dir():
         raise InputError(f"{output} is a file; --output must be a folder")
+    from .outputs import same_file
+
+    for what, paths in (inputs or {}).items():
+        for name in OUTPUT_FILES:
+            for path in paths:
+                if path and same_file(output / name, Path(path).expanduser()):
+                    raise InputError(f"{output / name} is {what}: an output never replaces an input of the run; "
+                                     "choose another --output")
     if not overwrite:
         taken = [n for n in OUTPUT_FILES if (output / n).exists()]
         if predictions and (output / "predictions").exists():

@@ -26,10 +26,10 @@ import torch
 from torch.nn import functional as F
 
 from .device import autocast, is_out_of_memory, peak_memory_mb, reset_peak_memory
-from .errors import InputError
+from .errors import InputError, OutOfMemory
 from .progress import Progress
 from .segment import logits_to_labels, to_model_input
-from .slices import SliceView, choose_preset, labeled_slices, normalize, volume_stats
+from .slices import SliceView, choose_preset, choose_training_slices, normalize, volume_stats
 from .volume import labels_onto_image
 
 CE_WEIGHT, DICE_WEIGHT = 0.1, 0.9
@@ -92,29 +92,21 @@ def prepare_training_set(
     axis: str = "axial",
     preset: str = "auto",
     device: torch.device | str = "cpu",
+    label_values: list[int] | None = None,
 ) -> TrainingSet:
-    """Bring LABELS onto IMAGE's grid by physical position and take the chosen slices."""
+    """Bring LABELS onto IMAGE's grid by physical position and take the chosen slices.
+
+    ``label_values``: the label-map value that paints each class, in class order (see
+    classes.classes_for_labels); None: class k is label value k.
+    """
     device = torch.device(device)
     labels = labels_onto_image(labels, image)
     view = SliceView.from_image(image, axis)
     array = sitk.GetArrayViewFromImage(image)
     image_stack = view.to_slices(array)
     label_stack = view.to_slices(sitk.GetArrayViewFromImage(labels))
-    top = int(label_stack.max())
-    if top > num_classes:
-        raise InputError(f"the labels contain class {top} but only {num_classes} class name(s) were given; "
-                         "pass one name per label value with --classes")
-    labeled = labeled_slices(label_stack)
-    if not labeled:
-        raise InputError("the labels have no labeled voxel on the image grid: paint at least one slice")
-    if slices == "auto":
-        chosen = labeled
-    else:
-        chosen = [view.canonical_index(k) for k in slices]
-        empty = [view.original_index(s) for s in chosen if s not in set(labeled)]
-        if empty:
-            raise InputError(f"slice(s) {', '.join(map(str, empty))} carry no label; labeled slices are "
-                             f"{', '.join(str(view.original_index(s)) for s in labeled)}")
+    label_stack = _classes_of(label_stack, num_classes, label_values)
+    chosen = choose_training_slices(view, label_stack, slices)
     preset = choose_preset(image) if preset == "auto" else preset
     stats = volume_stats(array, preset)
     images = to_model_input(normalize(image_stack[chosen], preset, stats=stats), img_size, device)
@@ -133,6 +125,24 @@ def resize_labels(labels: torch.Tensor, size) -> torch.Tensor:
     """
     out = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest-exact")
     return out[:, 0].to(labels.dtype)
+
+
+def _classes_of(label_stack: np.ndarray, num_classes: int, label_values: list[int] | None) -> np.ndarray:
+    """Label values -> class indices 1..K (0 stays background); refuses values no class has."""
+    top = int(label_stack.max()) if label_stack.size else 0
+    if label_values is None:
+        if top > num_classes:
+            raise InputError(f"the labels contain class {top} but only {num_classes} class name(s) were given; "
+                             "pass one name per label value with --classes")
+        return label_stack
+    lut = np.zeros(max(top, max(label_values)) + 1, dtype=np.uint8)
+    lut[list(label_values)] = np.arange(1, len(label_values) + 1)
+    present = np.flatnonzero(np.bincount(label_stack.ravel(), minlength=1)) if top < 1 << 16 else np.unique(label_stack)
+    unknown = [int(v) for v in present if v and v not in set(label_values)]
+    if unknown:
+        raise InputError(f"the labels contain value {unknown[-1]}, which no class paints; pass one name per label "
+                         "value with --classes")
+    return lut[label_stack]
 
 
 # -- loss ---------------------------------------------------------------------
@@ -270,6 +280,26 @@ def slice_dice(model, images: torch.Tensor, labels: torch.Tensor, dtype: torch.d
     return float(np.mean(scores)) if scores else float("nan")
 
 
+# -- after the last update ----------------------------------------------------
+@torch.no_grad()
+def check_trained(model, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, batch_size: int = 4) -> None:
+    """The loop checks each step's loss, which is computed BEFORE that step's update: the last
+    update is checked here, on the weights themselves and on the loss they give on (up to 4 of)
+    the training slices (one batch). A diverged model must never be saved as an adapter."""
+    broken = [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    loss = float("nan")
+    if not broken:
+        was_training = model.training
+        model.eval()
+        with autocast(images.device, cfg.precision):
+            logits = model(images[:batch_size])
+        model.train(was_training)
+        loss = float(hfsam_loss(logits, labels[:batch_size]))
+    if broken or not math.isfinite(loss):
+        what = f"{len(broken)} weight tensor(s) are NaN or infinite" if broken else f"the loss is {loss}"
+        raise InputError(f"training diverged: after the last step {what}; try a lower --lr (this run: {cfg.lr:g})")
+
+
 # -- the loop -----------------------------------------------------------------
 def split_holdout(n: int, holdout: int | None) -> tuple[list[int], list[int]]:
     """Positions (in the training set) to train on and to hold out: the middle slice(s)."""
@@ -323,9 +353,11 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
             x, y = augment(x, y, gen)
         try:
             loss = train_step(model, optimizer, x, y, lr=lr, precision=cfg.precision, scaler=scaler)
-        except RuntimeError as exc:
-            if not is_out_of_memory(exc) or batch_size == 1:
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
                 raise
+            if batch_size == 1:
+                raise OutOfMemory(device.type) from exc
             optimizer.zero_grad(set_to_none=True)
             batch_size = max(1, batch_size // 2)
             if device.type == "cuda":
@@ -335,7 +367,8 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
         step += 1
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise RuntimeError(f"the training loss became {value} at step {step}; try a lower --lr")
+            raise InputError(f"training diverged: the loss became {value} at step {step}; try a lower --lr "
+                             f"(this run: {cfg.lr:g})")
         report.losses.append(value)
         shown_total = total if total < 10**9 else step + 1
         progress.progress("finetune", step, shown_total, loss=round(value, 4))
@@ -346,6 +379,10 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
         if step % cfg.eval_every == 0 or step == total:
             progress.metric(**metrics)
 
+    if step == 0:
+        raise InputError(f"the time budget (--minutes {cfg.minutes:g}) ended before the first training step: "
+                         "give more time, or --steps")
+    check_trained(model, train_images, train_labels, cfg, batch_size)
     report.steps = step
     report.seconds = round(time.monotonic() - start, 2)
     report.final_loss = float(np.mean(report.losses[-10:])) if report.losses else float("nan")

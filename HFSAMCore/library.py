@@ -170,6 +170,9 @@ class ModelLibrary:
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = (Path(root).expanduser() if root not in (None, "") else default_root()).resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"the model library {self.root} is a file, not a folder: pass --library FOLDER "
+                             "(or set HFSAM_HOME to one)")
 
     def __repr__(self) -> str:
         return f"ModelLibrary({str(self.root)!r})"
@@ -253,6 +256,9 @@ class ModelLibrary:
         candidate = Path(text).expanduser()
         if candidate.is_file():
             return candidate.resolve()
+        if candidate.is_dir():
+            raise InputError(f"--adapter {candidate} is a folder; give an adapter file (.safetensors) or a "
+                             "library name (`hfsam models list`)")
         if "/" in text or os.sep in text or text.endswith(ADAPTER_SUFFIX):
             raise InputError(f"adapter file {candidate} does not exist; check the path or use `hfsam models list`")
         return self._existing(text)
@@ -272,6 +278,7 @@ class ModelLibrary:
         """
         src = Path(file).expanduser()
         meta = _adapters.read_metadata(src)  # refuses anything that is not a valid adapter
+        _adapters.check_finite_tensors(src)  # ... or a broken one
         if name is None:
             stem = src.name[: -len(ADAPTER_SUFFIX)] if src.name.endswith(ADAPTER_SUFFIX) else src.stem
             for candidate in (meta["name"], stem):
@@ -292,12 +299,15 @@ class ModelLibrary:
 
     def export_adapter(self, name: str, dest: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Copy entry ``name`` to ``dest`` (a file, or a folder to put ``<name>.safetensors`` in)."""
+        from .outputs import Claims
+
         src = self._existing(name)
         dest = Path(dest).expanduser()
         if dest.is_dir():
             dest = dest / src.name
-        if dest.exists() and dest.resolve() == src.resolve():
-            raise InputError(f"{dest} is the library entry itself; export to another place")
+        claims = Claims(overwrite=overwrite)
+        claims.inputs("the library entry itself", [src])
+        claims.output(dest, kind="adapter")  # .safetensors only: an export never replaces a scan
         return _copy_file(src, dest, overwrite=overwrite)
 
     def remove_adapter(self, name: str) -> None:
@@ -384,6 +394,8 @@ class ModelLibrary:
         if backbone is not None and backbone not in entries:
             raise InputError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(entries))}")
         src = Path(file).expanduser()
+        if src.is_dir():
+            raise InputError(f"{src} is a folder; give the checkpoint file (.pth) itself")
         if not src.is_file():
             raise InputError(f"checkpoint file {src} does not exist")
         # A wrong size is certain to be a wrong file: say so before copying gigabytes.

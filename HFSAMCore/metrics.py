@@ -79,7 +79,7 @@ def paper_metrics(ref: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
 
 
 def evaluate(
-    reference: sitk.Image, prediction: sitk.Image, classes: dict[int, str] | None = None
+    reference: sitk.Image, prediction: sitk.Image, classes: dict[int, str] | None = None, *, progress=None
 ) -> dict[str, Any]:
     """Per-class metrics of a predicted label map against a reference label map.
 
@@ -97,6 +97,9 @@ def evaluate(
     reference (HD95 over those where it is finite, i.e. also predicted);
     ``mean.dice_paper`` and ``mean.hd95_paper`` average over all evaluated
     classes, as TransUNet averages over its fixed class list.
+
+    ``progress`` (a progress.Progress): a "evaluate" progress event per class, and a cancel
+    (SIGINT/SIGTERM) honoured between classes, since HD95 on a large volume takes a while.
     """
     from .volume import labels_onto_image  # volume imports nothing from here; keep it lazy anyway
 
@@ -110,7 +113,10 @@ def evaluate(
     values = sorted(set(names) | set(_present(ref)) | set(_present(pred)))
 
     rows = []
-    for value in values:
+    for done, value in enumerate(values):
+        if progress is not None:
+            progress.check_cancelled()
+            progress.progress("evaluate", done, len(values), value=value)
         r, p = ref == value, pred == value
         d_paper, h_paper = paper_metrics(r, p)
         rows.append(
@@ -125,6 +131,9 @@ def evaluate(
                 "pred_voxels": int(np.count_nonzero(p)),
             }
         )
+    if progress is not None:
+        progress.check_cancelled()
+        progress.progress("evaluate", len(values), len(values))
     in_ref = [row for row in rows if row["ref_voxels"] > 0]
     finite_hd = [row["hd95_mm"] for row in in_ref if row["hd95_mm"] is not None]
     mean = {

@@ -16,9 +16,9 @@ import torch
 from torch.nn import functional as F
 
 from .device import autocast, is_out_of_memory, peak_memory_mb, reset_peak_memory
-from .errors import InputError
+from .errors import InputError, OutOfMemory
 from .progress import Progress
-from .slices import SliceView, choose_preset, normalize, volume_stats
+from .slices import check_slices_are_images, choose_preset, normalize, volume_stats
 
 
 def to_model_input(batch: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
@@ -75,11 +75,14 @@ def segment_image(
     dtype: torch.dtype = torch.float32,
     progress: Progress | None = None,
     timings: dict | None = None,
+    class_values: list[int] | None = None,
 ) -> tuple[sitk.Image, dict]:
     """Segment every slice of ``image``; return (label image with image's geometry, run info).
 
-    Pass a dict as ``timings`` to get seconds per stage (preprocess, model,
-    postprocess) added to it; the benchmark does.
+    ``class_values``: the label value written for each class, in the model's class order (an
+    adapter's class list); None: class k is written as k. Pass a dict as ``timings`` to get
+    seconds per stage (preprocess, model, postprocess) added to it; the benchmark does.
+    A model whose output is not finite (a broken adapter) is an error, not an empty result.
     """
     progress = progress or Progress("none")
     device = torch.device(device)
@@ -87,7 +90,7 @@ def segment_image(
         raise InputError(f"--batch-size must be at least 1, not {batch_size}")
     timer = StageTimer(device, timings is not None)
     timer.start()
-    view = SliceView.from_image(image, axis)
+    view = check_slices_are_images(image, axis, "the volume")
     array = sitk.GetArrayViewFromImage(image)
     stack = view.to_slices(array)
     preset = choose_preset(image) if preset == "auto" else preset
@@ -112,11 +115,17 @@ def segment_image(
                 with autocast(device, dtype):
                     logits = model(x)
                 timer.stop("model")
+                if not bool(torch.isfinite(logits).all()):
+                    raise InputError(f"the model's output is NaN or infinite on slices {start}..{stop - 1}: its "
+                                     "weights are broken (an adapter trained with too high a learning rate?); "
+                                     "train the adapter again")
                 out[start:stop] = logits_to_labels(logits, (h, w)).cpu().numpy()
                 timer.stop("postprocess")
-            except RuntimeError as exc:
-                if not is_out_of_memory(exc) or batch_size == 1:
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):
                     raise
+                if batch_size == 1:
+                    raise OutOfMemory(device.type) from exc
                 batch_size = max(1, batch_size // 2)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -126,6 +135,10 @@ def segment_image(
             progress.progress("segment", start, n)
 
     timer.start()
+    if class_values is not None and list(class_values) != list(range(1, len(class_values) + 1)):
+        lut = np.zeros(256, dtype=np.uint8)
+        lut[1:len(class_values) + 1] = class_values
+        out = lut[out]
     labels = sitk.GetImageFromArray(view.from_slices(out))
     labels.CopyInformation(image)
     timer.stop("postprocess")
@@ -140,5 +153,6 @@ def segment_image(
         "device": str(device),
         "precision": str(dtype).replace("torch.", ""),
         "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "labeled_voxels": int(np.count_nonzero(out)),
     }
     return labels, info

@@ -162,6 +162,44 @@ class SliceView:
         return self.spacing[self.original_axis]
 
 
+#: A slice with fewer voxels than this along a side is a strip, not an image: resized to the model's
+#: square input it would be one or two rows stretched over the whole picture.
+MIN_SLICE_VOXELS = 16
+
+
+def check_slices_are_images(image: sitk.Image, axis: str, name: str) -> "SliceView":
+    """The view of ``image`` along ``axis``, refused when its slices are too thin to be images
+    (naming the axes whose slices would do)."""
+    view = SliceView.from_image(image, axis)
+    h, w = view.slice_shape
+    if min(h, w) >= MIN_SLICE_VOXELS:
+        return view
+    others = []
+    for other in AXES:
+        oh, ow = SliceView.from_image(image, other).slice_shape
+        if other != axis and min(oh, ow) >= MIN_SLICE_VOXELS:
+            others.append(f"--axis {other} ({ow} x {oh})")
+    hint = f"use {' or '.join(others)}" if others else "this volume has no direction with image-sized slices"
+    raise InputError(f"{name}'s {axis} slices are {w} x {h} voxels, too thin to be images (HF-SAM needs at least "
+                     f"{MIN_SLICE_VOXELS} x {MIN_SLICE_VOXELS}): {hint}")
+
+
+def choose_training_slices(view: "SliceView", label_stack: np.ndarray, slices) -> list[int]:
+    """Canonical indices of the slices to train on: every labeled one for "auto", else the given
+    ones (indices along the image's own slice axis), each of which must carry a label."""
+    labeled = labeled_slices(label_stack)
+    if not labeled:
+        raise InputError("the labels have no labeled voxel on the image grid: paint at least one slice")
+    if slices == "auto":
+        return labeled
+    chosen = [view.canonical_index(k) for k in slices]
+    empty = [view.original_index(s) for s in chosen if s not in set(labeled)]
+    if empty:
+        raise InputError(f"slice(s) {', '.join(map(str, empty))} carry no label; labeled slices are "
+                         f"{', '.join(str(view.original_index(s)) for s in labeled)}")
+    return chosen
+
+
 # --------------------------------------------------------------------------- intensity
 
 

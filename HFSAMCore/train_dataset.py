@@ -737,7 +737,7 @@ def _train(cfg: DatasetTrainConfig, output: Path, ctx: DistContext, *, num_worke
                                  f"{device}: spread the global batch over more GPUs (torchrun --nproc_per_node N) "
                                  "or lower --batch-size (then the run differs from the authors' 16)") from None
             if not math.isfinite(loss):
-                raise RuntimeError(f"the training loss became {loss} at step {step + 1}; try a lower --lr")
+                raise InputError(f"training diverged: the loss became {loss} at step {step + 1}; try a lower --lr")
             step += 1
             losses.append(loss)
             progress.progress("train", step, total, epoch=epoch + 1, loss=round(loss, 4), lr=lr)

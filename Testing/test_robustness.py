@@ -66,7 +66,8 @@ def _env(home: Path) -> dict:
 
 # `hfsam` as user 'nobody': Python starts as root (its installation may be unreadable to
 # nobody), imports the command line, drops to nobody, then runs main() as `-m HFSAMCore` does.
-AS_NOBODY = (f"import os, sys; from HFSAMCore import cli, volume, library, adapters, progress; "
+AS_NOBODY = (f"import os, sys; from HFSAMCore import cli, volume, library, adapters, progress, outputs, slices, "
+             f"integrity, classes; "
              f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY}); sys.exit(cli.main(sys.argv[1:]))")
 # `hfsam` that the kernel kills (SIGXFSZ) when a file outgrows RLIMIT_FSIZE. Python ignores
 # SIGXFSZ from its start, so the default action is restored before main() runs.
@@ -292,7 +293,7 @@ ROWS = [
     Row("folder-without-dicom", _seg("{inp}/no_dicom"), ("no DICOM series",)),
     Row("dicom-two-series", _seg("{inp}/two_series"),
         ("holds 2 DICOM series", f"{SERIES_A} (2 files", f"{SERIES_B} (3 files", "::SERIES_UID")),
-    Row("text-as-nifti", _seg("{inp}/text.nii.gz"), ("cannot read", "text.nii.gz")),
+    Row("text-as-nifti", _seg("{inp}/text.nii.gz"), ("text.nii.gz is a text file", "not a NIfTI")),
     Row("truncated-nifti-gz", _seg("{inp}/truncated.nii.gz"), ("truncated",)),
     Row("truncated-nifti", _seg("{inp}/truncated.nii"), ("truncated",)),
     Row("4d-image", _seg("{inp}/4d.nii.gz"), ("4D image",)),
@@ -308,7 +309,7 @@ ROWS = [
          "--adapter", "{inp}/liver.safetensors", "--steps", "2"),
         ("labels hold value 8", "knows 1 class(es) (liver)")),
     Row("labels-unknown-to-classes", _ft("{ct}/labels_synapse8.nii.gz", "--classes", "liver"),
-        ("class 8", "only 1 class name")),
+        ("labels hold value 8", "only 1 class name", "'8:name'")),
     Row("slices-outside", _ft("{inp}/labels_liver.nii.gz", "--classes", "liver", "--slices", "12,40"),
         ("slice 40 is outside the volume (0..29)",)),
     Row("slices-unlabeled", _ft("{inp}/labels_sparse.nii.gz", "--classes", "liver", "--slices", "10,20"),
@@ -848,24 +849,30 @@ def test_fuzz_library_names_never_leave_the_library(name):
 
 # =============================================================================== the table
 def test_the_table_points_at_tests_that_exist_and_lists_every_case_here():
-    """docs/robustness.md names tests as `R::test[id]`, `FILE.py::test`, `::test` (same file), `[id]`
-    (same test) and `R::...[id]` (the interrupted-run test): each must exist, and every parametrized
-    case of this file must appear in the table."""
+    """docs/robustness.md names tests as `R::test[id]` (this file), `N::test[id]`
+    (test_no_silent_wrong_answer.py), `FILE.py::test`, `::test` (same file), `[id]` (same test) and
+    `R::...[id]` (the interrupted-run test): each must exist, and every parametrized case of both
+    files must appear in the table."""
     import re
+
+    from test_no_silent_wrong_answer import CASES as ISSUE_12
 
     cases = {"test_bad_input": {r.id for r in ROWS},
              "test_interrupted_run_leaves_nothing_half_written": {k.id for k in KILLS},
-             "test_a_second_writer_is_refused_while_the_first_runs": set(CLAIMS)}
+             "test_a_second_writer_is_refused_while_the_first_runs": set(CLAIMS),
+             "test_refused_or_warned_before_any_work": {c.id for c in ISSUE_12},
+             "test_evaluate_stops_when_cancelled": {"SIGTERM", "SIGINT"}}
     text = (REPO / "docs" / "robustness.md").read_text(encoding="utf-8")
     here = Path(__file__).name
+    aliases = {"R": here, "N": "test_no_silent_wrong_answer.py"}
     file = name = None
     named: set[tuple[str, str]] = set()
     for span in re.findall(r"`([^`]+)`", text):
-        ref = re.fullmatch(r"(?:(R|\w+\.py)?::)?(\w+|\.\.\.)?(?:\[([\w-]+)\])?", span)
+        ref = re.fullmatch(r"(?:(R|N|\w+\.py)?::)?(\w+|\.\.\.)?(?:\[([\w-]+)\])?", span)
         if not ref or not (ref[2] or ref[3]) or not ("::" in span or span.startswith("[")):
             continue  # ordinary code in the text
         if ref[1]:
-            file = here if ref[1] == "R" else ref[1]
+            file = aliases.get(ref[1], ref[1])
         if ref[2] == "...":
             name = "test_interrupted_run_leaves_nothing_half_written"
         elif ref[2]:

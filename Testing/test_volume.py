@@ -150,7 +150,7 @@ def test_missing_path_and_empty_folders(tmp_path):
 def test_unreadable_files_name_the_file(tmp_path, ct3mm):
     text = tmp_path / "notes.nii.gz"
     text.write_text("this is not an image\n")
-    _refused(text, "notes.nii.gz", "cannot read")
+    _refused(text, "notes.nii.gz", "is a text file")
     data = (ct3mm / "image.nii.gz").read_bytes()
     cut = tmp_path / "cut.nii.gz"
     cut.write_bytes(data[: len(data) // 2])
