@@ -34,7 +34,7 @@ Metadata schema, ``format_version`` 1 (R = required, others get the default show
 ``intensity_preset`` "ct" | "mr" (default "ct")
 ``axis``           "axial" | "coronal" | "sagittal" (default "axial")
 ``training``       null or {"image": str, "slices": [int], "heldout_slices": [int], "steps": int,
-                   "seed": int|null, "batch_size": int, "lr": float, "minutes": float|null,
+                   "cached_steps": int (of the steps, those on cached encoder features), "seed": int|null, "batch_size": int, "lr": float, "minutes": float|null,
                    "started_from": str|null}; missing keys become null ([] for the lists)
 ``metrics``        dict, free-form JSON (numbers, nested dicts/lists); non-finite
                    floats are stored as null because the header must be strict JSON
@@ -83,7 +83,7 @@ _FIELDS = (
     "rank", "fusion", "low_level_blocks", "pixel_norm", "base_checkpoint", "classes", "intensity_preset",
     "axis", "training", "metrics", "description", "extra",
 )
-_TRAINING_FIELDS = ("image", "slices", "heldout_slices", "steps", "seed", "batch_size", "lr", "minutes", "started_from")
+_TRAINING_FIELDS = ("image", "slices", "heldout_slices", "steps", "cached_steps", "seed", "batch_size", "lr", "minutes", "started_from")
 _CLASS_FIELDS = ("value", "name", "color", "terminology")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # The fields check_compatible compares: a mismatch in any of them makes the
@@ -253,7 +253,7 @@ def _training(source: str, value: Any) -> dict | None:
         if not isinstance(slices, (list, tuple)):
             raise _bad(source, f"training.{key}", "must be a list of slice indices")
         out[key] = [_int(source, f"training.{key}", s, 0, 1 << 20) for s in slices]
-    for key, lo in (("steps", 0), ("batch_size", 1)):
+    for key, lo in (("steps", 0), ("cached_steps", 0), ("batch_size", 1)):
         v = value.get(key)
         out[key] = None if v is None else _int(source, f"training.{key}", v, lo, 1 << 31)
     seed = value.get("seed")

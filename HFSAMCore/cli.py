@@ -19,7 +19,7 @@ from . import __version__
 from .errors import Cancelled, HFSAMError, HFSAMWarning, InputError, is_out_of_memory
 from .malloc import keep_freed_memory
 from .options import OneLineParser, UsageError, check_options, progress_mode
-from .model.registry import FUSIONS, backbone_names, pretrained_backbones
+from .model.registry import DEFAULT_FEWSHOT_METHODS, FEWSHOT_METHODS, FUSIONS, backbone_names, pretrained_backbones
 from .progress import Progress
 
 DESCRIPTION = """\
@@ -137,8 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "or 'auto' = every slice that carries a label")
     p.add_argument("--classes", help="class names in label order ('liver,spleen') or a preset (synapse, acdc); "
                                      "default: 'label_1'..'label_K'")
-    p.add_argument("--steps", type=int, help="training steps (default 300 unless --minutes is given)")
+    p.add_argument("--steps", type=int, help="training steps (default: the backbone's few-shot recipe, 300 "
+                                             "for lite_medsam, 1000 for vit_b, unless --minutes is given)")
     p.add_argument("--minutes", type=float, help="wall-clock budget instead of (or as well as) --steps")
+    p.add_argument("--cached-steps", type=int, metavar="N",
+                   help="the first N steps train the decoder, AWFFM and compression conv on encoder features "
+                        "computed once (5x cheaper on a CPU; exact, LoRA does not train in them); "
+                        "default: the recipe's share (lite_medsam: all of them, so LoRA does not train; on a GPU try "
+                        "--cached-steps 0 = every step end to end, LoRA included)")
     p.add_argument("--lr", type=float, default=0.0025, help="base learning rate (AdamW)")
     p.add_argument("--holdout", type=int, help="labeled slices held out for a Dice check "
                                                "(default: 1 when at least 5 are labeled, else 0)")
@@ -195,11 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "bench", "Benchmarks: machine ceiling, FLOPs, inference and fine-tuning speed, memory, "
                            "and few-shot Dice for N labeled slices. Writes Markdown and JSON.",
-             "hfsam bench speed --checkpoint none --backbone vit_b --img-size 512 -o benchmarks/results\n"
-             "  hfsam bench fewshot --checkpoint none --backbone tiny -o benchmarks/results")
+             "hfsam bench speed --backbone lite_medsam -o benchmarks/results\n"
+             "  hfsam bench fewshot -o benchmarks/results            (LiteMedSAM: HF-SAM, decoder only, U-Net)\n"
+             "  hfsam bench fewshot --n 5 --methods hfsam --steps 100")
     p.add_argument("which", choices=["speed", "fewshot"])
     p.add_argument("-o", "--output", default="benchmarks/results", help="folder for the result files")
-    p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run); fewshot: N = 1 and 5 only")
+    p.add_argument("--n", type=int, nargs="+", metavar="N", help="fewshot: numbers of labeled slices "
+                                                                  "(default 1 3 5 10)")
+    p.add_argument("--methods", nargs="+", choices=tuple(FEWSHOT_METHODS), metavar="METHOD",
+                   help="fewshot: rows per N (default: " + ", ".join(DEFAULT_FEWSHOT_METHODS) + "; also hfsam_lora)")
+    p.add_argument("--steps", type=int, help="fewshot: training steps (default: the backbone's recipe; U-Net 500)")
+    p.add_argument("--jobs", type=int, default=1, help="fewshot: rows run at once, each on cores/JOBS threads")
     p.add_argument("--volume", help="volume for the whole-segment timing (default: the DICOM sample)")
     _add_model_args(p, adapter_help="(unused)")
     p.add_argument("--device", default="auto")
@@ -298,6 +311,10 @@ def cmd_segment(args, progress: Progress) -> int:
     _run_inputs(claims, args, adapter, {"the input image": [args.input]})
     output, sidecar = claims.image_output(args.output)
     meta = _adapter_metadata(args, adapter)
+    if adapter is None and args.checkpoint is None:
+        raise InputError("segment needs an adapter (--adapter NAME or FILE): a base model's class head is "
+                         "untrained, so its labels would mean nothing; train one with `hfsam finetune` "
+                         "(`hfsam models list` shows the library's)")
     if args.classes is not None:
         from .classes import resolve_classes
 
@@ -398,7 +415,7 @@ def _finetune(args, progress: Progress, image, labels, slices, classes, values, 
 
     from . import __version__ as version
     from .adapters import save_adapter
-    from .finetune import TrainConfig, prepare_training_set, train
+    from .finetune import prepare_training_set, recipe_config, train
     from .loading import load_model
 
     if args.seed is not None:
@@ -413,9 +430,9 @@ def _finetune(args, progress: Progress, image, labels, slices, classes, values, 
                                 slices=slices, axis=args.axis, preset=args.preset, device=device,
                                 label_values=values)
     progress.log(f"training on {len(data.slices)} labeled slice(s): {', '.join(map(str, data.slices))}")
-    steps = args.steps if args.steps is not None else (None if args.minutes else 300)
-    cfg = TrainConfig(steps=steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      holdout=args.holdout, precision=dtype)
+    cfg = recipe_config(lm.spec.backbone, steps=args.steps, minutes=args.minutes, cached_steps=args.cached_steps,
+                        batch_size=args.batch_size, lr=args.lr, seed=args.seed, holdout=args.holdout,
+                        precision=dtype)
     report = train(model, data, cfg, progress)  # refuses a diverged model, also after the last step
     progress.check_cancelled()  # a cancel during the last step's bookkeeping still means "write nothing"
 
@@ -428,7 +445,8 @@ def _finetune(args, progress: Progress, image, labels, slices, classes, values, 
         "axis": args.axis,
         "training": {
             "image": str(args.image), "slices": report.slices, "heldout_slices": report.heldout_slices,
-            "steps": report.steps, "seed": args.seed, "batch_size": report.batch_size, "lr": args.lr,
+            "steps": report.steps, "cached_steps": report.cached_steps, "seed": args.seed,
+            "batch_size": report.batch_size, "lr": args.lr,
             "minutes": args.minutes, "started_from": str(lm.adapter_path) if lm.adapter_path else None,
         },
         "metrics": {k: v for k, v in (("final_loss", report.final_loss), ("heldout_dice", report.heldout_dice),

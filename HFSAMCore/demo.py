@@ -19,11 +19,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .model.registry import FALLBACK_BACKBONE, PAPER_BACKBONE, get_backbone_info
 from .progress import Progress
 
-DEFAULT_STEPS = {"tiny": 300, "vit_b": 1000}
 OUTPUT_FILES = ("adapter.safetensors", "segmentation.nrrd", "segmentation.json", "dice.md", "dice.json", "figure.png")
-IMG_SIZE = {"tiny": 224, "vit_b": 512}
 
 
 def spread(labeled: list[int], n: int) -> list[int]:
@@ -53,26 +52,20 @@ def evaluate_held_out(image: sitk.Image, view, ref_stack: np.ndarray, pred_stack
 
 
 def choose_model(args, library, device, progress: Progress) -> tuple[str, str | None]:
-    """(backbone, checkpoint) the demo runs: vit_b with a checkpoint and a GPU, else tiny."""
+    """(backbone, checkpoint) the demo runs: SAM vit_b with its checkpoint in the library and a CUDA
+    GPU (the paper's setting), else LiteMedSAM, whose weights come with the engine."""
     wanted = args.backbone
     if wanted == "tiny":
         return "tiny", "none"
-    if wanted == "auto" and device.type != "cuda":
-        progress.log("no CUDA GPU: the demo runs the TINY RANDOM-INIT configuration so that the whole pipeline "
-                     "is shown on the CPU in minutes (its numbers say nothing about HF-SAM's quality; "
-                     "pass --backbone vit_b to fine-tune SAM vit_b on the CPU, slowly)")
-        return "tiny", "none"
-    found = library.checkpoint_path("vit_b")
-    if found is None:
-        try:
-            found = library.download_checkpoint("vit_b", progress=progress)
-        except InputError as exc:
-            if wanted == "vit_b":
-                raise
-            progress.log(f"the SAM vit_b checkpoint is not available ({exc}); running the TINY RANDOM-INIT "
-                         "configuration instead, so the numbers below are not HF-SAM's quality")
-            return "tiny", "none"
-    return "vit_b", str(found)
+    if wanted == "auto":
+        found = library.checkpoint_path(PAPER_BACKBONE)
+        if found is not None and device.type == "cuda":
+            return PAPER_BACKBONE, str(found)
+        why = "no CUDA GPU" if found is not None else f"no SAM {PAPER_BACKBONE} checkpoint in the library"
+        progress.log(f"{why}: the demo fine-tunes LiteMedSAM (TinyViT distilled from MedSAM, pretrained on "
+                     "medical images; its weights come with the engine)")
+        return FALLBACK_BACKBONE, None
+    return wanted, None  # load_model takes the library's checkpoint, or says how to get it
 
 
 def _overlay(gray: np.ndarray, labels: np.ndarray, colors: dict[int, tuple]) -> np.ndarray:
@@ -156,7 +149,7 @@ def _demo(args, progress: Progress, out: Path, paths: dict[str, Path], sample: d
     from .atomic import atomic_write
     from .classes import resolve_classes
     from .device import resolve_device, resolve_precision
-    from .finetune import TrainConfig, prepare_training_set, train
+    from .finetune import prepare_training_set, recipe_config, train
     from .library import ModelLibrary
     from .loading import load_model
     from .metrics import format_table
@@ -170,7 +163,9 @@ def _demo(args, progress: Progress, out: Path, paths: dict[str, Path], sample: d
     dtype = resolve_precision("auto", device)
     library = ModelLibrary(args.library)
     backbone, checkpoint = choose_model(args, library, device, progress)
-    steps = args.steps or DEFAULT_STEPS[backbone]
+    backbone_info = get_backbone_info(backbone)
+    cfg = recipe_config(backbone, steps=args.steps, holdout=0, seed=0, precision=dtype)
+    steps = cfg.steps
     classes = resolve_classes("synapse")
 
     view = SliceView.from_image(image, "axial")
@@ -183,16 +178,17 @@ def _demo(args, progress: Progress, out: Path, paths: dict[str, Path], sample: d
                  f"'painted' slices: {train_slices}; model: {backbone}, {steps} steps on {device}")
 
     torch.manual_seed(0)
-    lm = load_model(checkpoint=checkpoint, backbone=backbone, img_size=IMG_SIZE[backbone], classes="synapse",
-                    library=library, progress=progress)
-    data = prepare_training_set(image, reference, num_classes=len(classes), img_size=IMG_SIZE[backbone],
-                                slices=train_slices, device=device)
-    report = train(lm.model, data, TrainConfig(steps=steps, holdout=0, seed=0, precision=dtype), progress)
+    size = backbone_info.default_img_size
+    lm = load_model(checkpoint=checkpoint, backbone=backbone, img_size=size, classes="synapse", library=library,
+                    progress=progress)
+    data = prepare_training_set(image, reference, num_classes=len(classes), img_size=size, slices=train_slices,
+                                device=device)
+    report = train(lm.model, data, cfg, progress)
 
     metadata = {"name": "demo", **lm.spec.as_dict(), "base_checkpoint": lm.base, "classes": classes,
                 "intensity_preset": data.preset, "axis": "axial",
                 "training": {"image": str(sample["image"]), "slices": report.slices, "steps": report.steps,
-                             "seed": 0, "batch_size": report.batch_size, "lr": 0.0025},
+                             "cached_steps": report.cached_steps, "seed": 0, "batch_size": report.batch_size, "lr": 0.0025},
                 "description": "hfsam demo on the TotalSegmentator sample CT"}
     metadata.pop("num_classes", None)
 
@@ -207,8 +203,9 @@ def _demo(args, progress: Progress, out: Path, paths: dict[str, Path], sample: d
                        "train_slices": train_slices, "evaluated_slices": result["evaluated_slices"],
                        "train_seconds": report.seconds, "device": str(device)}
     table = format_table(result)
-    banner = ("" if backbone != "tiny" else
-              "> Tiny random-init configuration (no SAM weights): shows the pipeline, not HF-SAM's quality.\n\n")
+    banner = (f"> Model: HF-SAM on {backbone_info.title}.\n\n" if not backbone_info.test_only else
+              "> Tiny random-init configuration (no pretrained weights): shows the pipeline, not HF-SAM's "
+              "quality.\n\n")
     dice_md = (f"# hfsam demo: Dice on the {result['evaluated_slices']} held-out slices\n\n"
                f"{banner}Trained on slices {train_slices} ({report.steps} steps, {backbone}, "
                f"{report.seconds:.0f} s on {device}).\n\n{table}\n")

@@ -27,6 +27,9 @@ from torch.nn import functional as F
 
 from .device import autocast, is_out_of_memory, peak_memory_mb, reset_peak_memory
 from .errors import InputError, OutOfMemory
+from .feature_cache import FeatureCache
+from .model.lora import is_lora_parameter
+from .model.registry import get_backbone_info
 from .progress import Progress
 from .segment import logits_to_labels, to_model_input
 from .slices import SliceView, choose_preset, choose_training_slices, normalize, volume_stats
@@ -62,6 +65,12 @@ class TrainConfig:
     eval_every: int = 25
     precision: torch.dtype = torch.float32
     augment: bool = True
+    # The first `cached_steps` steps train everything but LoRA on encoder features computed once,
+    # for `pool` augmented copies of each slice (copy 0 unaugmented). Exact, not an approximation:
+    # while LoRA does not train, the encoder does not change. The encoder is most of a step's
+    # cost, so these steps are about 5x cheaper on a CPU. LoRA trains in the steps after them.
+    cached_steps: int = 0
+    pool: int = 8
 
 
 @dataclass
@@ -69,6 +78,7 @@ class TrainReport:
     slices: list[int]
     heldout_slices: list[int]
     steps: int = 0
+    cached_steps: int = 0  # of `steps`, those on cached encoder features (no LoRA)
     seconds: float = 0.0
     final_loss: float = float("nan")
     heldout_dice: float | None = None
@@ -180,6 +190,23 @@ def hfsam_loss(logits: torch.Tensor, target: torch.Tensor,
     return CE_WEIGHT * F.cross_entropy(logits, target) + DICE_WEIGHT * soft_dice_loss(logits, target, reduce=reduce)
 
 
+def recipe_config(backbone: str, *, steps: int | None = None, minutes: float | None = None,
+                  cached_steps: int | None = None, **kwargs) -> TrainConfig:
+    """The backbone's few-shot recipe (registry.FewShotRecipe) with what the user chose.
+
+    ``steps`` given: the recipe's share of cached steps is kept (unless ``cached_steps`` is given);
+    a time budget alone: the recipe's cached steps first, then LoRA for the rest of the time.
+    """
+    recipe = get_backbone_info(backbone).recipe
+    if steps is None and minutes is None:
+        steps = recipe.steps
+    if cached_steps is None:
+        cached_steps = recipe.cached_steps if steps is None else round(steps * recipe.cached_steps / recipe.steps)
+    if cached_steps < 0:
+        raise InputError(f"--cached-steps must be 0 or more, not {cached_steps}")
+    return TrainConfig(steps=steps, minutes=minutes, cached_steps=cached_steps, **kwargs)
+
+
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up to 1, then poly(0.9) decay to 0 at `total`."""
     if step < warmup:
@@ -204,18 +231,20 @@ def grad_scaler(precision: torch.dtype, device: torch.device) -> torch.amp.GradS
     return torch.amp.GradScaler(torch.device(device).type) if precision == torch.float16 else None
 
 
-def train_step(model, optimizer, x: torch.Tensor, y: torch.Tensor, *, lr: float, precision: torch.dtype,
+def train_step(model, optimizer, x, y: torch.Tensor, *, lr: float, precision: torch.dtype,
                loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+               scaler: torch.amp.GradScaler | None = None, device: torch.device | None = None) -> torch.Tensor:
     """Set the step's learning rate, then forward, HF-SAM loss, backward, AdamW step; returns the loss.
 
     ``x`` [B,1|3,S,S] and ``y`` [B,S,S] are already on the device and augmented;
     ``lr`` is the base rate times ``lr_factor``. ``model`` may be wrapped in DDP.
     ``scaler`` (``grad_scaler``): scale the loss and skip steps whose gradients overflowed.
+    ``x`` may also be cached encoder features for ``model`` = a callable that decodes them (then
+    pass ``device``).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with autocast(x.device, precision):
+    with autocast(device or x.device, precision):
         logits = model(x)
     loss = hfsam_loss(logits, y, reduce=loss_reduce)
     optimizer.zero_grad(set_to_none=True)
@@ -334,56 +363,86 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
     model.train().to(device)
     reset_peak_memory(device)
     start = time.monotonic()
+    cached_steps = min(cfg.cached_steps, total)
+    cache = None
+    lora = [p for n, p in model.named_parameters() if p.requires_grad and is_lora_parameter(n)]
+    if cached_steps:
+        after = "LoRA trains after them" if cached_steps < total else "LoRA does not train in this run"
+        progress.log(f"encoding {len(train_idx)} slice(s) x {cfg.pool} augmented copies once for the first "
+                     f"{cached_steps} steps ({after})")
+        cache = FeatureCache.build(model, train_images, train_labels, copies=cfg.pool,
+                                   augment=augment if cfg.augment else None, gen=gen, precision=cfg.precision,
+                                   check_cancelled=progress.check_cancelled)
+        for p in lora:
+            p.requires_grad_(False)  # AdamW skips them (no gradient) until the cache is done
+    live_start, live_steps = start, 0
     step = 0
-    while step < total:
-        progress.check_cancelled()
-        elapsed = time.monotonic() - start
-        if cfg.minutes is not None:
-            if elapsed >= cfg.minutes * 60:
-                break
-            if step == 3:  # steps/second known: fix the schedule's length for the time budget
-                per_step = elapsed / 3
-                budget = max(step + 1, int(cfg.minutes * 60 / per_step))
-                total = budget if cfg.steps is None else min(cfg.steps, budget)
-                warmup = cfg.warmup or default_warmup(total)
-        lr = cfg.lr * lr_factor(step, total if total < 10**9 else 100, warmup)
-        pick = torch.randint(len(train_idx), (batch_size,), generator=gen).to(device)
-        x, y = train_images[pick], train_labels[pick]
-        if cfg.augment:
-            x, y = augment(x, y, gen)
-        try:
-            loss = train_step(model, optimizer, x, y, lr=lr, precision=cfg.precision, scaler=scaler)
-        except (RuntimeError, MemoryError) as exc:
-            if not is_out_of_memory(exc):
-                raise
-            if batch_size == 1:
-                raise OutOfMemory(device.type) from exc
-            optimizer.zero_grad(set_to_none=True)
-            batch_size = max(1, batch_size // 2)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            progress.warn(f"out of memory at batch size {batch_size * 2}: retrying with batch size {batch_size}")
-            continue
-        step += 1
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise InputError(f"training diverged: the loss became {value} at step {step}; try a lower --lr "
-                             f"(this run: {cfg.lr:g})")
-        report.losses.append(value)
-        shown_total = total if total < 10**9 else step + 1
-        progress.progress("finetune", step, shown_total, loss=round(value, 4))
-        metrics = {"step": step, "loss": round(value, 5), "lr": optimizer.param_groups[0]["lr"]}
-        if held_idx and (step % cfg.eval_every == 0 or step == total):
-            metrics["heldout_dice"] = round(slice_dice(model, held_images, held_labels, cfg.precision), 4)
-            report.heldout_dice = metrics["heldout_dice"]
-        if step % cfg.eval_every == 0 or step == total:
-            progress.metric(**metrics)
+    try:
+        while step < total:
+            progress.check_cancelled()
+            if cache is not None and step >= cached_steps:
+                cache = None
+                for p in lora:
+                    p.requires_grad_(True)
+                live_start = time.monotonic()
+            elapsed = time.monotonic() - start
+            if cfg.minutes is not None:
+                if elapsed >= cfg.minutes * 60:
+                    break
+                if live_steps == 3 and cache is None:  # steps/second known: fix the schedule's length
+                    per_step = (time.monotonic() - live_start) / 3
+                    budget = max(step + 1, step + int((cfg.minutes * 60 - elapsed) / per_step))
+                    total = budget if cfg.steps is None else min(cfg.steps, budget)
+                    warmup = cfg.warmup or default_warmup(total)
+            lr = cfg.lr * lr_factor(step, total if total < 10**9 else 100, warmup)
+            try:
+                if cache is not None:
+                    pick = torch.randint(len(cache), (batch_size,), generator=gen).to(device)
+                    features, y = cache.batch(pick)
+                    loss = train_step(lambda f: model.decode(*f), optimizer, features, y, lr=lr,
+                                      precision=cfg.precision, scaler=scaler, device=device)
+                else:
+                    pick = torch.randint(len(train_idx), (batch_size,), generator=gen).to(device)
+                    x, y = train_images[pick], train_labels[pick]
+                    if cfg.augment:
+                        x, y = augment(x, y, gen)
+                    loss = train_step(model, optimizer, x, y, lr=lr, precision=cfg.precision, scaler=scaler)
+                    live_steps += 1
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                if batch_size == 1:
+                    raise OutOfMemory(device.type) from exc
+                optimizer.zero_grad(set_to_none=True)
+                batch_size = max(1, batch_size // 2)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                progress.warn(f"out of memory at batch size {batch_size * 2}: retrying with batch size {batch_size}")
+                continue
+            step += 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise InputError(f"training diverged: the loss became {value} at step {step}; try a lower --lr "
+                                 f"(this run: {cfg.lr:g})")
+            report.losses.append(value)
+            shown_total = total if total < 10**9 else step + 1
+            progress.progress("finetune", step, shown_total, loss=round(value, 4))
+            metrics = {"step": step, "loss": round(value, 5), "lr": optimizer.param_groups[0]["lr"]}
+            if held_idx and (step % cfg.eval_every == 0 or step == total):
+                metrics["heldout_dice"] = round(slice_dice(model, held_images, held_labels, cfg.precision), 4)
+                report.heldout_dice = metrics["heldout_dice"]
+            if step % cfg.eval_every == 0 or step == total:
+                progress.metric(**metrics)
+    finally:
+        for p in lora:
+            p.requires_grad_(True)
 
     if step == 0:
         raise InputError(f"the time budget (--minutes {cfg.minutes:g}) ended before the first training step: "
                          "give more time, or --steps")
     check_trained(model, train_images, train_labels, cfg, batch_size)
     report.steps = step
+    report.cached_steps = min(step, cached_steps)
     report.seconds = round(time.monotonic() - start, 2)
     report.final_loss = float(np.mean(report.losses[-10:])) if report.losses else float("nan")
     if held_idx:

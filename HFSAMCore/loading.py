@@ -72,6 +72,8 @@ def _checkpoint_base(spec, checkpoint: Path, progress: Progress):
     state = family.read_checkpoint(checkpoint)  # a wrong file is refused before a model is built
     model = HFSAM(spec)
     report = family.load_checkpoint(model, state)
+    if spec.fusion != "released":  # the authors' network keeps their initialisation (docs/reproduce.md)
+        model.start_fusion_near_identity()
     progress.log(f"loaded {report['loaded']} tensors from {checkpoint.name} "
                  f"({len(report['skipped'])} tensors of outputs HF-SAM does not have left out)")
     return model, {"name": checkpoint.name, "sha256": sha256_file(checkpoint)}

@@ -31,6 +31,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": (_positive, "a positive learning rate (e.g. 0.0025)"),
     "batch_size": (_at_least(1), "a whole number of at least 1"),
     "holdout": (_at_least(0), "0 or more"),
+    "cached_steps": (_at_least(0), "0 or more"),
+    "jobs": (_at_least(1), "a whole number of at least 1"),
     "labeled_slices": (_at_least(1), "a whole number of at least 1"),
     "rank": (lambda v: isinstance(v, int) and 0 <= v <= 256, "a whole number from 0 to 256"),
     "img_size": (lambda v: isinstance(v, int) and 64 <= v <= 2048 and v % 16 == 0,

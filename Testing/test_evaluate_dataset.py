@@ -150,7 +150,7 @@ def test_train_and_evaluate_a_nifti_task_in_mm_on_the_real_ct(tmp_path, ct3mm):
         shutil.copy(ct3mm / "image.nii.gz", root / f"images{subset}" / "abdomen_0000.nii.gz")
         shutil.copy(ct3mm / "labels_synapse8.nii.gz", root / f"labels{subset}" / "abdomen.nii.gz")
     run_cli("train", "--dataset", "nifti", "--root", root, "--classes", "synapse", "--preset", "tiny",
-            "--checkpoint", "none", "--epochs", 10, "--batch-size", 8, "-o", tmp_path / "run")
+            "--checkpoint", "none", "--epochs", 20, "--batch-size", 8, "-o", tmp_path / "run")
     adapter = tmp_path / "run" / "adapter.safetensors"
     out = tmp_path / "results"
     run_cli("evaluate-dataset", "--dataset", "nifti", "--root", root, "--adapter", adapter, "--save-predictions",

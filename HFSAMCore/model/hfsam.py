@@ -142,22 +142,48 @@ class HFSAM(nn.Module):
         lora = sum(p.numel() for n, p in self.named_parameters() if is_lora_parameter(n))
         return {"total": total, "trainable": trainable, "lora": lora, "frozen": total - trainable}
 
-    # -- forward --------------------------------------------------------------
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B,3,H,W] in [0,1] -> (image embedding G, low-level feature L), both [B,256,h,w]."""
-        x = (images - self.pixel_mean) / self.pixel_std
-        embedding, taps = self.family.encode(self.image_encoder, x, self.taps)
-        low = sum(proj(t) for proj, t in zip(self.low_level_proj, taps)) if taps else None
-        return embedding, low
+    @torch.no_grad()
+    def start_fusion_near_identity(self) -> None:
+        """After loading a pretrained decoder: the low-level branch starts at zero (its 1x1 convs) and
+        every AWFFM passes the embedding through (AWFFM.start_near_identity), so that the first step
+        starts from what the pretrained decoder computes; what the low-level feature adds is learned."""
+        for proj in self.low_level_proj:
+            proj.weight.zero_()
+            proj.bias.zero_()
+        for module in self.mask_decoder.awffms():
+            module.start_near_identity()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,1|3,H,W] in [0,1] -> low-resolution class logits [B, K+1, H/4, W/4]."""
+    # -- forward --------------------------------------------------------------
+    def encoder_features(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """[B,1|3,H,W] in [0,1] -> (image embedding G [B,256,h,w], the raw low-level taps).
+
+        Everything the frozen encoder computes; ``decode`` does the rest. Split so that fine-tuning
+        with the encoder frozen (or its LoRA still at zero) can compute this once per slice.
+        """
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        embedding, low = self.encode(images)
+        x = (images - self.pixel_mean) / self.pixel_std
+        return self.family.encode(self.image_encoder, x, self.taps)
+
+    def decode(self, embedding: torch.Tensor, taps: list[torch.Tensor]) -> torch.Tensor:
+        """The trainable rest: low-level compression, AWFFM, decoder -> logits [B, K+1, 4h, 4w]."""
+        low = self.compress_taps(taps)
         pe = self.prompt_encoder.get_dense_pe().to(embedding.dtype)
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(embedding.dtype)
         return self.mask_decoder(embedding, low, pe, dense)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B,3,H,W] in [0,1] -> (image embedding G, compressed low-level feature L or None)."""
+        embedding, taps = self.encoder_features(images)
+        return embedding, self.compress_taps(taps)
+
+    def compress_taps(self, taps: list[torch.Tensor]) -> torch.Tensor | None:
+        """The low-level feature L: each tap through its 1x1 conv, summed; None without taps."""
+        return sum(proj(t) for proj, t in zip(self.low_level_proj, taps)) if taps else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,1|3,H,W] in [0,1] -> low-resolution class logits [B, K+1, H/4, W/4]."""
+        return self.decode(*self.encoder_features(images))
 
     def predict(self, images: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Logits resized (bilinear) to out_size, default the input size."""

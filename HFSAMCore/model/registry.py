@@ -41,6 +41,15 @@ FUSIONS: dict[str, str] = {
     "none": "ablation: SAM's decoder with one mask token per class, no low-level feature",
 }
 
+#: The rows of `hfsam bench fewshot`, per N: what each trains (same slices, augmentation and loss).
+FEWSHOT_METHODS: dict[str, str] = {
+    "hfsam": "HF-SAM: LoRA + AWFFM, two-step skip fusion, the backbone's few-shot recipe",
+    "decoder_only": "decoder only: frozen encoder, no LoRA, no AWFFM (SAM's decoder, K+1 mask tokens)",
+    "unet": "U-Net from scratch (MONAI BasicUNet, 2-D, 2.0 M parameters), what a user would otherwise train",
+    "hfsam_lora": "HF-SAM, the recipe then 40 more steps end to end that train LoRA too (not in the default rows)",
+}
+DEFAULT_FEWSHOT_METHODS = ("hfsam", "decoder_only", "unet")
+
 
 @dataclass(frozen=True)
 class ViTArch:
@@ -79,6 +88,18 @@ class DecoderArch:
 
 
 @dataclass(frozen=True)
+class FewShotRecipe:
+    """How `finetune`, `demo`, `bench fewshot` and the Slicer panel train this backbone by default.
+
+    ``cached_steps`` of the ``steps`` train everything but LoRA on encoder features computed once
+    (finetune.TrainConfig.cached_steps); the steps after them train LoRA too.
+    """
+
+    steps: int = 300
+    cached_steps: int = 0
+
+
+@dataclass(frozen=True)
 class BackboneInfo:
     name: str
     family: str  # "sam_vit" | "tinyvit": which torch module builds it (model/families.py)
@@ -91,10 +112,16 @@ class BackboneInfo:
     arch: ViTArch | TinyViTArch
     decoder: DecoderArch = DecoderArch()
     test_only: bool = False  # random weights only; never offered to a clinician
+    recipe: FewShotRecipe = FewShotRecipe()
 
     @property
     def default_img_size(self) -> int:
         return self.img_sizes[0]
+
+    @property
+    def any_img_size(self) -> bool:
+        """A ViT takes any multiple of 16; TinyViT only the size it was trained at."""
+        return self.family == "sam_vit"
 
     @property
     def patch_size(self) -> int:
@@ -116,21 +143,28 @@ class BackboneInfo:
 
 
 def _vit(name: str, title: str, arch: ViTArch, checkpoint: str | None, *, decoder: DecoderArch = DecoderArch(),
-         test_only: bool = False, img_sizes: tuple[int, ...] = (512, 224)) -> BackboneInfo:
+         test_only: bool = False, img_sizes: tuple[int, ...] = (512, 224),
+         recipe: FewShotRecipe = FewShotRecipe(1000)) -> BackboneInfo:
     return BackboneInfo(name, "sam_vit", title, img_sizes, "imagenet", checkpoint, tuple(range(arch.depth)),
-                        arch.global_attn_indexes[:1], arch, decoder, test_only)
+                        arch.global_attn_indexes[:1], arch, decoder, test_only, recipe)
 
+
+# LiteMedSAM: 300 steps on cached features (decoder, AWFFMs, low-level conv). Measured on the CPU
+# (benchmarks/RESULTS.md, "few-shot"): 40 more steps that train LoRA too cost 2.7x the wall time and
+# 3.6 GB, and did not raise the Dice, so LoRA trains only when asked (--cached-steps below --steps).
+LITE_STEPS, LITE_CACHED = 300, 300
 
 BACKBONES: dict[str, BackboneInfo] = {b.name: b for b in (
     BackboneInfo("lite_medsam", "tinyvit", "LiteMedSAM (TinyViT, medical images, 9.8 M, runs on a laptop CPU)",
-                 (256,), "unit", "lite_medsam", (1, 2, 3), (1,), TinyViTArch()),
+                 (256,), "unit", "lite_medsam", (1, 2, 3), (1,), TinyViTArch(),
+                 recipe=FewShotRecipe(steps=LITE_STEPS, cached_steps=LITE_CACHED)),
     _vit("vit_b", "SAM ViT-B (Meta AI, 91 M; the paper's backbone, GPU)", ViTArch(768, 12, 12, (2, 5, 8, 11)),
          "vit_b"),
     _vit("vit_l", "SAM ViT-L (Meta AI, 308 M, GPU)", ViTArch(1024, 24, 16, (5, 11, 17, 23)), "vit_l"),
     _vit("vit_h", "SAM ViT-H (Meta AI, 636 M, GPU)", ViTArch(1280, 32, 16, (7, 15, 23, 31)), "vit_h"),
     # For CPU tests and CI: the same architecture, a few hundred thousand parameters.
     _vit("tiny", "tiny ViT, random weights (tests only)", ViTArch(64, 4, 2, (1, 3), window_size=7), None,
-         decoder=DecoderArch(64, 1, 128, 2), test_only=True, img_sizes=(224,)),
+         decoder=DecoderArch(64, 1, 128, 2), test_only=True, img_sizes=(224,), recipe=FewShotRecipe(300)),
 )}
 
 #: The paper's backbone, for users with Meta's checkpoint and a GPU.

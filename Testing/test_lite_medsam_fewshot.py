@@ -1,0 +1,87 @@
+"""A real few-shot run on LiteMedSAM: 3 labeled slices of ct_abdomen_3mm, a short budget of the
+backbone's recipe (steps on cached encoder features), the other slices scored; then the adapter's round trip.
+
+The budget is small so that the suite stays short; the full-budget figures are in
+benchmarks/RESULTS.md (`hfsam bench fewshot`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from HFSAMCore.adapters import load_adapter, save_adapter
+from HFSAMCore.demo import evaluate_held_out
+from HFSAMCore.device import resolve_precision
+from HFSAMCore.finetune import prepare_training_set, recipe_config, train
+from HFSAMCore.library import ModelLibrary
+from HFSAMCore.loading import load_model
+from HFSAMCore.segment import segment_image
+from HFSAMCore.slices import SliceView
+from HFSAMCore.volume import labels_onto_image, read_image, read_labels
+
+TRAIN = [10, 14, 19]
+STEPS = 60  # all on cached features, as the recipe does (LoRA steps are tested on the tiny model)
+LIVER = 5  # synapse order
+
+
+@pytest.fixture(scope="module")
+def run(ct3mm, tmp_path_factory):
+    image = read_image(ct3mm / "image.nii.gz")
+    labels = read_labels(ct3mm / "labels_synapse8.nii.gz")
+    library = ModelLibrary(tmp_path_factory.mktemp("lib"))
+    torch.manual_seed(0)
+    lm = load_model(backbone="lite_medsam", classes="synapse", library=library)
+    assert lm.spec.img_size == 256 and lm.spec.pixel_norm == "unit"
+    data = prepare_training_set(image, labels, num_classes=8, img_size=256, slices=TRAIN)
+    dtype = resolve_precision("auto", torch.device("cpu"))
+    cfg = recipe_config("lite_medsam", steps=STEPS, batch_size=4, holdout=0, seed=0, precision=dtype, pool=4)
+    report = train(lm.model, data, cfg)
+    prediction, _ = segment_image(image, lm.model, dtype=dtype)
+    return image, labels, library, lm, data, report, prediction, dtype
+
+
+def _liver_dice(image, labels, prediction) -> tuple[float, float]:
+    """(Dice of the prediction, Dice of 'liver everywhere') for the liver on the slices not trained on."""
+    view = SliceView.from_image(image)
+    ref_img = labels_onto_image(labels, image)  # kept alive: the array views borrow its memory
+    ref = view.to_slices(sitk.GetArrayViewFromImage(ref_img))
+    pred = view.to_slices(sitk.GetArrayViewFromImage(prediction))
+    trained = [view.canonical_index(s) for s in TRAIN]
+    names = {c: str(c) for c in range(1, 9)}
+    result = evaluate_held_out(image, view, ref, pred, trained, names)
+    liver = next(c["dice"] for c in result["classes"] if c["name"] == str(LIVER))
+    held = np.ones(view.n_slices, bool)
+    held[trained] = False
+    truth = ref[held] == LIVER
+    everywhere = 2 * truth.sum() / (truth.sum() + truth.size)
+    return liver, float(everywhere)
+
+
+def test_few_shot_lite_medsam_learns_the_liver(run):
+    image, labels, _, _, _, report, prediction, _ = run
+    assert (report.steps, report.cached_steps) == (STEPS, STEPS)
+    liver, everywhere = _liver_dice(image, labels, prediction)
+    assert everywhere < 0.3
+    print(f"liver Dice {liver:.3f}, liver everywhere {everywhere:.3f}")
+    assert liver > 0.85, f"liver Dice {liver:.3f} after {STEPS} steps on 3 slices"
+
+
+def test_adapter_round_trip_with_lite_medsam(run, tmp_path):
+    _, _, library, lm, data, _, _, _ = run
+    path = tmp_path / "liver.safetensors"
+    metadata = {"name": "t", **lm.spec.as_dict(), "base_checkpoint": lm.base, "classes": lm.classes,
+                "intensity_preset": data.preset, "axis": "axial"}
+    metadata.pop("num_classes")
+    save_adapter(path, lm.model.trainable_state_dict(), metadata)
+    tensors, meta = load_adapter(path)
+    assert meta["backbone"] == "lite_medsam" and meta["pixel_norm"] == "unit" and meta["img_size"] == 256
+    assert sum(t.numel() for t in tensors.values()) == lm.model.parameter_counts()["trainable"]
+    again = load_model(adapter=str(path), library=library)
+    assert again.spec == lm.spec
+    for name, value in lm.model.trainable_state_dict().items():
+        assert torch.equal(again.model.trainable_state_dict()[name], value), name
+    with torch.no_grad():  # the same model: the same logits, bit for bit
+        assert torch.equal(again.model.eval()(data.images), lm.model.eval()(data.images))
