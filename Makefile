@@ -21,7 +21,9 @@ test: setup
 
 # Benchmarks (not tests): results go to benchmarks/results/, summarised in benchmarks/RESULTS.md.
 bench: setup
-	$(BIN)/hfsam bench fewshot --checkpoint none --backbone tiny -o benchmarks/results
+	$(BIN)/pip install -e ".[bench]"  # MONAI, for the U-Net baseline of bench fewshot
+	$(BIN)/hfsam bench fewshot --backbone lite_medsam --jobs 2 -o benchmarks/results
+	$(BIN)/hfsam bench speed --backbone lite_medsam -o benchmarks/results
 	$(BIN)/hfsam bench speed --checkpoint none --backbone vit_b --img-size 512 -o benchmarks/results
 
 clean:

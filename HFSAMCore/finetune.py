@@ -39,6 +39,7 @@ CE_WEIGHT, DICE_WEIGHT = 0.1, 0.9
 ROTATION_DEG = 20.0
 CROP_AREA = (0.2, 0.8)  # area kept by a random crop, resized back
 P_ROTATE, P_CROP, P_ELASTIC = 0.5, 0.3, 0.3
+LIVE_STEP_COST = 5  # an end-to-end step's cost in cached steps (LiteMedSAM on a CPU), until measured
 
 
 @dataclass
@@ -375,7 +376,7 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
                                    check_cancelled=progress.check_cancelled)
         for p in lora:
             p.requires_grad_(False)  # AdamW skips them (no gradient) until the cache is done
-    live_start, live_steps = start, 0
+    phase_start, live_steps = time.monotonic(), 0  # the phase's start: the cached phase's, then the live one's
     step = 0
     try:
         while step < total:
@@ -384,14 +385,22 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
                 cache = None
                 for p in lora:
                     p.requires_grad_(True)
-                live_start = time.monotonic()
+                phase_start = time.monotonic()
             elapsed = time.monotonic() - start
             if cfg.minutes is not None:
                 if elapsed >= cfg.minutes * 60:
                     break
+                left = cfg.minutes * 60 - elapsed
+                budget = None
                 if live_steps == 3 and cache is None:  # steps/second known: fix the schedule's length
-                    per_step = (time.monotonic() - live_start) / 3
-                    budget = max(step + 1, step + int((cfg.minutes * 60 - elapsed) / per_step))
+                    budget = step + int(left / ((time.monotonic() - phase_start) / 3))
+                elif step == 3 and cache is not None:  # a first estimate, corrected after 3 live steps
+                    per = (time.monotonic() - phase_start) / 3
+                    cached_left = (cached_steps - step) * per
+                    budget = (step + int(left / per) if left <= cached_left else
+                              cached_steps + int((left - cached_left) / (per * LIVE_STEP_COST)))
+                if budget is not None:
+                    budget = max(step + 1, budget)
                     total = budget if cfg.steps is None else min(cfg.steps, budget)
                     warmup = cfg.warmup or default_warmup(total)
             lr = cfg.lr * lr_factor(step, total if total < 10**9 else 100, warmup)

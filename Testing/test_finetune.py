@@ -9,6 +9,7 @@ from HFSAMCore.errors import InputError
 from HFSAMCore.finetune import (TrainConfig, augment, hfsam_loss, lr_factor, prepare_training_set, soft_dice_loss,
                                 split_holdout, train)
 from HFSAMCore.model.hfsam import ModelSpec, build_hfsam
+from HFSAMCore.progress import Progress
 from HFSAMCore.volume import read_image, read_labels
 
 
@@ -140,6 +141,23 @@ def test_minutes_budget_stops_training(ct):
     model = build_hfsam(ModelSpec("tiny", 64, 8, 2))
     report = train(model, data, TrainConfig(steps=None, minutes=0.02, batch_size=1, holdout=0))
     assert 1 <= report.steps and report.seconds < 10
+
+
+def test_minutes_budget_with_cached_steps_sizes_the_schedule_to_the_time(ct):
+    image, labels = ct
+    data = prepare_training_set(image, labels, num_classes=8, img_size=64, slices=[15])
+    model = build_hfsam(ModelSpec("tiny", 64, 8, 2))
+    lrs = []
+
+    class Seen(Progress):
+        def metric(self, **fields):
+            lrs.append(fields["lr"])
+
+    report = train(model, data, TrainConfig(steps=None, minutes=0.2, batch_size=1, holdout=0, cached_steps=10**6,
+                                            eval_every=1), Seen("none"))
+    assert 10 <= report.steps == report.cached_steps and report.seconds < 40
+    # the schedule was fitted to the time: it decays over the run instead of ending after 100 steps
+    assert 0 < min(lrs) < max(lrs) and lrs[-1] < 0.5 * max(lrs) and sum(lr > 0 for lr in lrs) > 0.9 * len(lrs)
 
 
 def test_out_of_memory_retries_with_a_smaller_batch(ct):
