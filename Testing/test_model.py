@@ -470,3 +470,21 @@ def test_logits_to_labels_equals_resize_then_argmax_over_nchw():
         labels = logits_to_labels(logits, size)
         assert labels.dtype == torch.uint8 and labels.shape == (3, *size)
         assert torch.equal(labels.long(), reference)
+
+
+def test_a_pretrained_decoder_starts_where_it_was():
+    """After start_fusion_near_identity the low-level branch gives zero and each AWFFM passes G through
+    (sigmoid(5) G), whatever L; training then moves away from it."""
+    m = AWFFM(dim=16, reduction=4)
+    m.start_near_identity()
+    g, low = torch.randn(2, 16, 5, 7), torch.randn(2, 16, 5, 7)
+    with torch.no_grad():
+        out = m(g, torch.zeros_like(low))
+        assert torch.allclose(out, torch.sigmoid(torch.tensor(5.0)) * g, atol=1e-6)  # borders included
+        assert not torch.allclose(m(g, low), out, atol=1e-3)  # L still reaches the output
+    model = HFSAM(ModelSpec("tiny", 64, 3, 2))
+    model.start_fusion_near_identity()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        embedding, taps = model.encoder_features(x)
+        assert float(model.compress_taps(taps).abs().max()) == 0.0
