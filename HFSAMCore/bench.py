@@ -112,12 +112,20 @@ def _build(spec_kw: dict, device, fast: bool = True):
 def _inference_worker(spec_kw, device_name, dtype_name, batch, repeats, fast):
     import torch
 
-    from .device import autocast, peak_memory_mb, reset_peak_memory
-
     device = torch.device(device_name)
     dtype = getattr(torch, dtype_name)
     model = _build(spec_kw, device, fast)
     x = torch.rand(batch, 1, spec_kw["img_size"], spec_kw["img_size"], device=device)
+    return _time_inference(model, x, dtype, repeats)
+
+
+def _time_inference(model, x, dtype, repeats: int) -> dict:
+    """Median seconds of model(x) under inference mode and autocast, and the peak memory it took."""
+    import torch
+
+    from .device import autocast, peak_memory_mb, reset_peak_memory
+
+    device = x.device
     reset_peak_memory(device)
 
     def run():
@@ -125,7 +133,7 @@ def _inference_worker(spec_kw, device_name, dtype_name, batch, repeats, fast):
             model(x)
 
     seconds = _median_time(run, device, repeats)
-    return {"batch": batch, "seconds_per_batch": seconds, "peak_memory_mb": peak_memory_mb(device)}
+    return {"batch": len(x), "seconds_per_batch": seconds, "peak_memory_mb": peak_memory_mb(device)}
 
 
 def _finetune_worker(spec_kw, device_name, dtype_name, batch, repeats):
@@ -157,7 +165,6 @@ def _package_encoder_worker(checkpoint, device_name, dtype_name, batch, repeats)
 
     import torch
 
-    from .device import autocast, peak_memory_mb, reset_peak_memory
     from .model.sam_vit import load_tensor_file
 
     with warnings.catch_warnings():
@@ -168,15 +175,7 @@ def _package_encoder_worker(checkpoint, device_name, dtype_name, batch, repeats)
     model = build_lite_medsam()
     model.load_state_dict(load_tensor_file(checkpoint, what="LiteMedSAM checkpoint"), strict=True)
     encoder = model.image_encoder.to(device).eval()
-    x = torch.rand(batch, 3, 256, 256, device=device)
-    reset_peak_memory(device)
-
-    def run():
-        with torch.inference_mode(), autocast(device, dtype):
-            encoder(x)
-
-    seconds = _median_time(run, device, repeats)
-    return {"batch": batch, "seconds_per_batch": seconds, "peak_memory_mb": peak_memory_mb(device)}
+    return _time_inference(encoder, torch.rand(batch, 3, 256, 256, device=device), dtype, repeats)
 
 
 def _segment_worker(spec_kw, device_name, dtype_name, volume, batch):
