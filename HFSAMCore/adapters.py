@@ -346,6 +346,14 @@ def _existing_file(path: str | os.PathLike) -> Path:
 
 
 def _not_adapter(path: Path, why: str) -> InputError:
+    try:
+        with open(path, "rb") as fh:
+            zipped = fh.read(4) == b"PK\x03\x04"  # torch.save's archive: a base checkpoint given by mistake
+    except OSError:
+        zipped = False
+    if zipped:
+        return InputError(f"{path} is not a readable HF-SAM adapter but a PyTorch checkpoint (never unpickled): a base model goes in the library "
+                          "with `hfsam models import-checkpoint FILE`; then train an adapter with `hfsam finetune`")
     return InputError(f"{path} is not a readable HF-SAM adapter ({why}); use a .safetensors file written by HF-SAM")
 
 

@@ -14,6 +14,15 @@ from torch import nn
 from .errors import InputError
 
 
+def require_monai() -> None:
+    """Refuse before any training when MONAI is missing (not after the other rows have run)."""
+    import importlib.util
+
+    if importlib.util.find_spec("monai") is None:
+        raise InputError("the U-Net baseline needs MONAI: pip install monai (or pip install -e '.[bench]'), "
+                         "or leave it out with --methods hfsam decoder_only")
+
+
 @dataclass(frozen=True)
 class UNetSpec:
     img_size: int
@@ -23,10 +32,9 @@ class UNetSpec:
 class UNetBaseline(nn.Module):
     def __init__(self, img_size: int, num_classes: int):
         super().__init__()
-        try:
-            from monai.networks.nets import BasicUNet
-        except ImportError:
-            raise InputError("the U-Net baseline needs MONAI: pip install monai (or pip install -e '.[bench]')") from None
+        require_monai()
+        from monai.networks.nets import BasicUNet
+
         self.spec = UNetSpec(img_size, num_classes)
         self.net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=num_classes + 1)
 

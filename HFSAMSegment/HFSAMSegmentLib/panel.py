@@ -228,14 +228,26 @@ class Panel(VTKObservationMixin):
         if not self._base_choices.get(p.baseModel) and self.library.path is not None:
             # The default depends on which checkpoints the library has, so it waits for `models path`.
             p.baseModel = library_bridge.default_base_key(self.library.installed_checkpoints)
+            self._apply_recipe_steps()
 
     def on_model_selected(self, index) -> None:
         if self.p is not None:
             self.p.model = self.ui.modelSelector.itemData(index) or ""
 
     def on_base_model_selected(self, index) -> None:
-        if self.p is not None:
-            self.p.baseModel = self.ui.baseModelSelector.itemData(index) or self.p.baseModel
+        if self.p is None:
+            return
+        key = self.ui.baseModelSelector.itemData(index) or self.p.baseModel
+        if key != self.p.baseModel:
+            self.p.baseModel = key
+            self._apply_recipe_steps()
+
+    def _apply_recipe_steps(self) -> None:
+        """A new "start from" brings its backbone's few-shot recipe (the registry's), as `hfsam finetune` does;
+        the user may still change the steps afterwards. A saved scene keeps its own choice."""
+        info = backbones.info(self.base_backbone() or "")
+        if info is not None:
+            self.p.steps = info.recipe.steps
 
     def on_adapter_file(self) -> None:
         path = self.host.open_file("Adapter file", ADAPTER_FILTER)
