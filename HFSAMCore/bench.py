@@ -456,8 +456,11 @@ def run_fewshot(args, progress: Progress) -> dict:
         for i, ((n, method), job) in enumerate(zip(jobs, pending)):
             rows.append(dict(job.get(), threads=threads))
             progress.progress("bench", i + 1, len(jobs))
+            # The whole row goes to the log as it finishes: a run stopped later (for time, or by a failed
+            # row) still leaves every finished row's numbers, not only its mean.
+            organs = ", ".join(f"{k} {v:.3f}" for k, v in rows[-1]["dice"].items() if v is not None)
             progress.log(f"N={n} {method}: mean Dice {rows[-1]['mean_dice']:.3f}, "
-                         f"trained in {rows[-1]['train_wall_s']} s")
+                         f"trained in {rows[-1]['train_wall_s']} s, peak {rows[-1]['peak_memory_mb']:.0f} MB ({organs})")
     return {"machine": machine_info(device), "backbone": backbone, "checkpoint": args.checkpoint or "library",
             "img_size": img_size, "recipe": {"steps": info.recipe.steps, "cached_steps": info.recipe.cached_steps},
             "methods": {m: FEWSHOT_METHODS[m] for m in methods}, "rows": rows}
