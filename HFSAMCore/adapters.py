@@ -352,8 +352,9 @@ def _not_adapter(path: Path, why: str) -> InputError:
     except OSError:
         zipped = False
     if zipped:
-        return InputError(f"{path} is not a readable HF-SAM adapter but a PyTorch checkpoint (never unpickled): a base model goes in the library "
-                          "with `hfsam models import-checkpoint FILE`; then train an adapter with `hfsam finetune`")
+        return InputError(f"{path} is not a readable HF-SAM adapter but a PyTorch checkpoint (never unpickled): "
+                          "a base model goes in the library with `hfsam models import-checkpoint FILE`; "
+                          "then train an adapter with `hfsam finetune`")
     return InputError(f"{path} is not a readable HF-SAM adapter ({why}); use a .safetensors file written by HF-SAM")
 
 

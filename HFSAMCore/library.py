@@ -21,8 +21,8 @@ with '.'), and is portable to Windows.
 Two processes writing the same entry: each holds ``.<name>.lock`` (created
 with O_CREAT|O_EXCL, holding "pid host") while it writes; the second gets a
 clear InputError, or waits for the first where both would write the same
-bytes (a bundled checkpoint registered on first use). A lock whose process is gone (same host) is stale and is
-removed. Writes themselves are atomic (temp file + rename), so even in the rare
+bytes (a bundled checkpoint registered on first use). A lock whose process
+is gone (same host) is stale and is removed. Writes themselves are atomic (temp file + rename), so even in the rare
 race where two processes both clear the same stale lock, the entry is always
 one whole file, and without ``overwrite`` the second rename fails cleanly.
 """
