@@ -15,7 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
-from HFSAMCore import adapters, atomic
+from HFSAMCore.io import atomic
+from HFSAMCore.store.adapter_metadata import check_compatible, validate_metadata
+from HFSAMCore.store.adapters import load_adapter, read_metadata, save_adapter
 from HFSAMCore.errors import InputError
 
 SHA_B = "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"
@@ -62,8 +64,8 @@ def tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 # -- round trip ---------------------------------------------------------------
 def test_round_trip_is_bit_exact(tmp_path):
     original = tensors()
-    path = adapters.save_adapter(tmp_path / "a.safetensors", original, good_meta())
-    loaded, meta = adapters.load_adapter(path)
+    path = save_adapter(tmp_path / "a.safetensors", original, good_meta())
+    loaded, meta = load_adapter(path)
     assert set(loaded) == set(original)
     for key, value in original.items():
         assert loaded[key].dtype == value.dtype, key
@@ -77,19 +79,19 @@ def test_round_trip_is_bit_exact(tmp_path):
     assert meta["training"]["slices"] == [3, 7, 12] and meta["training"]["lr"] == 0.0025
     assert meta["metrics"]["per_class"]["liver"] == {"dice": 0.9, "hd95_mm": None}  # inf is not JSON
     assert meta["created"].endswith("Z")
-    assert adapters.read_metadata(path) == meta
+    assert read_metadata(path) == meta
     # Nothing but the adapter in the folder: the temp file was renamed, not copied.
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]
 
 
 def test_no_overwrite_unless_asked(tmp_path):
-    path = adapters.save_adapter(tmp_path / "a.safetensors", tensors(0), good_meta())
+    path = save_adapter(tmp_path / "a.safetensors", tensors(0), good_meta())
     before = path.read_bytes()
     with pytest.raises(InputError, match="already exists"):
-        adapters.save_adapter(path, tensors(1), good_meta())
+        save_adapter(path, tensors(1), good_meta())
     assert path.read_bytes() == before
-    adapters.save_adapter(path, tensors(1), good_meta(name="v2"), overwrite=True)
-    loaded, meta = adapters.load_adapter(path)
+    save_adapter(path, tensors(1), good_meta(name="v2"), overwrite=True)
+    loaded, meta = load_adapter(path)
     assert meta["name"] == "v2" and torch.equal(loaded["step"], tensors(1)["step"])
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]
 
@@ -108,9 +110,9 @@ def test_interrupted_write_leaves_nothing(tmp_path):
 
 def test_missing_folder_is_input_error(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
-        adapters.save_adapter(tmp_path / "nope" / "a.safetensors", tensors(), good_meta())
+        save_adapter(tmp_path / "nope" / "a.safetensors", tensors(), good_meta())
     with pytest.raises(InputError, match=r"\.safetensors"):
-        adapters.save_adapter(tmp_path / "a.pt", tensors(), good_meta())
+        save_adapter(tmp_path / "a.pt", tensors(), good_meta())
 
 
 # -- metadata validation ------------------------------------------------------
@@ -193,7 +195,7 @@ def test_bad_metadata_is_refused_naming_the_field(tmp_path, field, change):
     change(meta)
     dest = tmp_path / "bad.safetensors"
     with pytest.raises(InputError) as info:
-        adapters.save_adapter(dest, tensors(), meta)
+        save_adapter(dest, tensors(), meta)
     message = str(info.value)
     assert f"'{field}'" in message and str(dest) in message
     assert "\n" not in message
@@ -211,7 +213,7 @@ def test_bad_metadata_in_a_file_is_refused_on_load(tmp_path, field, change):
     meta["metrics"] = {}
     change(meta)
     path = _write_raw(tmp_path / "bad.safetensors", {"hfsam": json.dumps(meta)})
-    for reader in (adapters.read_metadata, adapters.load_adapter):
+    for reader in (read_metadata, load_adapter):
         with pytest.raises(InputError) as info:
             reader(path)
         assert f"'{field}'" in str(info.value) and str(path) in str(info.value)
@@ -229,7 +231,7 @@ def test_metadata_problems_in_the_header(tmp_path):
     for name, (metadata, expected) in cases.items():
         path = _write_raw(tmp_path / name, metadata)
         with pytest.raises(InputError, match=expected):
-            adapters.load_adapter(path)
+            load_adapter(path)
 
 
 @settings(max_examples=60, deadline=None)
@@ -242,22 +244,22 @@ def test_metadata_problems_in_the_header(tmp_path):
 ))
 def test_validation_only_ever_raises_input_error(value):
     try:
-        adapters.validate_metadata(value, source="fuzz")
+        validate_metadata(value, source="fuzz")
     except InputError:
         pass
 
 
 # -- compatibility ------------------------------------------------------------
 def test_check_compatible_lists_every_mismatch():
-    meta = adapters.validate_metadata(good_meta(low_level_blocks=[2, 5]))
+    meta = validate_metadata(good_meta(low_level_blocks=[2, 5]))
     model = {"backbone": "vit_b", "img_size": 512, "rank": 5, "fusion": "two_step", "low_level_blocks": [2, 5],
              "base_checkpoint": {"name": "sam_vit_b_01ec64.pth", "sha256": SHA_B}}
-    assert adapters.check_compatible(meta, model) is None
-    assert adapters.check_compatible(meta, {"backbone": "vit_b"}) is None  # only given fields are compared
+    assert check_compatible(meta, model) is None
+    assert check_compatible(meta, {"backbone": "vit_b"}) is None  # only given fields are compared
     other = {"backbone": "vit_l", "img_size": 224, "rank": 8, "fusion": "released", "low_level_blocks": [5],
              "base_checkpoint": {"name": "sam_vit_l_0b3195.pth", "sha256": SHA_L}}
     with pytest.raises(InputError) as info:
-        adapters.check_compatible(meta, other)
+        check_compatible(meta, other)
     message = str(info.value)
     assert message.startswith("adapter 'liver5' does not match: backbone vit_b (model vit_l), ")
     for part in ("img_size 512 (model 224)", "rank 5 (model 8)", "fusion two_step (model released)",
@@ -271,38 +273,38 @@ def test_what_the_training_command_writes_is_accepted(tmp_path):
     meta = good_meta(backbone="tiny", img_size=64, rank=0, low_level_blocks=[1], description=None,
                      base_checkpoint={"name": "random-init", "sha256": None, "seed": 1234})
     meta["training"]["heldout_slices"] = [20]
-    path = adapters.save_adapter(tmp_path / "t.safetensors", tensors(), meta)
-    loaded = adapters.read_metadata(path)
+    path = save_adapter(tmp_path / "t.safetensors", tensors(), meta)
+    loaded = read_metadata(path)
     assert loaded["base_checkpoint"] == {"name": "random-init", "sha256": None, "seed": 1234}
     assert loaded["training"]["heldout_slices"] == [20] and loaded["description"] == ""
     assert loaded["rank"] == 0 and loaded["low_level_blocks"] == [1]
     # A random base equals null and another random base of the same seed; not one of another seed.
-    adapters.check_compatible(loaded, {"base_checkpoint": {"name": "random-init", "sha256": None, "seed": 1234}})
-    adapters.check_compatible(loaded, {"base_checkpoint": None})
+    check_compatible(loaded, {"base_checkpoint": {"name": "random-init", "sha256": None, "seed": 1234}})
+    check_compatible(loaded, {"base_checkpoint": None})
     with pytest.raises(InputError, match=r"random init, seed 1234\) \(model none \(random init, seed 7\)\)"):
-        adapters.check_compatible(loaded, {"base_checkpoint": {"name": "random-init", "seed": 7}})
+        check_compatible(loaded, {"base_checkpoint": {"name": "random-init", "seed": 7}})
     with pytest.raises(InputError, match="base checkpoint none"):
-        adapters.check_compatible(loaded, {"base_checkpoint": {"name": "sam_vit_b_01ec64.pth", "sha256": SHA_B}})
+        check_compatible(loaded, {"base_checkpoint": {"name": "sam_vit_b_01ec64.pth", "sha256": SHA_B}})
 
 
 def test_check_compatible_base_checkpoint_rules():
-    meta = adapters.validate_metadata(good_meta())
+    meta = validate_metadata(good_meta())
     # Same file under another name: the hash decides.
-    adapters.check_compatible(meta, {"base_checkpoint": {"name": "renamed.pth", "sha256": SHA_B}})
-    adapters.check_compatible(meta, {"base_checkpoint": SHA_B})
+    check_compatible(meta, {"base_checkpoint": {"name": "renamed.pth", "sha256": SHA_B}})
+    check_compatible(meta, {"base_checkpoint": SHA_B})
     # Hash unknown on one side: not compared.
-    adapters.check_compatible(meta, {"base_checkpoint": {"name": "x.pth", "sha256": None}})
+    check_compatible(meta, {"base_checkpoint": {"name": "x.pth", "sha256": None}})
     with pytest.raises(InputError, match=r"base checkpoint sam_vit_b_01ec64\.pth .* \(model none \(random init\)\)"):
-        adapters.check_compatible(meta, {"base_checkpoint": None})
-    random_init = adapters.validate_metadata(good_meta(base_checkpoint=None))
-    adapters.check_compatible(random_init, {"base_checkpoint": None})
+        check_compatible(meta, {"base_checkpoint": None})
+    random_init = validate_metadata(good_meta(base_checkpoint=None))
+    check_compatible(random_init, {"base_checkpoint": None})
     with pytest.raises(InputError, match="none \\(random init\\)"):
-        adapters.check_compatible(random_init, {"base_checkpoint": SHA_B})
+        check_compatible(random_init, {"base_checkpoint": SHA_B})
 
 
 # -- files that are not adapters ----------------------------------------------
 def test_truncated_text_empty_and_missing_files(tmp_path):
-    good = adapters.save_adapter(tmp_path / "good.safetensors", tensors(), good_meta())
+    good = save_adapter(tmp_path / "good.safetensors", tensors(), good_meta())
     data = good.read_bytes()
     files = {
         "truncated.safetensors": data[: len(data) - 100],
@@ -313,14 +315,14 @@ def test_truncated_text_empty_and_missing_files(tmp_path):
     for name, content in files.items():
         path = tmp_path / name
         path.write_bytes(content)
-        for reader in (adapters.read_metadata, adapters.load_adapter):
+        for reader in (read_metadata, load_adapter):
             with pytest.raises(InputError, match="not a readable HF-SAM adapter") as info:
                 reader(path)
             assert str(path) in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(InputError, match="does not exist"):
-        adapters.load_adapter(tmp_path / "missing.safetensors")
+        load_adapter(tmp_path / "missing.safetensors")
     with pytest.raises(InputError, match="not a file"):
-        adapters.load_adapter(tmp_path)
+        load_adapter(tmp_path)
 
 
 class _Bomb:
@@ -344,19 +346,19 @@ def test_pickle_bomb_is_refused_without_running_it(tmp_path):
         path = tmp_path / name
         torch.save(bomb, path)  # a zip of pickles, like any .pth
         with pytest.raises(InputError, match="not a readable HF-SAM adapter"):
-            adapters.load_adapter(path)
+            load_adapter(path)
         with pytest.raises(InputError):
-            adapters.read_metadata(path)
+            read_metadata(path)
     legacy = tmp_path / "legacy.safetensors"
     legacy.write_bytes(pickle.dumps(bomb, protocol=2))  # an old-style raw pickle
     with pytest.raises(InputError):
-        adapters.load_adapter(legacy)
+        load_adapter(legacy)
     assert not marker.exists()
 
 
 def test_reading_metadata_does_not_import_torch(tmp_path, python_exe, repo_root):
-    path = adapters.save_adapter(tmp_path / "a.safetensors", tensors(), good_meta())
-    code = ("import sys, HFSAMCore.adapters as a, HFSAMCore.library; m = a.read_metadata(sys.argv[1]); "
+    path = save_adapter(tmp_path / "a.safetensors", tensors(), good_meta())
+    code = ("import sys, HFSAMCore.store.adapters as a, HFSAMCore.store.library; m = a.read_metadata(sys.argv[1]); "
             "print(m['name'], 'torch' in sys.modules)")
     out = subprocess.run([python_exe, "-c", code, str(path)], cwd=repo_root, capture_output=True, text=True,
                          check=True)
@@ -368,5 +370,5 @@ def test_a_base_checkpoint_given_as_adapter_is_named_for_what_it_is(tmp_path):
     path = tmp_path / "lite_medsam.pth"
     torch.save({"image_encoder.weight": torch.zeros(2)}, path)
     with pytest.raises(InputError, match="not a readable HF-SAM adapter but a PyTorch checkpoint") as info:
-        adapters.read_metadata(path)
+        read_metadata(path)
     assert "hfsam models import-checkpoint" in str(info.value) and "\n" not in str(info.value)

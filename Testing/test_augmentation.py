@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from HFSAMCore.augmentation import (HsamDraw, affine_from_points, apply_hsam, augment_sample, draw_hsam,
-                                    gaussian_smooth)
+from HFSAMCore.train.augmentation import HsamDraw, affine_from_points, apply_hsam, augment_sample, draw_hsam, gaussian_smooth
 
 
 def index_map(h, w):

@@ -63,7 +63,7 @@ def test_segment_keeps_the_input_geometry(tmp_path, ct3mm, ctdicom, source):
     result = evs[-1]
     assert result["event"] == "result" and result["output"] == str(out)
 
-    from HFSAMCore.volume import read_image
+    from HFSAMCore.io.read import read_image
 
     labels = sitk.ReadImage(str(out))
     assert_same_geometry(labels, read_image(src))
@@ -92,7 +92,7 @@ def test_segment_without_an_adapter_says_how_to_get_one(tmp_path, ct3mm):
 
 
 def test_evaluate_brings_flipped_labels_onto_the_series_grid(tmp_path, ctdicom):
-    from HFSAMCore.volume import read_image
+    from HFSAMCore.io.read import read_image
 
     series = read_image(ctdicom / "dicom")
     labels = sitk.ReadImage(str(ctdicom / "labels_synapse8.nii.gz"))

@@ -12,18 +12,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from HFSAMCore.datasets import (
-    AcdcData,
-    NiftiData,
-    SynapseData,
-    open_dataset,
-    read_list,
-    sample_fraction,
-    sample_patients,
-    write_list,
-)
+from HFSAMCore.train.datasets import AcdcData, NiftiData, SynapseData, open_dataset
+from HFSAMCore.train.dataset_lists import read_list, sample_fraction, sample_patients, write_list
 from HFSAMCore.errors import InputError
-from HFSAMCore.slices import SliceView, normalize
+from HFSAMCore.io.slices import SliceView, normalize
 
 # --------------------------------------------------------------------------- synthetic data
 
@@ -203,7 +195,7 @@ def test_nifti_reader_gives_canonical_normalised_slices(tmp_path):
 
 def test_nifti_reader_on_the_real_ct_with_flipped_labels(tmp_path, ctdicom):
     """The sample DICOM series as a NIfTI image, its label map stored with y reversed: by position, not index."""
-    from HFSAMCore.volume import read_image
+    from HFSAMCore.io.read import read_image
 
     (tmp_path / "imagesTr").mkdir()
     (tmp_path / "labelsTr").mkdir()

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from HFSAMCore import download as dl
+from HFSAMCore.store import download as dl
 from HFSAMCore.errors import Cancelled, InputError
-from HFSAMCore.library import ModelLibrary
-from HFSAMCore.progress import Progress
-from HFSAMCore.sample_data import locate_sample
+from HFSAMCore.store.library import ModelLibrary
+from HFSAMCore.runtime.progress import Progress
+from HFSAMCore.store.sample_data import locate_sample
 
 PAYLOAD = np.random.default_rng(7).bytes(300_000)
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()

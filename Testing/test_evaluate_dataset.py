@@ -13,9 +13,10 @@ from test_train_dataset import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-from HFSAMCore.evaluate_dataset import case_metrics, summarize
-from HFSAMCore.metrics import hd95_mm
-from HFSAMCore.train_dataset import make_config, train_on_dataset
+from HFSAMCore.evaluate.dataset import case_metrics, summarize
+from HFSAMCore.evaluate.metrics import hd95_mm
+from HFSAMCore.train.dataset_config import make_config
+from HFSAMCore.train.dataset_training import train_on_dataset
 
 # --------------------------------------------------------------------------- by hand
 

@@ -6,11 +6,14 @@ import SimpleITK as sitk
 import torch
 
 from HFSAMCore.errors import InputError
-from HFSAMCore.finetune import (TrainConfig, augment, hfsam_loss, lr_factor, prepare_training_set, soft_dice_loss,
-                                split_holdout, train)
+from HFSAMCore.train.fewshot import TrainConfig, split_holdout, train
+from HFSAMCore.train.augmentation import augment
+from HFSAMCore.train.losses import hfsam_loss, soft_dice_loss
+from HFSAMCore.train.schedule import lr_factor
+from HFSAMCore.train.training_set import prepare_training_set
 from HFSAMCore.model.hfsam import ModelSpec, build_hfsam
-from HFSAMCore.progress import Progress
-from HFSAMCore.volume import read_image, read_labels
+from HFSAMCore.runtime.progress import Progress
+from HFSAMCore.io.read import read_image, read_labels
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +179,7 @@ def test_out_of_memory_retries_with_a_smaller_batch(ct):
         return real_forward(x)
 
     model.forward = forward
-    from HFSAMCore.progress import Progress
+    from HFSAMCore.runtime.progress import Progress
     import io
 
     err = io.StringIO()
@@ -198,8 +201,8 @@ def test_labels_are_resized_onto_the_images_pixel_grid(src, dst, plain_is_off):
     import torch
     from torch.nn import functional as F
 
-    from HFSAMCore.finetune import resize_labels
-    from HFSAMCore.segment import to_model_input
+    from HFSAMCore.train.training_set import resize_labels
+    from HFSAMCore.model.inference import to_model_input
 
     h, w = src
     mask = np.zeros(src, np.float32)
@@ -256,7 +259,7 @@ def test_lora_waits_for_the_cached_steps_then_trains(ct):
 
 
 def test_recipe_config_keeps_the_recipes_share_of_cached_steps():
-    from HFSAMCore.finetune import recipe_config
+    from HFSAMCore.train.fewshot import recipe_config
     from HFSAMCore.model.registry import get_backbone_info
 
     recipe = get_backbone_info("lite_medsam").recipe

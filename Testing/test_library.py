@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from HFSAMCore import adapters, cli_models
+from HFSAMCore.cli import models as cli_models
+from HFSAMCore.store.adapters import load_adapter, save_adapter
 from HFSAMCore.errors import InputError
-from HFSAMCore.library import ModelLibrary, validate_name
-from HFSAMCore.progress import Progress
+from HFSAMCore.store.library import ModelLibrary, validate_name
+from HFSAMCore.runtime.progress import Progress
 
 
 def meta(name="liver5", **changes) -> dict:
@@ -54,7 +55,7 @@ def test_root_resolution(tmp_path, monkeypatch):
 def test_list_show_import_export_remove(tmp_path):
     lib = ModelLibrary(tmp_path / "lib")
     assert lib.list_adapters() == []
-    src = adapters.save_adapter(tmp_path / "liver-v1.safetensors", tensors(1), meta("liver v1"))
+    src = save_adapter(tmp_path / "liver-v1.safetensors", tensors(1), meta("liver v1"))
     # The metadata name "liver v1" is not an entry name (space): the file name is used.
     assert lib.import_adapter(src) == "liver-v1"
     lib.save_adapter("spleen", tensors(2), meta("spleen", backbone="vit_l", img_size=224,
@@ -82,7 +83,7 @@ def test_list_show_import_export_remove(tmp_path):
     folder = tmp_path / "exports"
     folder.mkdir()
     assert lib.export_adapter("spleen", folder) == folder / "spleen.safetensors"
-    loaded, m = adapters.load_adapter(folder / "spleen.safetensors")
+    loaded, m = load_adapter(folder / "spleen.safetensors")
     assert torch.equal(loaded["lora.a"], tensors(2)["lora.a"]) and m["backbone"] == "vit_l"
 
     with pytest.raises(InputError, match="already exists"):
@@ -110,7 +111,7 @@ def test_import_refuses_non_adapters(tmp_path):
 
 def test_import_default_name_is_the_metadata_name(tmp_path):
     lib = ModelLibrary(tmp_path / "lib")
-    src = adapters.save_adapter(tmp_path / "download (1).safetensors", tensors(), meta("kidney5"))
+    src = save_adapter(tmp_path / "download (1).safetensors", tensors(), meta("kidney5"))
     assert lib.import_adapter(src) == "kidney5"
 
 
@@ -118,7 +119,7 @@ def test_resolve_adapter(tmp_path, monkeypatch):
     lib = ModelLibrary(tmp_path / "lib")
     lib.save_adapter("liver", tensors(), meta())
     assert lib.resolve_adapter("liver") == lib.adapter_path("liver")
-    outside = adapters.save_adapter(tmp_path / "elsewhere.safetensors", tensors(), meta())
+    outside = save_adapter(tmp_path / "elsewhere.safetensors", tensors(), meta())
     assert lib.resolve_adapter(str(outside)) == outside.resolve()
     # An existing file path wins over a library name.
     monkeypatch.chdir(tmp_path)
@@ -144,7 +145,7 @@ def test_bad_names_are_refused_and_nothing_escapes(tmp_path, name):
     root = tmp_path / "lib"
     lib = ModelLibrary(root)
     lib.save_adapter("ok", tensors(), meta())
-    src = adapters.save_adapter(tmp_path / "src.safetensors", tensors(), meta())
+    src = save_adapter(tmp_path / "src.safetensors", tensors(), meta())
     before = all_files(tmp_path)
     with pytest.raises(InputError, match="invalid library entry name"):
         validate_name(name)
@@ -185,7 +186,7 @@ def test_a_live_lock_blocks_and_a_stale_lock_is_cleaned(tmp_path, python_exe):
     dead.wait()
     lock.write_text(f"{dead.pid} {socket.gethostname()}\n")  # its writer is gone
     lib.save_adapter("liver", tensors(), meta())
-    assert adapters.load_adapter(lib.adapter_path("liver"))[1]["name"] == "liver5"
+    assert load_adapter(lib.adapter_path("liver"))[1]["name"] == "liver5"
     assert not lock.exists()
 
     # A lock from another computer (shared home folder) is never taken for stale.
@@ -197,7 +198,7 @@ def test_a_live_lock_blocks_and_a_stale_lock_is_cleaned(tmp_path, python_exe):
 WRITER = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
-    from HFSAMCore.library import ModelLibrary
+    from HFSAMCore.store.library import ModelLibrary
     from HFSAMCore.errors import InputError
     root, seed, go = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     g = torch.Generator().manual_seed(seed)
@@ -230,7 +231,7 @@ def test_two_processes_saving_the_same_entry(tmp_path, python_exe, repo_root):
     winner = next(int(out.split()[1]) for code, out, _ in results if code == 0)
     loser = next(out for code, out, _ in results if code == 2)
     assert "being written by another process" in loser or "already exists" in loser
-    loaded, m = adapters.load_adapter(ModelLibrary(root).adapter_path("shared"))
+    loaded, m = load_adapter(ModelLibrary(root).adapter_path("shared"))
     assert m["name"] == f"writer{winner}" and int(loaded["seed"]) == winner
     g = torch.Generator().manual_seed(winner)
     assert torch.equal(loaded["lora.a"], torch.randn(1024, 1024, generator=g))
@@ -263,7 +264,7 @@ def run_cli(*argv) -> str:
 
 def test_models_cli(tmp_path):
     lib = str(tmp_path / "lib")
-    src = adapters.save_adapter(tmp_path / "liver5.safetensors", tensors(), meta())
+    src = save_adapter(tmp_path / "liver5.safetensors", tensors(), meta())
     assert run_cli("models", "path", "--library", lib).strip() == str(Path(lib).resolve())
     assert "imported" in run_cli("models", "import", str(src), "--library", lib)
     listed = json.loads(run_cli("models", "list", "--json", "--library", lib))
@@ -291,7 +292,7 @@ def test_models_cli_as_a_child_process(tmp_path, python_exe, repo_root):
     cli = repo_root / "HFSAMCore" / "cli.py"
     if not cli.exists() or "cli_models" not in cli.read_text():
         pytest.skip("HFSAMCore/cli.py does not dispatch `models` yet")
-    src = adapters.save_adapter(tmp_path / "liver5.safetensors", tensors(), meta())
+    src = save_adapter(tmp_path / "liver5.safetensors", tensors(), meta())
     lib = str(tmp_path / "lib")
     run = lambda *a: subprocess.run([python_exe, "-m", "HFSAMCore", "models", *a, "--library", lib],  # noqa: E731
                                     cwd=repo_root, capture_output=True, text=True)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from HFSAMCore.errors import InputError
-from HFSAMCore.library import ModelLibrary, packaged_checkpoint
-from HFSAMCore.download import catalog_entry
+from HFSAMCore.store.library import ModelLibrary, packaged_checkpoint
+from HFSAMCore.store.download import catalog_entry
 from HFSAMCore.model.hfsam import HFSAM, ModelSpec
 from HFSAMCore.model.lora import LoRAQKV
 from HFSAMCore.model.registry import get_backbone_info
@@ -163,7 +163,7 @@ def test_fresh_adapter_leaves_the_output_unchanged(state):
 
 
 def test_batchnorm_stays_frozen_while_training(state):
-    from HFSAMCore.finetune import make_optimizer, train_step
+    from HFSAMCore.train.optim import make_optimizer, train_step
 
     model = build(state, rank=2, num_classes=2)
     bns = [m for m in model.image_encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -207,7 +207,8 @@ def test_library_registers_the_packaged_checkpoint(tmp_path, checkpoint):
 _SLOW_REGISTRAR = """
 import sys, time
 from pathlib import Path
-from HFSAMCore.library import ModelLibrary, entry_lock
+from HFSAMCore.store.library import ModelLibrary
+from HFSAMCore.store.locks import entry_lock
 library = ModelLibrary(sys.argv[1])
 folder = library.ensure_folder(library.checkpoints_dir)
 with entry_lock(folder, "lite_medsam.pth"):
@@ -266,9 +267,9 @@ def test_without_a_sam_checkpoint_everything_starts_from_lite_medsam(tmp_path):
     """The demo, finetune (load_model's auto), bench and the panel all read one default."""
     import argparse
 
-    from HFSAMCore.demo import choose_model
-    from HFSAMCore.loading import default_backbone_in
-    from HFSAMCore.progress import Progress
+    from HFSAMCore.workflows.demo import choose_model
+    from HFSAMCore.model.loading import default_backbone_in
+    from HFSAMCore.runtime.progress import Progress
 
     library = ModelLibrary(tmp_path / "lib")
     assert default_backbone_in(library) == "lite_medsam"

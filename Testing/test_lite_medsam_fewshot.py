@@ -12,15 +12,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from HFSAMCore.adapters import load_adapter, save_adapter
-from HFSAMCore.demo import evaluate_held_out
-from HFSAMCore.device import resolve_precision
-from HFSAMCore.finetune import prepare_training_set, recipe_config, train
-from HFSAMCore.library import ModelLibrary
-from HFSAMCore.loading import load_model
-from HFSAMCore.segment import segment_image
-from HFSAMCore.slices import SliceView
-from HFSAMCore.volume import labels_onto_image, read_image, read_labels
+from HFSAMCore.store.adapters import load_adapter, save_adapter
+from HFSAMCore.workflows.demo import evaluate_held_out
+from HFSAMCore.runtime.device import resolve_precision
+from HFSAMCore.train.training_set import prepare_training_set
+from HFSAMCore.train.fewshot import recipe_config, train
+from HFSAMCore.store.library import ModelLibrary
+from HFSAMCore.model.loading import load_model
+from HFSAMCore.model.inference import segment_image
+from HFSAMCore.io.slices import SliceView
+from HFSAMCore.io.geometry import labels_onto_image
+from HFSAMCore.io.read import read_image, read_labels
 
 TRAIN = [10, 14, 19]
 STEPS = 60  # all on cached features, as the recipe does (LoRA steps are tested on the tiny model)

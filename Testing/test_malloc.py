@@ -11,7 +11,7 @@ import pytest
 # keep_freed_memory() it comes from the [heap] mapping, which keeps its pages.
 PROBE = r"""
 import ctypes, sys
-from HFSAMCore.malloc import keep_freed_memory
+from HFSAMCore.runtime.malloc import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from HFSAMCore import metrics as M
-from HFSAMCore import volume as V
-from HFSAMCore.classes import load_presets, resolve_classes, slicer_terminology_string
+from HFSAMCore.evaluate import metrics as M
+from HFSAMCore.io.geometry import labels_onto_image, same_geometry
+from HFSAMCore.io.read import read_image, read_labels
+from HFSAMCore.model.classes import load_presets, resolve_classes, slicer_terminology_string
 from HFSAMCore.errors import HFSAMError, InputError
 
 
@@ -107,15 +108,15 @@ def test_empty_mask_conventions():
 
 @pytest.fixture(scope="module")
 def dicom_case(ctdicom):
-    dicom = V.read_image(ctdicom / "dicom")
-    reference = V.read_labels(ctdicom / "labels_synapse8.nii.gz")  # other grid: y flipped
+    dicom = read_image(ctdicom / "dicom")
+    reference = read_labels(ctdicom / "labels_synapse8.nii.gz")  # other grid: y flipped
     return dicom, reference
 
 
 def test_acceptance_dicom_labels_against_their_resampled_copy(dicom_case):
     dicom, reference = dicom_case
-    prediction = V.labels_onto_image(reference, dicom)
-    assert not V.same_geometry(prediction, reference)
+    prediction = labels_onto_image(reference, dicom)
+    assert not same_geometry(prediction, reference)
     names = {c["value"]: c["name"] for c in resolve_classes("synapse")}
     result = M.evaluate(reference, prediction, names)
     json.dumps(result, allow_nan=False)  # strict JSON
@@ -145,7 +146,7 @@ def test_naive_array_pairing_is_caught(dicom_case):
 
 
 def test_evaluate_matches_direct_computation_on_another_grid(ct3mm):
-    reference = V.read_labels(ct3mm / "labels_synapse8.nii.gz")
+    reference = read_labels(ct3mm / "labels_synapse8.nii.gz")
     arr = sitk.GetArrayFromImage(reference)
     damaged = arr.copy()
     damaged[:, :, :-3][arr[:, :, 3:] == 5] = 5  # add a shifted copy of the liver
@@ -176,7 +177,7 @@ def test_evaluate_matches_direct_computation_on_another_grid(ct3mm):
 
 def test_format_table(dicom_case):
     dicom, reference = dicom_case
-    result = M.evaluate(reference, V.labels_onto_image(reference, dicom), {5: "liver", 2: "right | kidney"})
+    result = M.evaluate(reference, labels_onto_image(reference, dicom), {5: "liver", 2: "right | kidney"})
     table = M.format_table(result)
     lines = table.strip().splitlines()
     assert len(lines) == 2 + len(result["classes"]) + 1
@@ -191,7 +192,7 @@ def test_format_table(dicom_case):
 def test_evaluate_refuses_float_prediction(dicom_case):
     dicom, reference = dicom_case
     with pytest.raises(InputError, match="integer"):
-        M.evaluate(reference, sitk.Cast(V.labels_onto_image(reference, dicom), sitk.sitkFloat32))
+        M.evaluate(reference, sitk.Cast(labels_onto_image(reference, dicom), sitk.sitkFloat32))
 
 
 # --------------------------------------------------------------------------- class presets

@@ -220,11 +220,11 @@ def test_released_decoder_is_the_authors_network():
 def test_released_trainable_count_is_the_authors(capsys):
     """`hfsam info --fusion released` (vit_b, 512 px, 8 classes, rank 5: the authors' train.py defaults) reports
     the 5,155,474 parameters that the authors' model trains (docs/reproduce.md: counted on their code)."""
-    from HFSAMCore.cli import build_parser, cmd_info
-    from HFSAMCore.progress import Progress
+    from HFSAMCore.cli.app import build_parser
+    from HFSAMCore.runtime.progress import Progress
 
     args = build_parser().parse_args(["info", "--fusion", "released", "--pixel-norm", "unit", "--json"])
-    cmd_info(args, Progress("none"))
+    args.func(args, Progress("none"))
     out = json.loads(capsys.readouterr().out)
     assert out["pixel_norm"] == "unit" and out["fusion"] == "released"
     assert out["parameters"]["trainable"] == 5_155_474 and out["parameters"]["lora"] == 184_320
@@ -461,7 +461,7 @@ def test_merged_lora_inference_equals_the_training_path():
 def test_logits_to_labels_equals_resize_then_argmax_over_nchw():
     from torch.nn import functional as F
 
-    from HFSAMCore.segment import logits_to_labels
+    from HFSAMCore.model.inference import logits_to_labels
 
     torch.manual_seed(0)
     logits = torch.randn(3, 9, 32, 32).bfloat16()  # bf16 like the model's output; ties are likely

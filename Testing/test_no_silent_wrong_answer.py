@@ -77,7 +77,8 @@ def _adapter(path: Path, *, axis="axial", preset="ct", fill=None, nan=False) -> 
     """A valid adapter for the tiny random-init model (64 px, rank 2, one class 'liver'), untrained."""
     import torch
 
-    from HFSAMCore.adapters import save_adapter, validate_metadata
+    from HFSAMCore.store.adapters import save_adapter
+    from HFSAMCore.store.adapter_metadata import validate_metadata
     from HFSAMCore.model.hfsam import ModelSpec, build_hfsam
     from safetensors.torch import save
 
@@ -94,7 +95,7 @@ def _adapter(path: Path, *, axis="axial", preset="ct", fill=None, nan=False) -> 
     if nan:  # save_adapter refuses it (that is tested below), so write the file the way a broken tool would
         tensors = {k: v.clone() for k, v in tensors.items()}
         next(iter(tensors.values())).view(-1)[0] = float("nan")
-        from HFSAMCore.adapters import METADATA_KEY
+        from HFSAMCore.store.adapter_metadata import METADATA_KEY
 
         path.write_bytes(save(tensors, metadata={METADATA_KEY: json.dumps(validate_metadata(meta))}))
         return path
@@ -583,7 +584,7 @@ def cli_main(monkeypatch):
     """cli.main in this process (the tiny model costs no process start), its signal handlers undone after."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     monkeypatch.setenv("HFSAM_HOME", "/nonexistent/hfsam-library")
-    from HFSAMCore import cli
+    from HFSAMCore.cli import app as cli
 
     yield lambda argv: cli.main([str(a) for a in argv])
     for s, h in handlers.items():
@@ -607,11 +608,11 @@ def _one_error_line(stderr: str) -> str:
 def test_an_adapter_trained_on_coronal_slices_segments_coronal_slices(shared, ct3mm, tmp_path, cli_main,
                                                                      one_torch_thread, capsys):
     """No --axis: the adapter's axis is used (and recorded), for segment and for continued training."""
-    from HFSAMCore.adapters import read_metadata
-    from HFSAMCore.library import ModelLibrary
-    from HFSAMCore.loading import load_model
-    from HFSAMCore.segment import segment_image
-    from HFSAMCore.volume import read_image
+    from HFSAMCore.store.adapters import read_metadata
+    from HFSAMCore.store.library import ModelLibrary
+    from HFSAMCore.model.loading import load_model
+    from HFSAMCore.model.inference import segment_image
+    from HFSAMCore.io.read import read_image
 
     out = tmp_path / "seg.nrrd"
     assert cli_main(["segment", ct3mm / "image.nii.gz", "-o", out, "--adapter", shared / "coronal.safetensors",
@@ -651,7 +652,7 @@ def test_a_diverging_training_saves_nothing_and_says_try_a_lower_lr(shared, ct3m
 def test_non_finite_adapters_are_refused_on_save_and_on_load(shared, tmp_path):
     import torch
 
-    from HFSAMCore.adapters import load_adapter, read_metadata, save_adapter
+    from HFSAMCore.store.adapters import load_adapter, read_metadata, save_adapter
     from HFSAMCore.errors import InputError
 
     meta = read_metadata(shared / "liver.safetensors")
@@ -689,7 +690,7 @@ def test_binary_masks_and_sparse_values_become_the_classes_meant(shared, tmp_pat
                                                                  capsys, ct3mm):
     """A 0/255 mask for one named class is that class (value 1); without --classes the values present
     are the classes (255, not 255 classes), and segment writes exactly those values."""
-    from HFSAMCore.adapters import read_metadata
+    from HFSAMCore.store.adapters import read_metadata
 
     ft = ["finetune", ct3mm / "image.nii.gz", shared / "mask255.nii.gz", *TINY, "--steps", "1", "--holdout", "0",
           "--batch-size", "2", "--progress", "json"]
@@ -712,7 +713,7 @@ def test_binary_masks_and_sparse_values_become_the_classes_meant(shared, tmp_pat
 def test_names_in_any_case_and_tilted_volumes_are_written_as_asked(shared, ct3mm, tmp_path, cli_main,
                                                                    one_torch_thread, capsys):
     from HFSAMCore.errors import InputError
-    from HFSAMCore.volume import write_image
+    from HFSAMCore.io.write import write_image
 
     upper = tmp_path / "SEG.NII.GZ"
     assert cli_main(["segment", ct3mm / "image.nii.gz", "-o", upper, *TINY]) == 0, capsys.readouterr().err
@@ -813,8 +814,8 @@ def test_the_demo_obeys_the_rules_a_cancelled_rerun_changes_nothing(tmp_path, cl
     """A demo writes its six results together at the end; a rerun with --overwrite cancelled mid-training
     leaves them exactly as they were (no new adapter beside old results), and a demo that fails into a
     new folder leaves no folder."""
-    from HFSAMCore import sample_data
-    from HFSAMCore.adapters import read_metadata
+    from HFSAMCore.store import sample_data
+    from HFSAMCore.store.adapters import read_metadata
     from HFSAMCore.errors import InputError
 
     out, home = tmp_path / "demo", tmp_path / "lib"
@@ -842,7 +843,8 @@ def test_the_demo_obeys_the_rules_a_cancelled_rerun_changes_nothing(tmp_path, cl
 def test_a_tilted_dicom_series_keeps_every_slice_where_the_scanner_put_it(shared, tmp_path):
     """ITK alone reads a gantry-tilted series as a straight box (each slice moved sideways, up to 6.7 mm
     here); the engine keeps the true, sheared grid, and a NRRD result stores it exactly."""
-    from HFSAMCore.volume import read_image, write_image
+    from HFSAMCore.io.read import read_image
+    from HFSAMCore.io.write import write_image
 
     said: list[str] = []
     image = read_image(shared / "dcm_tilt", warn=said.append)
@@ -868,10 +870,10 @@ def test_what_a_reader_only_warned_about_reaches_the_user_as_one_line(shared):
     import io
     import warnings
 
-    from HFSAMCore import cli
+    from HFSAMCore.cli import app as cli
     from HFSAMCore.errors import HFSAMWarning
-    from HFSAMCore.progress import Progress
-    from HFSAMCore.volume import read_labels
+    from HFSAMCore.runtime.progress import Progress
+    from HFSAMCore.io.read import read_labels
 
     with pytest.warns(HFSAMWarning, match="no voxel spacing in its header"):
         read_labels(shared / "nodir_ref.nrrd")

@@ -44,10 +44,11 @@ sys.path.insert(0, str(REPO / "HFSAMSegment"))  # the Slicer module's pure-Pytho
 
 from HFSAMSegmentLib import progress_parser  # noqa: E402
 
-from HFSAMCore import adapters  # noqa: E402
-from HFSAMCore.errors import InputError  # noqa: E402
-from HFSAMCore.library import ModelLibrary, validate_name  # noqa: E402
-from HFSAMCore.progress import Progress  # noqa: E402
+from HFSAMCore.store.adapter_metadata import METADATA_KEY, validate_metadata
+from HFSAMCore.store.adapters import load_adapter, read_metadata, save_adapter
+from HFSAMCore.errors import InputError
+from HFSAMCore.store.library import ModelLibrary, validate_name
+from HFSAMCore.runtime.progress import Progress
 from test_volume import _copy_dicom_with_series_uid  # noqa: E402
 
 TINY = ("--checkpoint", "none", "--backbone", "tiny", "--img-size", "64")
@@ -66,8 +67,8 @@ def _env(home: Path) -> dict:
 
 # `hfsam` as user 'nobody': Python starts as root (its installation may be unreadable to
 # nobody), imports the command line, drops to nobody, then runs main() as `-m HFSAMCore` does.
-AS_NOBODY = (f"import os, sys; from HFSAMCore import cli, volume, library, adapters, progress, outputs, slices, "
-             f"integrity, classes; "
+AS_NOBODY = (f"import os, sys; from HFSAMCore import cli, io, store, runtime, model; from HFSAMCore.cli import app; "
+             f"import HFSAMCore.io.read, HFSAMCore.io.write, HFSAMCore.io.outputs, HFSAMCore.store.library; "
              f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY}); sys.exit(cli.main(sys.argv[1:]))")
 # `hfsam` that the kernel kills (SIGXFSZ) when a file outgrows RLIMIT_FSIZE. Python ignores
 # SIGXFSZ from its start, so the default action is restored before main() runs.
@@ -250,8 +251,8 @@ def inputs(tmp_path_factory, ct3mm, ctdicom) -> Path:
                  home=d / "library")
     assert proc.returncode == 0, proc.stderr
     shutil.rmtree(d / "library", ignore_errors=True)
-    tensors, meta = adapters.load_adapter(d / "liver.safetensors")
-    adapters.save_adapter(d / "forged_rank.safetensors", tensors, {**meta, "rank": 3})
+    tensors, meta = load_adapter(d / "liver.safetensors")
+    save_adapter(d / "forged_rank.safetensors", tensors, {**meta, "rank": 3})
     return d
 
 
@@ -465,7 +466,7 @@ def check_outputs(out: Path, home: Path, source: Path, *, leftovers_allowed: boo
     names = visible(out)
     assert set(names) <= {"a.safetensors", "seg.nrrd", "seg.nii", "seg.json"}, names
     if "a.safetensors" in names:
-        tensors, meta = adapters.load_adapter(out / "a.safetensors")
+        tensors, meta = load_adapter(out / "a.safetensors")
         assert meta["name"] == "liver" and meta["classes"][0]["name"] == "liver" and len(tensors) > 50
     for seg in {"seg.nrrd", "seg.nii"} & set(names):
         labels = sitk.ReadImage(str(out / seg))
@@ -618,7 +619,7 @@ def cli_in_process(monkeypatch):
     """Run cli.main() here (to patch the model) without leaving its SIGINT/SIGTERM handlers behind."""
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     monkeypatch.setenv("HFSAM_HOME", "/nonexistent/hfsam-library")
-    from HFSAMCore import cli
+    from HFSAMCore.cli import app as cli
 
     yield cli.main
     for s, h in handlers.items():
@@ -629,7 +630,7 @@ def test_a_failed_library_write_takes_the_adapter_file_back(inputs, ct3mm, tmp_p
                                                            one_thread, capsys):
     """`finetune -o F --name N`: F is written first; if the library entry then fails (disk full), the run
     exits 2 and leaves F as it was before the run: absent, or with --overwrite its previous content."""
-    from HFSAMCore.library import ModelLibrary as Library
+    from HFSAMCore.store.library import ModelLibrary as Library
 
     def full_disk(self, name, tensors, metadata, *, overwrite=False):
         raise InputError(f"cannot write {self.adapter_path(name)}: No space left on device")
@@ -729,10 +730,10 @@ def _good_adapter_bytes() -> bytes:
     import torch
     from safetensors.torch import save
 
-    meta = adapters.validate_metadata({"name": "liver", "backbone": "tiny", "img_size": 64, "rank": 2,
+    meta = validate_metadata({"name": "liver", "backbone": "tiny", "img_size": 64, "rank": 2,
                                        "fusion": "two_step", "low_level_blocks": [1],
                                        "classes": [{"value": 1, "name": "liver", "color": [221, 130, 101]}]})
-    return save({"lora_a": torch.ones(2, 3)}, metadata={adapters.METADATA_KEY: json.dumps(meta)})
+    return save({"lora_a": torch.ones(2, 3)}, metadata={METADATA_KEY: json.dumps(meta)})
 
 
 GOOD_ADAPTER = _good_adapter_bytes()
@@ -762,7 +763,7 @@ def adapter_files(draw) -> bytes:
         return size.to_bytes(8, "little") + header + draw(st.binary(max_size=16))
     if kind == "metadata":  # a well-formed file whose metadata is a mutated good one (or anything at all)
         meta = json.loads(json.loads(GOOD_ADAPTER[8:8 + int.from_bytes(GOOD_ADAPTER[:8], "little")])
-                          ["__metadata__"][adapters.METADATA_KEY])
+                          ["__metadata__"][METADATA_KEY])
         if draw(st.booleans()):
             meta[draw(st.sampled_from(sorted(meta) + ["extra_field"]))] = draw(_json_values)
             text = json.dumps(meta)
@@ -770,7 +771,7 @@ def adapter_files(draw) -> bytes:
             text = draw(st.text(max_size=40))
         from safetensors.numpy import save
 
-        return save({"t": np.zeros(2, np.float32)}, metadata={adapters.METADATA_KEY: text})
+        return save({"t": np.zeros(2, np.float32)}, metadata={METADATA_KEY: text})
     return draw(st.binary(max_size=200))
 
 
@@ -780,11 +781,11 @@ def test_fuzz_adapter_reader_refuses_with_one_line(data):
     path = _FUZZ_DIR / "fuzzed.safetensors"
     path.write_bytes(data)
     try:
-        meta = adapters.read_metadata(path)
+        meta = read_metadata(path)
     except InputError as err:
         assert "\n" not in str(err) and str(err)
         return
-    assert meta == adapters.validate_metadata(meta)  # what it accepts is complete and valid
+    assert meta == validate_metadata(meta)  # what it accepts is complete and valid
 
 
 _event_fields = st.dictionaries(

@@ -11,19 +11,20 @@ import SimpleITK as sitk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from HFSAMCore import slices as S
-from HFSAMCore import volume as V
+from HFSAMCore.io import slices as S
+from HFSAMCore.io.geometry import labels_onto_image
+from HFSAMCore.io.read import read_image, read_labels
 from HFSAMCore.errors import InputError
 
 
 @pytest.fixture(scope="module")
 def ct(ct3mm):
-    return V.read_image(ct3mm / "image.nii.gz")
+    return read_image(ct3mm / "image.nii.gz")
 
 
 @pytest.fixture(scope="module")
 def ct_labels(ct3mm):
-    return V.read_labels(ct3mm / "labels_synapse8.nii.gz")
+    return read_labels(ct3mm / "labels_synapse8.nii.gz")
 
 
 def _stack(image, axis="axial"):
@@ -91,9 +92,9 @@ def test_coronal_and_sagittal_layouts(ct_labels):
 def test_flipped_label_file_and_dicom_grid_share_canonical_slices(ctdicom):
     """The data README's trap: the label NIfTI has a flipped y axis. Canonical slicing
     of the file as stored equals canonical slicing after resampling onto the DICOM grid."""
-    dicom = V.read_image(ctdicom / "dicom")
-    labels = V.read_labels(ctdicom / "labels_synapse8.nii.gz")
-    on_grid = V.labels_onto_image(labels, dicom)
+    dicom = read_image(ctdicom / "dicom")
+    labels = read_labels(ctdicom / "labels_synapse8.nii.gz")
+    on_grid = labels_onto_image(labels, dicom)
     view_l, stack_l = _stack(labels)
     view_g, stack_g = _stack(on_grid)
     assert view_l.flips[1] != view_g.flips[1]  # the two files really differ in y
@@ -105,7 +106,7 @@ def test_flipped_label_file_and_dicom_grid_share_canonical_slices(ctdicom):
 
 
 def test_sizes_spacing_and_index_mapping(ctdicom):
-    dicom = V.read_image(ctdicom / "dicom")
+    dicom = read_image(ctdicom / "dicom")
     # Store it upside down and with x/z swapped: the canonical numbers must not change.
     stored = sitk.Flip(sitk.PermuteAxes(dicom, (2, 1, 0)), (True, False, False))
     assert stored.GetSize() == (20, 512, 512)
@@ -141,7 +142,7 @@ def test_sizes_spacing_and_index_mapping(ctdicom):
 
 
 def test_choose_preset(ct, ctdicom):
-    assert S.choose_preset(V.read_image(ctdicom / "dicom")) == "ct"  # from the DICOM modality
+    assert S.choose_preset(read_image(ctdicom / "dicom")) == "ct"  # from the DICOM modality
     assert S.choose_preset(ct) == "ct"  # from the values (NIfTI has no modality)
     tagged = sitk.Image(ct)
     tagged.SetMetaData("hfsam_modality", "MR")

@@ -18,15 +18,18 @@ import pytest
 import torch
 from test_datasets import write_acdc, write_synapse
 
-from HFSAMCore.adapters import load_adapter
-from HFSAMCore.datasets import AcdcData, read_list, sample_fraction, sample_patients
+from HFSAMCore.store.adapters import load_adapter
+from HFSAMCore.train.datasets import AcdcData
+from HFSAMCore.train.dataset_lists import read_list, sample_fraction, sample_patients
 from HFSAMCore.errors import InputError
-from HFSAMCore.finetune import make_optimizer
-from HFSAMCore.loading import load_model
+from HFSAMCore.train.optim import make_optimizer
+from HFSAMCore.model.loading import load_model
 from HFSAMCore.model.hfsam import ModelSpec, build_hfsam
-from HFSAMCore.progress import Progress
-from HFSAMCore.train_dataset import (PRESETS, hsam_lr_factor, load_checkpoint, lr_factor_for, make_config,
-                                     save_checkpoint, train_on_dataset)
+from HFSAMCore.runtime.progress import Progress
+from HFSAMCore.train.dataset_config import PRESETS, make_config
+from HFSAMCore.train.schedule import hsam_lr_factor, lr_factor_for
+from HFSAMCore.train.checkpoints import load_checkpoint, save_checkpoint
+from HFSAMCore.train.dataset_training import train_on_dataset
 
 
 def run_cli(*args, launcher=(), check=0, timeout=300):
@@ -137,7 +140,7 @@ def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
     model = build_hfsam(ModelSpec("tiny", 64, 3, 2))
     opt = make_optimizer(model, 0.0025, 0.1)
     x, y = torch.rand(2, 1, 64, 64), torch.randint(0, 4, (2, 64, 64))
-    from HFSAMCore.finetune import train_step
+    from HFSAMCore.train.optim import train_step
 
     for _ in range(2):
         train_step(model, opt, x, y, lr=0.001, precision=torch.float32)
@@ -284,10 +287,10 @@ def first_step_loss(cfg, augment):
     global batch, each slice augmented by the recipe ``augment`` from its own seed, the HF-SAM loss."""
     from torch.utils.data import DistributedSampler
 
-    from HFSAMCore.augmentation import augment_sample
-    from HFSAMCore.datasets import SynapseData
-    from HFSAMCore.finetune import hfsam_loss
-    from HFSAMCore.train_dataset import sample_seed, to_model_batch
+    from HFSAMCore.train.augmentation import augment_sample
+    from HFSAMCore.train.datasets import SynapseData
+    from HFSAMCore.train.losses import hfsam_loss
+    from HFSAMCore.train.dataset_batches import sample_seed, to_model_batch
 
     model = load_model(checkpoint="none", backbone=cfg.backbone, img_size=cfg.img_size, rank=cfg.rank,
                        fusion=cfg.fusion, pixel_norm=cfg.pixel_norm, classes=cfg.classes).model.train()
@@ -347,7 +350,7 @@ def test_train_list_is_used_as_it_is(synapse, tmp_path):
     names = ["case0006_slice002", "case0005_slice000", "case0006_slice003"]
     listed = tmp_path / "authors_train.txt"
     listed.write_text("".join(n + "\n" for n in names))
-    from HFSAMCore.cli import build_parser
+    from HFSAMCore.cli.app import build_parser
 
     args = build_parser().parse_args(map(str, [
         "train", "--dataset", "synapse", "--root", synapse / "train_npz", "--preset", "tiny", "--checkpoint", "none",
@@ -367,7 +370,7 @@ def test_train_list_is_used_as_it_is(synapse, tmp_path):
 
 
 def test_the_global_batch_must_split_over_the_processes(synapse, tmp_path):
-    from HFSAMCore.train_dataset import _prepare_folder
+    from HFSAMCore.train.dataset_training import _prepare_folder
 
     with pytest.raises(InputError, match="global batch 3 does not split evenly over 2 processes"):
         _prepare_folder(tiny(synapse, batch_size=3), tmp_path / "run", resume=False, world=2, library=None,
@@ -377,7 +380,7 @@ def test_the_global_batch_must_split_over_the_processes(synapse, tmp_path):
 
 def test_loss_scaling_steps_alike_skips_overflows_and_resumes(tmp_path):
     """fp16 needs a GradScaler; its wiring, checked in fp32 on the CPU (fp16 autocast is for GPUs)."""
-    from HFSAMCore.finetune import train_step
+    from HFSAMCore.train.optim import train_step
 
     def fresh():
         torch.manual_seed(0)

@@ -268,7 +268,7 @@ def test_lib_pieces_import_without_mrml_or_simpleitk_or_torch():
             " HFSAMSegmentLib.logic, HFSAMSegmentLib.backbones, HFSAMSegmentLib.child_process;"
             "assert HFSAMSegmentLib.backbones.pretrained();"
             "print(sorted(m for m in ('slicer', 'vtk', 'SimpleITK', 'torch', 'numpy', 'HFSAMCore.model.backbone',"
-            " 'HFSAMCore.library') if m in sys.modules), 'HFSAMCore.model.registry' in sys.modules)")
+            " 'HFSAMCore.store.library') if m in sys.modules), 'HFSAMCore.model.registry' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, check=True,
                           cwd=MODULE_DIR)
     assert done.stdout.strip() == "[] True"

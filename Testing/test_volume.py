@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from HFSAMCore import volume as V
+from HFSAMCore.io.dicom import MODALITY_KEY
+from HFSAMCore.io.geometry import geometry_mismatch, labels_onto_image, same_geometry
+from HFSAMCore.io.read import read_image, read_label_volumes, read_labels
+from HFSAMCore.io.write import write_image, write_json
 from HFSAMCore.errors import InputError
 
 SERIES_A = "1.2.826.0.1.3680043.2.1125.1"
@@ -25,12 +28,12 @@ SERIES_B = "1.2.826.0.1.3680043.2.1125.2"
 
 @pytest.fixture(scope="module")
 def ct(ct3mm) -> sitk.Image:
-    return V.read_image(ct3mm / "image.nii.gz")
+    return read_image(ct3mm / "image.nii.gz")
 
 
 @pytest.fixture(scope="module")
 def dicom(ctdicom) -> sitk.Image:
-    return V.read_image(ctdicom / "dicom")
+    return read_image(ctdicom / "dicom")
 
 
 def _small(pixel=sitk.sitkInt16, size=(6, 5, 4), value=None) -> sitk.Image:
@@ -56,9 +59,9 @@ def test_read_nifti_keeps_values_geometry_and_pixel_type(ct):
 
 @pytest.mark.parametrize("suffix", [".nrrd", ".mha", ".nii", ".nhdr", ".mhd"])
 def test_write_read_round_trip_keeps_geometry_and_voxels(ct, tmp_path, suffix):
-    out = V.write_image(ct, tmp_path / f"ct{suffix}")
-    back = V.read_image(out)
-    assert V.geometry_mismatch(ct, back, tol=1e-6) is None
+    out = write_image(ct, tmp_path / f"ct{suffix}")
+    back = read_image(out)
+    assert geometry_mismatch(ct, back, tol=1e-6) is None
     assert back.GetPixelID() == ct.GetPixelID()
     assert np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(ct))
     # Detached formats leave header + data side by side, and no temp folder anywhere.
@@ -70,12 +73,12 @@ def test_read_dicom_series_geometry_and_modality(dicom, ctdicom):
     np.testing.assert_allclose(dicom.GetSpacing(), (0.9765625, 0.9765625, 2.0), atol=1e-6)
     np.testing.assert_allclose(dicom.GetOrigin(), (-249.51171875, -437.51171875, -804.5), atol=1e-6)
     np.testing.assert_allclose(dicom.GetDirection(), np.eye(3).ravel(), atol=1e-6)
-    assert dicom.GetMetaData(V.MODALITY_KEY) == "CT"
+    assert dicom.GetMetaData(MODALITY_KEY) == "CT"
     # The series of these anonymised files has an empty UID: "folder::" names it.
-    same = V.read_image(f"{ctdicom / 'dicom'}::")
+    same = read_image(f"{ctdicom / 'dicom'}::")
     assert np.array_equal(sitk.GetArrayViewFromImage(same), sitk.GetArrayViewFromImage(dicom))
     # One .dcm file stands for its whole series.
-    one = V.read_image(sorted((ctdicom / "dicom").glob("*.dcm"))[3])
+    one = read_image(sorted((ctdicom / "dicom").glob("*.dcm"))[3])
     assert one.GetSize() == (512, 512, 20)
 
 
@@ -108,7 +111,7 @@ def two_series(ctdicom, tmp_path_factory) -> Path:
 
 def test_folder_with_two_series_is_refused_with_both_listed(two_series):
     with pytest.raises(InputError) as err:
-        V.read_image(two_series)
+        read_image(two_series)
     msg = str(err.value)
     assert "\n" not in msg
     assert f"{SERIES_A} (2 files" in msg and f"{SERIES_B} (3 files" in msg
@@ -116,15 +119,15 @@ def test_folder_with_two_series_is_refused_with_both_listed(two_series):
 
 
 def test_folder_uid_syntax_reads_one_series(two_series, dicom):
-    img = V.read_image(f"{two_series}::{SERIES_B}")
+    img = read_image(f"{two_series}::{SERIES_B}")
     assert img.GetSize() == (512, 512, 3)
-    assert img.GetMetaData(V.MODALITY_KEY) == "CT"
+    assert img.GetMetaData(MODALITY_KEY) == "CT"
     # Its slices are the original series' slices at the same physical position.
     k0 = round((img.GetOrigin()[2] - dicom.GetOrigin()[2]) / 2.0)
     whole = sitk.GetArrayViewFromImage(dicom)
     assert np.array_equal(sitk.GetArrayViewFromImage(img), whole[k0 : k0 + 3])
     with pytest.raises(InputError, match="is not in"):
-        V.read_image(f"{two_series}::1.2.3.999")
+        read_image(f"{two_series}::1.2.3.999")
 
 
 # --------------------------------------------------------------------------- refusals
@@ -132,7 +135,7 @@ def test_folder_uid_syntax_reads_one_series(two_series, dicom):
 
 def _refused(path, *words):
     with pytest.raises(InputError) as err:
-        V.read_image(path)
+        read_image(path)
     msg = str(err.value)
     assert "\n" not in msg, msg
     for w in words:
@@ -156,11 +159,11 @@ def test_unreadable_files_name_the_file(tmp_path, ct3mm):
     cut.write_bytes(data[: len(data) // 2])
     _refused(cut, "cut.nii.gz", "truncated")
     raw = tmp_path / "raw.nii"
-    V.write_image(V.read_image(ct3mm / "image.nii.gz"), raw)
+    write_image(read_image(ct3mm / "image.nii.gz"), raw)
     raw.write_bytes(raw.read_bytes()[:-1000])  # ITK would fill the gap with zeros
     _refused(raw, "raw.nii", "truncated")
     nrrd = tmp_path / "cut.nrrd"
-    V.write_image(V.read_image(ct3mm / "image.nii.gz"), nrrd)
+    write_image(read_image(ct3mm / "image.nii.gz"), nrrd)
     nrrd.write_bytes(nrrd.read_bytes()[:-5000])
     _refused(nrrd, "cut.nrrd")
 
@@ -198,8 +201,8 @@ def test_refuses_4d_vector_2d_nan_inf_blank(tmp_path):
 def test_4d_file_with_one_time_point_reads_as_3d(tmp_path):
     vol = _small()
     sitk.WriteImage(sitk.JoinSeries([vol]), str(tmp_path / "t1.nrrd"))  # NRRD keeps the size-1 axis
-    img = V.read_image(tmp_path / "t1.nrrd")
-    assert img.GetDimension() == 3 and V.same_geometry(img, vol)
+    img = read_image(tmp_path / "t1.nrrd")
+    assert img.GetDimension() == 3 and same_geometry(img, vol)
     assert np.array_equal(sitk.GetArrayViewFromImage(img), sitk.GetArrayViewFromImage(vol))
 
 
@@ -211,13 +214,13 @@ def test_dicom_series_with_a_missing_slice_is_refused(ctdicom, tmp_path):
     assert "gap of 4 mm" in msg
     for f in files[3:4]:
         shutil.copy(f, tmp_path / f.name)
-    assert V.read_image(tmp_path).GetSize() == (512, 512, 6)
+    assert read_image(tmp_path).GetSize() == (512, 512, 6)
 
 
 def test_single_slice_3d_volume_is_allowed(tmp_path):
     one = sitk.GetImageFromArray(np.arange(30, dtype=np.int16).reshape(1, 5, 6))
     sitk.WriteImage(one, str(tmp_path / "one.nrrd"))
-    assert V.read_image(tmp_path / "one.nrrd").GetSize() == (6, 5, 1)
+    assert read_image(tmp_path / "one.nrrd").GetSize() == (6, 5, 1)
 
 
 # --------------------------------------------------------------------------- labels
@@ -226,30 +229,30 @@ def test_single_slice_3d_volume_is_allowed(tmp_path):
 def test_read_labels_rules(tmp_path):
     zero = _small(sitk.sitkUInt8, value=0)
     sitk.WriteImage(zero, str(tmp_path / "zero.nii.gz"))
-    assert V.read_labels(tmp_path / "zero.nii.gz").GetPixelID() == sitk.sitkUInt8
+    assert read_labels(tmp_path / "zero.nii.gz").GetPixelID() == sitk.sitkUInt8
     with pytest.raises(InputError, match="blank"):
-        V.read_image(tmp_path / "zero.nii.gz")
+        read_image(tmp_path / "zero.nii.gz")
 
     whole = sitk.GetArrayFromImage(_small(sitk.sitkFloat32)) % 3  # 0., 1., 2. as float
     img = sitk.GetImageFromArray(whole.astype(np.float32))
     sitk.WriteImage(img, str(tmp_path / "float.nrrd"))
-    lab = V.read_labels(tmp_path / "float.nrrd")
+    lab = read_labels(tmp_path / "float.nrrd")
     assert lab.GetPixelID() == sitk.sitkUInt8
     assert np.array_equal(sitk.GetArrayViewFromImage(lab), whole.astype(np.uint8))
 
     sitk.WriteImage(sitk.GetImageFromArray((whole + 0.5).astype(np.float32)), str(tmp_path / "half.nrrd"))
     with pytest.raises(InputError, match="non-integer"):
-        V.read_labels(tmp_path / "half.nrrd")
+        read_labels(tmp_path / "half.nrrd")
 
     neg = sitk.GetArrayFromImage(_small(sitk.sitkInt16)) - 3
     sitk.WriteImage(sitk.GetImageFromArray(neg.astype(np.int16)), str(tmp_path / "neg.nrrd"))
     with pytest.raises(InputError, match="negative"):
-        V.read_labels(tmp_path / "neg.nrrd")
+        read_labels(tmp_path / "neg.nrrd")
 
     big = np.zeros((4, 5, 6), np.int32)
     big[0, 0, 0] = 300
     sitk.WriteImage(sitk.GetImageFromArray(big), str(tmp_path / "big.nrrd"))
-    assert V.read_labels(tmp_path / "big.nrrd").GetPixelID() == sitk.sitkUInt16
+    assert read_labels(tmp_path / "big.nrrd").GetPixelID() == sitk.sitkUInt16
 
 
 def test_read_label_volumes_merges_by_physical_position_later_wins(tmp_path):
@@ -262,21 +265,21 @@ def test_read_label_volumes_merges_by_physical_position_later_wins(tmp_path):
     img_a.CopyInformation(base)
     img_b = sitk.GetImageFromArray(b)
     img_b.CopyInformation(base)
-    V.write_image(img_a, tmp_path / "a.nii.gz")
+    write_image(img_a, tmp_path / "a.nii.gz")
     # The second class is stored with permuted and flipped axes: same physical content.
-    V.write_image(sitk.Flip(sitk.PermuteAxes(img_b, (2, 0, 1)), (True, False, True)), tmp_path / "b.nrrd")
-    merged = V.read_label_volumes([tmp_path / "a.nii.gz", tmp_path / "b.nrrd"])
-    assert V.same_geometry(merged, base)
+    write_image(sitk.Flip(sitk.PermuteAxes(img_b, (2, 0, 1)), (True, False, True)), tmp_path / "b.nrrd")
+    merged = read_label_volumes([tmp_path / "a.nii.gz", tmp_path / "b.nrrd"])
+    assert same_geometry(merged, base)
     expected = np.where(b > 0, 2, a)
     assert np.array_equal(sitk.GetArrayViewFromImage(merged), expected)
     assert (expected == 1).sum() > 0 and ((a > 0) & (b > 0)).sum() > 0  # both classes and an overlap exist
 
 
 def test_labels_onto_dicom_grid_undo_the_flipped_y_axis(ctdicom, dicom):
-    labels = V.read_labels(ctdicom / "labels_synapse8.nii.gz")
+    labels = read_labels(ctdicom / "labels_synapse8.nii.gz")
     assert labels.GetDirection()[4] == -1.0  # the trap the data README warns about
-    on_grid = V.labels_onto_image(labels, dicom)
-    assert V.same_geometry(on_grid, dicom)
+    on_grid = labels_onto_image(labels, dicom)
+    assert same_geometry(on_grid, dicom)
     assert on_grid.GetPixelID() == sitk.sitkUInt8
     hu = sitk.GetArrayViewFromImage(dicom)
     lab = sitk.GetArrayViewFromImage(on_grid)
@@ -294,7 +297,7 @@ def test_labels_outside_the_image_are_refused(ct):
     labels = _small(sitk.sitkUInt8, value=1)
     labels.SetOrigin((5000.0, 0.0, 0.0))
     with pytest.raises(InputError, match="do not overlap"):
-        V.labels_onto_image(labels, ct)
+        labels_onto_image(labels, ct)
 
 
 def test_labels_onto_image_partial_overlap_fills_zero(ct):
@@ -303,7 +306,7 @@ def test_labels_onto_image_partial_overlap_fills_zero(ct):
     labels.SetSpacing((3.0, 3.0, 3.0))
     labels.SetDirection(ct.GetDirection())
     labels.SetOrigin(ct.GetOrigin())
-    out = V.labels_onto_image(labels, ct)
+    out = labels_onto_image(labels, ct)
     assert out.GetPixelID() == sitk.sitkUInt16
     arr = sitk.GetArrayViewFromImage(out)
     assert (arr == 300).sum() == 1000 and arr[:10, :10, :10].min() == 300 and arr.sum() == 300 * 1000
@@ -314,20 +317,20 @@ def test_labels_onto_image_partial_overlap_fills_zero(ct):
 
 def test_geometry_mismatch_names_what_differs(ct):
     same = sitk.Image(ct)
-    assert V.geometry_mismatch(ct, same) is None and V.same_geometry(ct, same)
+    assert geometry_mismatch(ct, same) is None and same_geometry(ct, same)
     moved = sitk.Image(ct)
     moved.SetOrigin(tuple(np.add(ct.GetOrigin(), (0, 0, 1e-3))))
-    assert "origin" in V.geometry_mismatch(ct, moved)
+    assert "origin" in geometry_mismatch(ct, moved)
     nearly = sitk.Image(ct)
     nearly.SetOrigin(tuple(np.add(ct.GetOrigin(), (0, 0, 1e-8))))
-    assert V.same_geometry(ct, nearly)
+    assert same_geometry(ct, nearly)
     spaced = sitk.Image(ct)
     spaced.SetSpacing((3.0, 3.0, 3.01))
-    assert "spacing" in V.geometry_mismatch(ct, spaced)
+    assert "spacing" in geometry_mismatch(ct, spaced)
     turned = sitk.Image(ct)
     turned.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))
-    assert "direction" in V.geometry_mismatch(ct, turned)
-    assert "size" in V.geometry_mismatch(ct, sitk.PermuteAxes(ct, (1, 0, 2)))
+    assert "direction" in geometry_mismatch(ct, turned)
+    assert "size" in geometry_mismatch(ct, sitk.PermuteAxes(ct, (1, 0, 2)))
 
 
 # --------------------------------------------------------------------------- writing
@@ -335,26 +338,26 @@ def test_geometry_mismatch_names_what_differs(ct):
 
 def test_write_never_overwrites_unless_asked(tmp_path):
     first, second = _small(value=1), _small(value=2)
-    path = V.write_image(first, tmp_path / "out.nii.gz")
+    path = write_image(first, tmp_path / "out.nii.gz")
     with pytest.raises(InputError, match="already exists"):
-        V.write_image(second, path)
+        write_image(second, path)
     assert sitk.GetArrayViewFromImage(sitk.ReadImage(str(path))).max() == 1  # untouched
-    V.write_image(second, path, overwrite=True)
+    write_image(second, path, overwrite=True)
     assert sitk.GetArrayViewFromImage(sitk.ReadImage(str(path))).max() == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]
 
 
 def test_write_refuses_bad_targets(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
-        V.write_image(_small(), tmp_path / "missing" / "x.nrrd")
+        write_image(_small(), tmp_path / "missing" / "x.nrrd")
     with pytest.raises(InputError, match="use one of"):
-        V.write_image(_small(), tmp_path / "x.png")
+        write_image(_small(), tmp_path / "x.png")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_write_compress_flag(tmp_path, ct):
-    small = V.write_image(ct, tmp_path / "c.nrrd", compress=True).stat().st_size
-    big = V.write_image(ct, tmp_path / "u.nrrd", compress=False).stat().st_size
+    small = write_image(ct, tmp_path / "c.nrrd", compress=True).stat().st_size
+    big = write_image(ct, tmp_path / "u.nrrd", compress=False).stat().st_size
     assert big > 122 * 101 * 30 * 2 > small
 
 
@@ -379,12 +382,12 @@ def test_write_into_read_only_folder_is_refused(repo_root):
         folder.chmod(0o555)
         code = f"""
             import json, os, SimpleITK as sitk
-            from HFSAMCore import volume as V  # import first: the Python install may be unreadable to nobody
+            from HFSAMCore.io.read import read_image; from HFSAMCore.io.write import write_image, write_json  # import first: the Python install may be unreadable to nobody
             from HFSAMCore.errors import InputError
             if os.geteuid() == 0:
                 os.setgid(65534); os.setuid(65534)
             try:
-                V.write_image(sitk.Image(4, 4, 4, sitk.sitkUInt8), {str(folder / 'x.nrrd')!r})
+                write_image(sitk.Image(4, 4, 4, sitk.sitkUInt8), {str(folder / 'x.nrrd')!r})
                 print(json.dumps({{"raised": None}}))
             except InputError as e:
                 print(json.dumps({{"raised": "InputError", "msg": str(e)}}))
@@ -402,7 +405,7 @@ def test_disk_full_leaves_no_partial_file(repo_root, tmp_path):
     # RLIMIT_FSIZE makes every write past 100 kB fail (EFBIG), like a full disk.
     code = f"""
         import json, resource, signal, SimpleITK as sitk
-        from HFSAMCore import volume as V
+        from HFSAMCore.io.read import read_image; from HFSAMCore.io.write import write_image, write_json
         from HFSAMCore.errors import InputError
         img = sitk.Image(128, 128, 64, sitk.sitkInt16)  # 2 MB uncompressed
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -411,9 +414,9 @@ def test_disk_full_leaves_no_partial_file(repo_root, tmp_path):
         for name in ("big.nii", "big.nhdr", "meta.json"):
             try:
                 if name.endswith(".json"):
-                    V.write_json({{"x": "y" * 300_000}}, {str(tmp_path)!r} + "/" + name)
+                    write_json({{"x": "y" * 300_000}}, {str(tmp_path)!r} + "/" + name)
                 else:
-                    V.write_image(img, {str(tmp_path)!r} + "/" + name, compress=False)
+                    write_image(img, {str(tmp_path)!r} + "/" + name, compress=False)
                 out[name] = None
             except InputError as e:
                 out[name] = str(e)
@@ -426,12 +429,12 @@ def test_disk_full_leaves_no_partial_file(repo_root, tmp_path):
 
 
 def test_write_json_atomic_rules(tmp_path):
-    path = V.write_json({"dice": 0.9, "classes": ["liver"]}, tmp_path / "r.json")
+    path = write_json({"dice": 0.9, "classes": ["liver"]}, tmp_path / "r.json")
     assert json.loads(path.read_text()) == {"dice": 0.9, "classes": ["liver"]}
     with pytest.raises(InputError, match="already exists"):
-        V.write_json({}, path)
-    V.write_json({"a": 1}, path, overwrite=True)
+        write_json({}, path)
+    write_json({"a": 1}, path, overwrite=True)
     assert json.loads(path.read_text()) == {"a": 1}
     with pytest.raises(ValueError):
-        V.write_json({"hd95": float("inf")}, tmp_path / "bad.json")
+        write_json({"hd95": float("inf")}, tmp_path / "bad.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

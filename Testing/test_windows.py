@@ -107,7 +107,10 @@ def test_the_emulation_fails_like_windows(windows_fsync, tmp_path):
 
 def test_volume_export_and_the_engines_writes_never_fsync_a_read_only_handle(windows_fsync, tmp_path):
     slicer = pytest.importorskip("slicer")
-    from HFSAMCore import volume
+    import SimpleITK as sitk
+
+    from HFSAMCore.io.read import read_image
+    from HFSAMCore.io.write import write_image
     from HFSAMSegmentLib import mrml_adapter, selftest
 
     scene, keep = selftest.make_bare_scene()
@@ -115,9 +118,9 @@ def test_volume_export_and_the_engines_writes_never_fsync_a_read_only_handle(win
     folder = tmp_path / "Dossier patient é"  # a space and non-ASCII, as in a Windows user name
     folder.mkdir()
     written = mrml_adapter.export_volume(node, folder / "image.nrrd")
-    image = volume.read_image(written)
-    assert np.array_equal(volume.sitk.GetArrayFromImage(image), array)
-    out = volume.write_image(image, folder / "copy.nii.gz")
-    assert np.array_equal(volume.sitk.GetArrayFromImage(volume.read_image(out)), array)
+    image = read_image(written)
+    assert np.array_equal(sitk.GetArrayFromImage(image), array)
+    out = write_image(image, folder / "copy.nii.gz")
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(out)), array)
     assert sorted(p.name for p in folder.iterdir()) == ["copy.nii.gz", "image.nrrd"]
     assert slicer is not None and keep

@@ -17,7 +17,7 @@ import time
 import torch
 from segment_anything.modeling.image_encoder import Attention, Block
 
-from HFSAMCore.malloc import keep_freed_memory
+from HFSAMCore.runtime.malloc import keep_freed_memory
 from HFSAMCore.model import attention
 from HFSAMCore.model.attention import FastAttention, FastBlock
 from HFSAMCore.model.hfsam import HFSAM, ModelSpec

@@ -24,15 +24,17 @@ torch.set_num_threads(int(a.get("threads", 2)))
 
 import SimpleITK as sitk  # noqa: E402
 
-from HFSAMCore.demo import evaluate_held_out, spread  # noqa: E402
-from HFSAMCore.finetune import TrainConfig, prepare_training_set, train  # noqa: E402
-from HFSAMCore.loading import load_model  # noqa: E402
-from HFSAMCore.model.hfsam import HFSAM  # noqa: E402
-from HFSAMCore.progress import Progress  # noqa: E402
-from HFSAMCore.sample_data import repo_data_dir  # noqa: E402
-from HFSAMCore.segment import segment_image  # noqa: E402
-from HFSAMCore.slices import SliceView, labeled_slices  # noqa: E402
-from HFSAMCore.volume import labels_onto_image, read_image, read_labels  # noqa: E402
+from HFSAMCore.workflows.demo import evaluate_held_out, spread
+from HFSAMCore.train.fewshot import TrainConfig, train
+from HFSAMCore.train.training_set import prepare_training_set
+from HFSAMCore.model.loading import load_model
+from HFSAMCore.model.hfsam import HFSAM
+from HFSAMCore.runtime.progress import Progress
+from HFSAMCore.store.sample_data import repo_data_dir
+from HFSAMCore.model.inference import segment_image
+from HFSAMCore.io.slices import SliceView, labeled_slices
+from HFSAMCore.io.geometry import labels_onto_image
+from HFSAMCore.io.read import read_image, read_labels
 
 if a.get("init") == "default":
     HFSAM.start_fusion_near_identity = lambda self: None  # the ablation: PyTorch's default init

@@ -50,6 +50,16 @@ FEWSHOT_METHODS: dict[str, str] = {
 }
 DEFAULT_FEWSHOT_METHODS = ("hfsam", "decoder_only", "unet")
 
+# -- what a run sees and how it runs: the choices every command, the adapter format and the panel share
+#: Slice directions, in patient terms (--axis, the adapter field "axis").
+AXES = ("axial", "coronal", "sagittal")
+#: Intensity presets (--preset, the adapter field "intensity_preset"); "auto" chooses from the data.
+INTENSITY_PRESETS = ("ct", "mr")
+#: Compute precisions (--precision); "auto" picks bf16 or fp16 where the device runs it well.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: How progress is reported (--progress): JSON events on stdout, a bar on stderr, or nothing.
+PROGRESS_MODES = ("auto", "json", "tty", "none")
+
 
 @dataclass(frozen=True)
 class ViTArch:

@@ -1,0 +1,1 @@
+"""`hfsam bench`: speed, memory and few-shot quality, measured the same way on every machine."""

