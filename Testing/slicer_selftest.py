@@ -20,7 +20,10 @@ def main() -> int:
     try:
         import HFSAMSegment  # needs Slicer's Python (slicer, qt) and the module folder on the path
     except ImportError as exc:
-        print(f"slicer_selftest: run this inside Slicer with --additional-module-paths HFSAMSegment ({exc})", file=sys.stderr)
+        print(
+            f"slicer_selftest: run this inside Slicer with --additional-module-paths HFSAMSegment ({exc})",
+            file=sys.stderr,
+        )
         return 1
     suite = unittest.TestSuite([HFSAMSegment.HFSAMSegmentTest("runTest")])
     result = unittest.TextTestRunner(stream=sys.stdout, verbosity=2).run(suite)

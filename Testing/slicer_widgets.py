@@ -117,4 +117,6 @@ def load_panel(ui_file):
 
 def child_widget_variables(widget):
     """What slicer.util.childWidgetVariables returns: every named child widget as an attribute."""
-    return types.SimpleNamespace(**{w.objectName(): w for w in widget.findChildren(QtWidgets.QWidget) if w.objectName()})
+    return types.SimpleNamespace(
+        **{w.objectName(): w for w in widget.findChildren(QtWidgets.QWidget) if w.objectName()}
+    )

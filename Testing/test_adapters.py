@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 
+from HFSAMCore.errors import InputError
 from HFSAMCore.io import atomic
 from HFSAMCore.store.adapter_metadata import check_compatible, validate_metadata
 from HFSAMCore.store.adapters import load_adapter, read_metadata, save_adapter
-from HFSAMCore.errors import InputError
 
 SHA_B = "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"
 SHA_L = "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"
@@ -33,14 +33,28 @@ def good_meta(**changes) -> dict:
         "fusion": "two_step",
         "base_checkpoint": {"name": "sam_vit_b_01ec64.pth", "sha256": SHA_B},
         "classes": [
-            {"value": 1, "name": "liver", "color": [221, 130, 101],
-             "terminology": {"category": ["SCT", "123037004", "Anatomical Structure"],
-                             "type": ["SCT", "10200004", "Liver"]}},
+            {
+                "value": 1,
+                "name": "liver",
+                "color": [221, 130, 101],
+                "terminology": {
+                    "category": ["SCT", "123037004", "Anatomical Structure"],
+                    "type": ["SCT", "10200004", "Liver"],
+                },
+            },
             {"value": 5, "name": "spleen", "color": [157, 108, 162]},
         ],
         "intensity_preset": "ct",
-        "training": {"image": "ct.nii.gz", "slices": [3, 7, 12], "steps": 200, "seed": 0, "batch_size": 4,
-                     "lr": 0.0025, "minutes": None, "started_from": None},
+        "training": {
+            "image": "ct.nii.gz",
+            "slices": [3, 7, 12],
+            "steps": 200,
+            "seed": 0,
+            "batch_size": 4,
+            "lr": 0.0025,
+            "minutes": None,
+            "started_from": None,
+        },
         "metrics": {"heldout_dice": 0.81, "per_class": {"liver": {"dice": 0.9, "hd95_mm": float("inf")}}},
         "description": "few-shot liver",
     }
@@ -119,6 +133,7 @@ def test_missing_folder_is_input_error(tmp_path):
 def _drop(key):
     def change(meta):
         del meta[key]
+
     return change
 
 
@@ -128,6 +143,7 @@ def _set(path, value):
         for part in path[:-1]:
             target = target[part]
         target[path[-1]] = value
+
     return change
 
 
@@ -235,13 +251,36 @@ def test_metadata_problems_in_the_header(tmp_path):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(
-        st.sampled_from(["name", "backbone", "img_size", "rank", "fusion", "classes", "value", "color",
-                         "training", "metrics", "base_checkpoint", "low_level_blocks", "x"]), children, max_size=6),
-    max_leaves=20,
-))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(
+                st.sampled_from(
+                    [
+                        "name",
+                        "backbone",
+                        "img_size",
+                        "rank",
+                        "fusion",
+                        "classes",
+                        "value",
+                        "color",
+                        "training",
+                        "metrics",
+                        "base_checkpoint",
+                        "low_level_blocks",
+                        "x",
+                    ]
+                ),
+                children,
+                max_size=6,
+            )
+        ),
+        max_leaves=20,
+    )
+)
 def test_validation_only_ever_raises_input_error(value):
     try:
         validate_metadata(value, source="fuzz")
@@ -252,26 +291,49 @@ def test_validation_only_ever_raises_input_error(value):
 # -- compatibility ------------------------------------------------------------
 def test_check_compatible_lists_every_mismatch():
     meta = validate_metadata(good_meta(low_level_blocks=[2, 5]))
-    model = {"backbone": "vit_b", "img_size": 512, "rank": 5, "fusion": "two_step", "low_level_blocks": [2, 5],
-             "base_checkpoint": {"name": "sam_vit_b_01ec64.pth", "sha256": SHA_B}}
+    model = {
+        "backbone": "vit_b",
+        "img_size": 512,
+        "rank": 5,
+        "fusion": "two_step",
+        "low_level_blocks": [2, 5],
+        "base_checkpoint": {"name": "sam_vit_b_01ec64.pth", "sha256": SHA_B},
+    }
     assert check_compatible(meta, model) is None
     assert check_compatible(meta, {"backbone": "vit_b"}) is None  # only given fields are compared
-    other = {"backbone": "vit_l", "img_size": 224, "rank": 8, "fusion": "released", "low_level_blocks": [5],
-             "base_checkpoint": {"name": "sam_vit_l_0b3195.pth", "sha256": SHA_L}}
+    other = {
+        "backbone": "vit_l",
+        "img_size": 224,
+        "rank": 8,
+        "fusion": "released",
+        "low_level_blocks": [5],
+        "base_checkpoint": {"name": "sam_vit_l_0b3195.pth", "sha256": SHA_L},
+    }
     with pytest.raises(InputError) as info:
         check_compatible(meta, other)
     message = str(info.value)
     assert message.startswith("adapter 'liver5' does not match: backbone vit_b (model vit_l), ")
-    for part in ("img_size 512 (model 224)", "rank 5 (model 8)", "fusion two_step (model released)",
-                 "low_level_blocks [2, 5] (model [5])", "base checkpoint sam_vit_b_01ec64.pth"):
+    for part in (
+        "img_size 512 (model 224)",
+        "rank 5 (model 8)",
+        "fusion two_step (model released)",
+        "low_level_blocks [2, 5] (model [5])",
+        "base checkpoint sam_vit_b_01ec64.pth",
+    ):
         assert part in message
     assert message.count("(model") == 6
 
 
 def test_what_the_training_command_writes_is_accepted(tmp_path):
     """The shape cli.py's finetune writes: a random test base with its seed, held-out slices, no description."""
-    meta = good_meta(backbone="tiny", img_size=64, rank=0, low_level_blocks=[1], description=None,
-                     base_checkpoint={"name": "random-init", "sha256": None, "seed": 1234})
+    meta = good_meta(
+        backbone="tiny",
+        img_size=64,
+        rank=0,
+        low_level_blocks=[1],
+        description=None,
+        base_checkpoint={"name": "random-init", "sha256": None, "seed": 1234},
+    )
     meta["training"]["heldout_slices"] = [20]
     path = save_adapter(tmp_path / "t.safetensors", tensors(), meta)
     loaded = read_metadata(path)
@@ -358,10 +420,11 @@ def test_pickle_bomb_is_refused_without_running_it(tmp_path):
 
 def test_reading_metadata_does_not_import_torch(tmp_path, python_exe, repo_root):
     path = save_adapter(tmp_path / "a.safetensors", tensors(), good_meta())
-    code = ("import sys, HFSAMCore.store.adapters as a, HFSAMCore.store.library; m = a.read_metadata(sys.argv[1]); "
-            "print(m['name'], 'torch' in sys.modules)")
-    out = subprocess.run([python_exe, "-c", code, str(path)], cwd=repo_root, capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import sys, HFSAMCore.store.adapters as a, HFSAMCore.store.library; m = a.read_metadata(sys.argv[1]); "
+        "print(m['name'], 'torch' in sys.modules)"
+    )
+    out = subprocess.run([python_exe, "-c", code, str(path)], cwd=repo_root, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["liver5", "False"]
 
 

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from HFSAMCore.train.augmentation import HsamDraw, affine_from_points, apply_hsam, augment_sample, draw_hsam, gaussian_smooth
+from HFSAMCore.train.augmentation import (
+    HsamDraw,
+    affine_from_points,
+    apply_hsam,
+    augment_sample,
+    draw_hsam,
+    gaussian_smooth,
+)
 
 
 def index_map(h, w):
@@ -74,8 +81,7 @@ def test_crop_resizes_the_crop_to_the_whole_slice():
     size, (row0, col0, rows_kept, cols_kept) = 32, (5, 7, 13, 19)
     label = index_map(size, size)
     ramp = torch.arange(size).float().expand(size, size)[None, None]  # x coordinate as intensity
-    out_img, out_lab = apply_hsam(HsamDraw("crop", (size, size), crop=(row0, col0, rows_kept, cols_kept)),
-                                  ramp, label)
+    out_img, out_lab = apply_hsam(HsamDraw("crop", (size, size), crop=(row0, col0, rows_kept, cols_kept)), ramp, label)
     rows, cols = sampled_from(out_lab, size)
     i = np.arange(size)
     np.testing.assert_array_equal(rows[:, 0], row0 + np.floor((i + 0.5) * rows_kept / size))
@@ -126,8 +132,8 @@ def test_elastic_is_a_sheared_affine_plus_a_smooth_field_of_h_sams_size():
         t = torch.arange(-radius, radius + 1, dtype=torch.float64)
         k = torch.exp(-0.5 * (t / (0.08 * w)) ** 2)
         k = k / k.sum()
-        want = 2 * w * (k ** 2).sum() / math.sqrt(3)  # std of smoothed U(-1, 1) away from the border
-        centre = disp[:, w // 2 - 4:w // 2 + 4, w // 2 - 4:w // 2 + 4]
+        want = 2 * w * (k**2).sum() / math.sqrt(3)  # std of smoothed U(-1, 1) away from the border
+        centre = disp[:, w // 2 - 4 : w // 2 + 4, w // 2 - 4 : w // 2 + 4]
         assert 3.5 < want < 4.6 and abs(float(centre.std()) / float(want) - 1) < 0.25
 
 

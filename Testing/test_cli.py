@@ -17,8 +17,9 @@ def hfsam(*args, tmp_path=None, timeout=300, check=None):
     env = dict(os.environ)
     if tmp_path is not None:
         env[LIB_ENV] = str(tmp_path / "library")
-    proc = subprocess.run([sys.executable, "-m", "HFSAMCore", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "HFSAMCore", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
     if check is not None:
         assert proc.returncode == check, proc.stderr[-3000:]
     return proc
@@ -44,8 +45,11 @@ def test_help_explains_every_command():
 
 
 def test_info_reports_the_papers_lora_count():
-    out = json.loads(hfsam("info", "--backbone", "vit_b", "--img-size", "512", "--classes", "8", "--rank", "5",
-                           "--json", check=0).stdout)
+    out = json.loads(
+        hfsam(
+            "info", "--backbone", "vit_b", "--img-size", "512", "--classes", "8", "--rank", "5", "--json", check=0
+        ).stdout
+    )
     assert out["parameters"]["lora"] == 184_320
     assert out["outputs"] == 9 and out["logits_size"] == [128, 128]
 
@@ -54,8 +58,22 @@ def test_info_reports_the_papers_lora_count():
 def test_segment_keeps_the_input_geometry(tmp_path, ct3mm, ctdicom, source):
     src = ct3mm / "image.nii.gz" if source == "nifti" else ctdicom / "dicom"
     out = tmp_path / "seg.nrrd"
-    proc = hfsam("segment", src, "-o", out, "--checkpoint", "none", "--backbone", "tiny", "--img-size", "224",
-                 "--progress", "json", tmp_path=tmp_path, check=0)
+    proc = hfsam(
+        "segment",
+        src,
+        "-o",
+        out,
+        "--checkpoint",
+        "none",
+        "--backbone",
+        "tiny",
+        "--img-size",
+        "224",
+        "--progress",
+        "json",
+        tmp_path=tmp_path,
+        check=0,
+    )
     assert "RANDOMLY INITIALISED" in proc.stderr
     evs = events(proc.stdout)
     progress = [e for e in evs if e["event"] == "progress"]
@@ -77,8 +95,18 @@ def test_segment_keeps_the_input_geometry(tmp_path, ct3mm, ctdicom, source):
 def test_segment_never_overwrites_without_asking(tmp_path, ct3mm):
     out = tmp_path / "seg.nrrd"
     out.write_bytes(b"precious")
-    proc = hfsam("segment", ct3mm / "image.nii.gz", "-o", out, "--checkpoint", "none", "--backbone", "tiny",
-                 tmp_path=tmp_path, check=2)
+    proc = hfsam(
+        "segment",
+        ct3mm / "image.nii.gz",
+        "-o",
+        out,
+        "--checkpoint",
+        "none",
+        "--backbone",
+        "tiny",
+        tmp_path=tmp_path,
+        check=2,
+    )
     assert "already exists" in proc.stderr and "--overwrite" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert out.read_bytes() == b"precious"
@@ -98,8 +126,19 @@ def test_evaluate_brings_flipped_labels_onto_the_series_grid(tmp_path, ctdicom):
     labels = sitk.ReadImage(str(ctdicom / "labels_synapse8.nii.gz"))
     on_grid = sitk.Resample(labels, series, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     sitk.WriteImage(on_grid, str(tmp_path / "pred.nrrd"))
-    out = json.loads(hfsam("evaluate", "--reference", ctdicom / "labels_synapse8.nii.gz", "--prediction",
-                           tmp_path / "pred.nrrd", "--classes", "synapse", "--json", check=0).stdout)
+    out = json.loads(
+        hfsam(
+            "evaluate",
+            "--reference",
+            ctdicom / "labels_synapse8.nii.gz",
+            "--prediction",
+            tmp_path / "pred.nrrd",
+            "--classes",
+            "synapse",
+            "--json",
+            check=0,
+        ).stdout
+    )
     by_name = {c["name"]: c for c in out["classes"]}
     for organ in ("spleen", "liver", "stomach", "aorta", "pancreas"):
         assert by_name[organ]["dice"] == pytest.approx(1.0), organ
@@ -108,8 +147,19 @@ def test_evaluate_brings_flipped_labels_onto_the_series_grid(tmp_path, ctdicom):
     naive = sitk.GetImageFromArray(sitk.GetArrayFromImage(labels).astype(np.uint8))
     naive.CopyInformation(series)
     sitk.WriteImage(naive, str(tmp_path / "naive.nrrd"))
-    bad = json.loads(hfsam("evaluate", "--reference", ctdicom / "labels_synapse8.nii.gz", "--prediction",
-                           tmp_path / "naive.nrrd", "--classes", "synapse", "--json", check=0).stdout)
+    bad = json.loads(
+        hfsam(
+            "evaluate",
+            "--reference",
+            ctdicom / "labels_synapse8.nii.gz",
+            "--prediction",
+            tmp_path / "naive.nrrd",
+            "--classes",
+            "synapse",
+            "--json",
+            check=0,
+        ).stdout
+    )
     assert {c["name"]: c for c in bad["classes"]}["liver"]["dice"] < 0.9
 
 
@@ -117,9 +167,31 @@ def test_finetune_then_segment_learns_the_liver(tmp_path, ct3mm):
     """Issue 3's acceptance run, on the CPU with the tiny configuration: 5 labeled slices, the other 25 scored."""
     labels = ct3mm / "labels_synapse8.nii.gz"
     adapter = tmp_path / "synapse5.safetensors"
-    proc = hfsam("finetune", ct3mm / "image.nii.gz", labels, "-o", adapter, "--slices", "5,10,15,20,25",
-                 "--classes", "synapse", "--checkpoint", "none", "--backbone", "tiny", "--img-size", "224",
-                 "--steps", "250", "--holdout", "0", "--progress", "json", tmp_path=tmp_path, check=0)
+    proc = hfsam(
+        "finetune",
+        ct3mm / "image.nii.gz",
+        labels,
+        "-o",
+        adapter,
+        "--slices",
+        "5,10,15,20,25",
+        "--classes",
+        "synapse",
+        "--checkpoint",
+        "none",
+        "--backbone",
+        "tiny",
+        "--img-size",
+        "224",
+        "--steps",
+        "250",
+        "--holdout",
+        "0",
+        "--progress",
+        "json",
+        tmp_path=tmp_path,
+        check=0,
+    )
     evs = events(proc.stdout)
     assert evs[-1]["event"] == "result" and evs[-1]["slices"] == [5, 10, 15, 20, 25]
     losses = [e["loss"] for e in evs if e["event"] == "metric"]
@@ -140,11 +212,34 @@ def test_finetune_then_segment_learns_the_liver(tmp_path, ct3mm):
 def test_cancel_leaves_no_file(tmp_path, ct3mm):
     adapter = tmp_path / "a.safetensors"
     env = dict(os.environ, HFSAM_HOME=str(tmp_path / "library"))
-    proc = subprocess.Popen([sys.executable, "-m", "HFSAMCore", "finetune", str(ct3mm / "image.nii.gz"),
-                             str(ct3mm / "labels_synapse8.nii.gz"), "-o", str(adapter), "--classes", "synapse",
-                             "--checkpoint", "none", "--backbone", "tiny", "--img-size", "224", "--steps", "100000",
-                             "--progress", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "HFSAMCore",
+            "finetune",
+            str(ct3mm / "image.nii.gz"),
+            str(ct3mm / "labels_synapse8.nii.gz"),
+            "-o",
+            str(adapter),
+            "--classes",
+            "synapse",
+            "--checkpoint",
+            "none",
+            "--backbone",
+            "tiny",
+            "--img-size",
+            "224",
+            "--steps",
+            "100000",
+            "--progress",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     for line in proc.stdout:  # wait until training really runs
         if json.loads(line).get("stage") == "finetune":
             break
@@ -156,16 +251,62 @@ def test_cancel_leaves_no_file(tmp_path, ct3mm):
     assert leftovers == [] and not adapter.exists()
 
 
-@pytest.mark.parametrize("args,fragment", [
-    (["segment", "/no/such/file.nii.gz", "-o", "{tmp}/x.nrrd", "--checkpoint", "none", "--backbone", "tiny"],
-     "does not exist"),
-    (["segment", "{ct}/image.nii.gz", "-o", "/no/such/folder/x.nrrd", "--checkpoint", "none", "--backbone", "tiny"],
-     "does not exist"),
-    (["finetune", "{ct}/image.nii.gz", "{ct}/labels_synapse8.nii.gz", "-o", "{tmp}/a.safetensors", "--slices", "40",
-      "--checkpoint", "none", "--backbone", "tiny", "--classes", "synapse"], "outside"),
-    (["finetune", "{ct}/image.nii.gz", "{ct}/labels_synapse8.nii.gz", "-o", "{tmp}/a.safetensors",
-      "--checkpoint", "none", "--backbone", "tiny", "--classes", "liver"], "class"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (
+            ["segment", "/no/such/file.nii.gz", "-o", "{tmp}/x.nrrd", "--checkpoint", "none", "--backbone", "tiny"],
+            "does not exist",
+        ),
+        (
+            [
+                "segment",
+                "{ct}/image.nii.gz",
+                "-o",
+                "/no/such/folder/x.nrrd",
+                "--checkpoint",
+                "none",
+                "--backbone",
+                "tiny",
+            ],
+            "does not exist",
+        ),
+        (
+            [
+                "finetune",
+                "{ct}/image.nii.gz",
+                "{ct}/labels_synapse8.nii.gz",
+                "-o",
+                "{tmp}/a.safetensors",
+                "--slices",
+                "40",
+                "--checkpoint",
+                "none",
+                "--backbone",
+                "tiny",
+                "--classes",
+                "synapse",
+            ],
+            "outside",
+        ),
+        (
+            [
+                "finetune",
+                "{ct}/image.nii.gz",
+                "{ct}/labels_synapse8.nii.gz",
+                "-o",
+                "{tmp}/a.safetensors",
+                "--checkpoint",
+                "none",
+                "--backbone",
+                "tiny",
+                "--classes",
+                "liver",
+            ],
+            "class",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, ct3mm, args, fragment):
     args = [a.format(tmp=tmp_path, ct=ct3mm) for a in args]
     proc = hfsam(*args, tmp_path=tmp_path, check=2)
@@ -178,12 +319,15 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, ct3mm, args, fra
 def test_bench_fewshot_refuses_a_missing_monai_before_any_training(tmp_path):
     """The U-Net row needs MONAI: a run without it used to train the HF-SAM rows for minutes, then fail
     and lose them. MONAI is hidden the standard way (a None entry in sys.modules) in a real process."""
-    code = ("import sys; sys.modules['monai'] = None; from HFSAMCore.cli import main; "
-            f"sys.exit(main(['bench', 'fewshot', '--n', '3', '-o', {str(tmp_path / 'out')!r}]))")
+    code = (
+        "import sys; sys.modules['monai'] = None; from HFSAMCore.cli import main; "
+        f"sys.exit(main(['bench', 'fewshot', '--n', '3', '-o', {str(tmp_path / 'out')!r}]))"
+    )
     env = dict(os.environ, HFSAM_HOME=str(tmp_path / "library"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "hfsam: error: the U-Net baseline needs MONAI: pip install monai (or pip install -e '.[bench]'), "
-        "or leave it out with --methods hfsam decoder_only"]
+        "or leave it out with --methods hfsam decoder_only"
+    ]
     assert not (tmp_path / "out").exists() and not (tmp_path / "library").exists()  # nothing was started

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from HFSAMCore.train.datasets import AcdcData, NiftiData, SynapseData, open_dataset
-from HFSAMCore.train.dataset_lists import read_list, sample_fraction, sample_patients, write_list
 from HFSAMCore.errors import InputError
 from HFSAMCore.io.slices import SliceView, normalize
+from HFSAMCore.train.dataset_lists import read_list, sample_fraction, sample_patients, write_list
+from HFSAMCore.train.datasets import AcdcData, NiftiData, SynapseData, open_dataset
 
 # --------------------------------------------------------------------------- synthetic data
 
@@ -26,9 +26,9 @@ def draw_labels(shape, k: int, shift: int = 0) -> np.ndarray:
     yy, xx = np.mgrid[:h, :w]
     lab = np.zeros(shape, np.uint8)
     lab[(yy - h // 3) ** 2 + (xx - w // 3 - shift) ** 2 <= (min(h, w) // 6) ** 2] = 1
-    lab[2 * h // 3: 2 * h // 3 + 3, w // 2 + shift: w // 2 + shift + w // 4] = 2
+    lab[2 * h // 3 : 2 * h // 3 + 3, w // 2 + shift : w // 2 + shift + w // 4] = 2
     if k >= 3:
-        lab[h // 6: h // 6 + 3, 3 * w // 4: 3 * w // 4 + 3] = 3
+        lab[h // 6 : h // 6 + 3, 3 * w // 4 : 3 * w // 4 + 3] = 3
     return lab
 
 
@@ -38,8 +38,9 @@ def image_for(lab: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 1).astype(np.float32)
 
 
-def write_synapse(root, cases=("case0005", "case0006"), n_slices=4, size=32, test_cases=("case0001", "case0002"),
-                  seed=0):
+def write_synapse(
+    root, cases=("case0005", "case0006"), n_slices=4, size=32, test_cases=("case0001", "case0002"), seed=0
+):
     """TransUNet layout: train_npz/*.npz, test_vol_h5/*.npy.h5, lists/train.txt and test_vol.txt.
 
     Labels are written as float32, as TransUNet's files store them. Returns {name: (image, label)}.
@@ -100,8 +101,9 @@ def write_acdc(root, patients=(1, 2, 3, 4), frames=(1, 12), n_slices=3, shape=(3
     return written
 
 
-def write_nifti(root, cases=("liver_001", "liver_002"), subset="Tr", size=(24, 20, 5), spacing=(0.8, 0.8, 2.5),
-                flip_y=False, seed=0):
+def write_nifti(
+    root, cases=("liver_001", "liver_002"), subset="Tr", size=(24, 20, 5), spacing=(0.8, 0.8, 2.5), flip_y=False, seed=0
+):
     """nnU-Net layout: images{subset}/CASE_0000.nii.gz (HU) and labels{subset}/CASE.nii.gz.
 
     Returns {case: (hu, labels)} as [z, y, x] arrays in the unflipped orientation."""
@@ -220,8 +222,11 @@ def test_nifti_reader_on_the_real_ct_with_flipped_labels(tmp_path, ctdicom):
 
 def test_bad_files_are_clear_errors(tmp_path):
     (tmp_path / "train_npz").mkdir()
-    np.savez(tmp_path / "train_npz" / "case0001_slice000.npz", image=np.full((8, 8), 40.0, np.float32),
-             label=np.zeros((8, 8)))
+    np.savez(
+        tmp_path / "train_npz" / "case0001_slice000.npz",
+        image=np.full((8, 8), 40.0, np.float32),
+        label=np.zeros((8, 8)),
+    )
     np.savez(tmp_path / "train_npz" / "case0001_slice001.npz", image=np.zeros((8, 8), np.float32))
     data = SynapseData(tmp_path / "train_npz")
     with pytest.raises(InputError, match=r"must already be scaled to \[0, 1\]"):
@@ -291,13 +296,19 @@ def test_readers_name_the_slices_they_do_not_hold(tmp_path):
     write_synapse(tmp_path / "syn")
     syn = SynapseData(tmp_path / "syn" / "train_npz")
     assert syn.missing_slices(["case0005_slice001", "case0005_slice009", "case0099_slice000"]) == [
-        "case0005_slice009", "case0099_slice000"]
+        "case0005_slice009",
+        "case0099_slice000",
+    ]
     write_acdc(tmp_path / "acdc")
     acdc = AcdcData(tmp_path / "acdc")
     assert acdc.missing_slices(["patient001_frame01_slice_2", "patient001_frame01_slice_3"]) == [
-        "patient001_frame01_slice_3"]
+        "patient001_frame01_slice_3"
+    ]
     write_nifti(tmp_path / "nii")  # 2 cases of 5 axial slices
     nii = NiftiData(tmp_path / "nii")
     assert nii.missing_slices(["liver_001_slice004", "liver_001_slice005", "liver_009_slice000", "liver_001"]) == [
-        "liver_001_slice005", "liver_009_slice000", "liver_001"]
+        "liver_001_slice005",
+        "liver_009_slice000",
+        "liver_001",
+    ]
     assert nii.missing_slices(nii.slice_names()) == []

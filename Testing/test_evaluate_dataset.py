@@ -10,7 +10,6 @@ import SimpleITK as sitk
 from test_datasets import write_synapse
 from test_train_dataset import run_cli
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from HFSAMCore.evaluate.dataset import case_metrics, summarize
@@ -92,18 +91,50 @@ def test_evaluate_dataset_writes_the_papers_table(trained, tmp_path):
     sitk.WriteImage(img, str(raw / "img0001.nii.gz"))  # TransUNet's case0001 is Synapse's img0001
     sitk.WriteImage(sitk.Image(30, 32, 4, sitk.sitkInt16), str(raw / "img0002.nii.gz"))  # wrong size
     out = tmp_path / "results"
-    proc = run_cli("evaluate-dataset", "--dataset", "synapse", "--root", root / "test_vol_h5", "--list",
-                   root / "lists" / "test_vol.txt", "--adapter", adapter, "--raw-dir", tmp_path / "RawData",
-                   "--save-predictions", "--method", "HF-SAM tiny", "-o", out, "--progress", "json")
+    proc = run_cli(
+        "evaluate-dataset",
+        "--dataset",
+        "synapse",
+        "--root",
+        root / "test_vol_h5",
+        "--list",
+        root / "lists" / "test_vol.txt",
+        "--adapter",
+        adapter,
+        "--raw-dir",
+        tmp_path / "RawData",
+        "--save-predictions",
+        "--method",
+        "HF-SAM tiny",
+        "-o",
+        out,
+        "--progress",
+        "json",
+    )
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["event"] == "result"
-    assert sorted(p.name for p in out.iterdir()) == ["per_case.csv", "per_class.csv", "predictions", "results.json",
-                                                     "table.csv", "table.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "per_case.csv",
+        "per_class.csv",
+        "predictions",
+        "results.json",
+        "table.csv",
+        "table.md",
+    ]
 
     # per case: recompute from the written predictions, independently of the tool
     rows = read_csv(out / "per_case.csv")
-    assert rows[0] == ["case", "class", "name", "dice_paper", "hd95_paper", "dice", "hd95_mm", "ref_voxels",
-                       "pred_voxels"]
+    assert rows[0] == [
+        "case",
+        "class",
+        "name",
+        "dice_paper",
+        "hd95_paper",
+        "dice",
+        "hd95_mm",
+        "ref_voxels",
+        "pred_voxels",
+    ]
     by_key = {(r[0], int(r[1])): r for r in rows[1:]}
     assert len(by_key) == 2 * 8
     for case, spacing in (("case0001", (2.5, 0.7, 0.7)), ("case0002", None)):
@@ -127,8 +158,20 @@ def test_evaluate_dataset_writes_the_papers_table(trained, tmp_path):
 
     # the paper's layout: Method, Convention, Dice, HD95, one column per organ; mean over cases, then classes
     table = read_csv(out / "table.csv")
-    assert table[0] == ["Method", "Convention", "Dice (%)", "HD95", "spleen", "right kidney", "left kidney",
-                        "gallbladder", "liver", "stomach", "aorta", "pancreas"]
+    assert table[0] == [
+        "Method",
+        "Convention",
+        "Dice (%)",
+        "HD95",
+        "spleen",
+        "right kidney",
+        "left kidney",
+        "gallbladder",
+        "liver",
+        "stomach",
+        "aorta",
+        "pancreas",
+    ]
     paper = table[1]
     assert paper[:2] == ["HF-SAM tiny", "paper (voxels)"]
     class_means = [np.mean([float(by_key[(case, c)][3]) for case in ("case0001", "case0002")]) for c in range(1, 9)]
@@ -137,8 +180,18 @@ def test_evaluate_dataset_writes_the_papers_table(trained, tmp_path):
     md = (out / "table.md").read_text()
     assert "| Method | Convention | Dice (%) | HD95 | spleen |" in md and "| HF-SAM tiny | paper (voxels) |" in md
 
-    again = run_cli("evaluate-dataset", "--dataset", "synapse", "--root", root / "test_vol_h5", "--adapter", adapter,
-                    "-o", out, check=2)
+    again = run_cli(
+        "evaluate-dataset",
+        "--dataset",
+        "synapse",
+        "--root",
+        root / "test_vol_h5",
+        "--adapter",
+        adapter,
+        "-o",
+        out,
+        check=2,
+    )
     assert "--overwrite" in again.stderr and "Traceback" not in again.stderr
 
 
@@ -150,12 +203,30 @@ def test_train_and_evaluate_a_nifti_task_in_mm_on_the_real_ct(tmp_path, ct3mm):
         (root / f"labels{subset}").mkdir()
         shutil.copy(ct3mm / "image.nii.gz", root / f"images{subset}" / "abdomen_0000.nii.gz")
         shutil.copy(ct3mm / "labels_synapse8.nii.gz", root / f"labels{subset}" / "abdomen.nii.gz")
-    run_cli("train", "--dataset", "nifti", "--root", root, "--classes", "synapse", "--preset", "tiny",
-            "--checkpoint", "none", "--epochs", 20, "--batch-size", 8, "-o", tmp_path / "run")
+    run_cli(
+        "train",
+        "--dataset",
+        "nifti",
+        "--root",
+        root,
+        "--classes",
+        "synapse",
+        "--preset",
+        "tiny",
+        "--checkpoint",
+        "none",
+        "--epochs",
+        20,
+        "--batch-size",
+        8,
+        "-o",
+        tmp_path / "run",
+    )
     adapter = tmp_path / "run" / "adapter.safetensors"
     out = tmp_path / "results"
-    run_cli("evaluate-dataset", "--dataset", "nifti", "--root", root, "--adapter", adapter, "--save-predictions",
-            "-o", out)
+    run_cli(
+        "evaluate-dataset", "--dataset", "nifti", "--root", root, "--adapter", adapter, "--save-predictions", "-o", out
+    )
     image = sitk.ReadImage(str(ct3mm / "image.nii.gz"))
     pred = sitk.ReadImage(str(out / "predictions" / "abdomen.nii.gz"))
     assert pred.GetSize() == image.GetSize()  # written back onto the input's grid

@@ -6,14 +6,14 @@ import SimpleITK as sitk
 import torch
 
 from HFSAMCore.errors import InputError
-from HFSAMCore.train.fewshot import TrainConfig, split_holdout, train
+from HFSAMCore.io.read import read_image, read_labels
+from HFSAMCore.model.hfsam import ModelSpec, build_hfsam
+from HFSAMCore.runtime.progress import Progress
 from HFSAMCore.train.augmentation import augment
+from HFSAMCore.train.fewshot import TrainConfig, split_holdout, train
 from HFSAMCore.train.losses import hfsam_loss, soft_dice_loss
 from HFSAMCore.train.schedule import lr_factor
 from HFSAMCore.train.training_set import prepare_training_set
-from HFSAMCore.model.hfsam import ModelSpec, build_hfsam
-from HFSAMCore.runtime.progress import Progress
-from HFSAMCore.io.read import read_image, read_labels
 
 
 @pytest.fixture(scope="module")
@@ -156,8 +156,12 @@ def test_minutes_budget_with_cached_steps_sizes_the_schedule_to_the_time(ct):
         def metric(self, **fields):
             lrs.append(fields["lr"])
 
-    report = train(model, data, TrainConfig(steps=None, minutes=0.1, batch_size=1, holdout=0, cached_steps=10**6,
-                                            eval_every=1), Seen("none"))
+    report = train(
+        model,
+        data,
+        TrainConfig(steps=None, minutes=0.1, batch_size=1, holdout=0, cached_steps=10**6, eval_every=1),
+        Seen("none"),
+    )
     assert 5 <= report.steps == report.cached_steps and report.seconds < 40
     # the schedule is sized from the cached steps' speed, so it never runs out before the time does (a
     # placeholder length would leave the later steps at lr 0); how far it decays depends on the machine's load
@@ -179,8 +183,9 @@ def test_out_of_memory_retries_with_a_smaller_batch(ct):
         return real_forward(x)
 
     model.forward = forward
-    from HFSAMCore.runtime.progress import Progress
     import io
+
+    from HFSAMCore.runtime.progress import Progress
 
     err = io.StringIO()
     report = train(model, data, TrainConfig(steps=3, batch_size=8, holdout=0), Progress("none", err=err))
@@ -189,8 +194,10 @@ def test_out_of_memory_retries_with_a_smaller_batch(ct):
     assert "retrying with batch size 4" in err.getvalue()
 
 
-@pytest.mark.parametrize("src,dst,plain_is_off", [((101, 122), (256, 256), False), ((512, 512), (256, 256), True),
-                                                  ((30, 40), (224, 224), True)])
+@pytest.mark.parametrize(
+    "src,dst,plain_is_off",
+    [((101, 122), (256, 256), False), ((512, 512), (256, 256), True), ((30, 40), (224, 224), True)],
+)
 def test_labels_are_resized_onto_the_images_pixel_grid(src, dst, plain_is_off):
     """A labeled rectangle and the same rectangle as image intensity land on the same pixels after resizing.
 
@@ -201,12 +208,12 @@ def test_labels_are_resized_onto_the_images_pixel_grid(src, dst, plain_is_off):
     import torch
     from torch.nn import functional as F
 
-    from HFSAMCore.train.training_set import resize_labels
     from HFSAMCore.model.inference import to_model_input
+    from HFSAMCore.train.training_set import resize_labels
 
     h, w = src
     mask = np.zeros(src, np.float32)
-    mask[h // 3: 2 * h // 3, w // 4: w // 2] = 1
+    mask[h // 3 : 2 * h // 3, w // 4 : w // 2] = 1
     image = to_model_input(mask[None], dst[0], torch.device("cpu"))[0, 0].numpy()
     labels = resize_labels(torch.from_numpy(mask.astype(np.int64))[None], dst)[0]
 
@@ -259,8 +266,8 @@ def test_lora_waits_for_the_cached_steps_then_trains(ct):
 
 
 def test_recipe_config_keeps_the_recipes_share_of_cached_steps():
-    from HFSAMCore.train.fewshot import recipe_config
     from HFSAMCore.model.registry import get_backbone_info
+    from HFSAMCore.train.fewshot import recipe_config
 
     recipe = get_backbone_info("lite_medsam").recipe
     assert 0 < recipe.cached_steps <= recipe.steps

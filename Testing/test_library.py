@@ -15,16 +15,22 @@ import pytest
 import torch
 
 from HFSAMCore.cli import models as cli_models
-from HFSAMCore.store.adapters import load_adapter, save_adapter
 from HFSAMCore.errors import InputError
-from HFSAMCore.store.library import ModelLibrary, validate_name
 from HFSAMCore.runtime.progress import Progress
+from HFSAMCore.store.adapters import load_adapter, save_adapter
+from HFSAMCore.store.library import ModelLibrary, validate_name
 
 
 def meta(name="liver5", **changes) -> dict:
-    m = {"name": name, "backbone": "vit_b", "img_size": 512, "rank": 5, "fusion": "two_step",
-         "classes": [{"value": 1, "name": "liver", "color": [221, 130, 101]}],
-         "metrics": {"heldout_dice": 0.8}}
+    m = {
+        "name": name,
+        "backbone": "vit_b",
+        "img_size": 512,
+        "rank": 5,
+        "fusion": "two_step",
+        "classes": [{"value": 1, "name": "liver", "color": [221, 130, 101]}],
+        "metrics": {"heldout_dice": 0.8},
+    }
     m.update(changes)
     return m
 
@@ -58,8 +64,11 @@ def test_list_show_import_export_remove(tmp_path):
     src = save_adapter(tmp_path / "liver-v1.safetensors", tensors(1), meta("liver v1"))
     # The metadata name "liver v1" is not an entry name (space): the file name is used.
     assert lib.import_adapter(src) == "liver-v1"
-    lib.save_adapter("spleen", tensors(2), meta("spleen", backbone="vit_l", img_size=224,
-                                                  classes=[{"value": 1, "name": "spleen", "color": [1, 2, 3]}]))
+    lib.save_adapter(
+        "spleen",
+        tensors(2),
+        meta("spleen", backbone="vit_l", img_size=224, classes=[{"value": 1, "name": "spleen", "color": [1, 2, 3]}]),
+    )
     (lib.adapters_dir / "broken.safetensors").write_bytes(b"not an adapter")
 
     entries = {e["name"]: e for e in lib.list_adapters()}
@@ -96,8 +105,7 @@ def test_list_show_import_export_remove(tmp_path):
     with pytest.raises(InputError, match="no adapter named 'copy2'"):
         lib.remove_adapter("copy2")
     # Only entries, no temp or lock files left behind.
-    assert sorted(os.listdir(lib.adapters_dir)) == ["broken.safetensors", "liver-v1.safetensors",
-                                                   "spleen.safetensors"]
+    assert sorted(os.listdir(lib.adapters_dir)) == ["broken.safetensors", "liver-v1.safetensors", "spleen.safetensors"]
 
 
 def test_import_refuses_non_adapters(tmp_path):
@@ -135,9 +143,33 @@ def test_resolve_adapter(tmp_path, monkeypatch):
 
 
 # -- names -----------------------------------------------------------------------
-BAD_NAMES = ["../x", "..", "/abs", "/etc/passwd", "a/b", "a\\b", ".hidden", "", "x" * 65, "a..b", "end.",
-             "with space", "tab\t", "new\nline", "nul\x00", "lіver",  # Cyrillic i
-             "ｌｉｖｅｒ", "caf\u00e9", "rtl\u202eexe", "zero\u200bwidth", "CON", "nul.txt", "com1", None, 5]
+BAD_NAMES = [
+    "../x",
+    "..",
+    "/abs",
+    "/etc/passwd",
+    "a/b",
+    "a\\b",
+    ".hidden",
+    "",
+    "x" * 65,
+    "a..b",
+    "end.",
+    "with space",
+    "tab\t",
+    "new\nline",
+    "nul\x00",
+    "lіver",  # Cyrillic i
+    "ｌｉｖｅｒ",
+    "caf\u00e9",
+    "rtl\u202eexe",
+    "zero\u200bwidth",
+    "CON",
+    "nul.txt",
+    "com1",
+    None,
+    5,
+]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES, ids=[repr(n)[:20] for n in BAD_NAMES])
@@ -221,8 +253,16 @@ def test_two_processes_saving_the_same_entry(tmp_path, python_exe, repo_root):
     script.write_text(WRITER)
     go = tmp_path / "go"
     root = tmp_path / "lib"
-    procs = [subprocess.Popen([python_exe, str(script), str(root), str(seed), str(go)], cwd=repo_root,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    procs = [
+        subprocess.Popen(
+            [python_exe, str(script), str(root), str(seed), str(go)],
+            cwd=repo_root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
     time.sleep(0.5)  # let both import torch; correctness does not depend on this
     go.touch()
     results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
@@ -240,8 +280,9 @@ def test_two_processes_saving_the_same_entry(tmp_path, python_exe, repo_root):
 
 # -- checkpoints ---------------------------------------------------------------------
 def test_checkpoint_path(tmp_path):
-    catalog = {"checkpoints": {"vit_b": {"filename": "b.pth", "url": "http://127.0.0.1/b.pth",
-                                         "sha256": "0" * 64, "size": 10}}}
+    catalog = {
+        "checkpoints": {"vit_b": {"filename": "b.pth", "url": "http://127.0.0.1/b.pth", "sha256": "0" * 64, "size": 10}}
+    }
     lib = ModelLibrary(tmp_path)
     assert lib.checkpoint_path("vit_b", catalog) is None
     assert lib.checkpoint_path("tiny", catalog) is None
@@ -294,8 +335,12 @@ def test_models_cli_as_a_child_process(tmp_path, python_exe, repo_root):
         pytest.skip("HFSAMCore/cli.py does not dispatch `models` yet")
     src = save_adapter(tmp_path / "liver5.safetensors", tensors(), meta())
     lib = str(tmp_path / "lib")
-    run = lambda *a: subprocess.run([python_exe, "-m", "HFSAMCore", "models", *a, "--library", lib],  # noqa: E731
-                                    cwd=repo_root, capture_output=True, text=True)
+    run = lambda *a: subprocess.run(
+        [python_exe, "-m", "HFSAMCore", "models", *a, "--library", lib],  # noqa: E731
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+    )
     assert run("import", str(src)).returncode == 0
     listed = run("list", "--json")
     assert listed.returncode == 0 and json.loads(listed.stdout)[0]["name"] == "liver5"

@@ -69,8 +69,12 @@ FAKE_ENGINE = textwrap.dedent(
 
 
 def _start_parent(engine_dir, temp_root, how):
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(MODULE_DIR), str(engine_dir), str(temp_root), how],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(MODULE_DIR), str(engine_dir), str(temp_root), how],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = parent.stdout.readline()
     assert line, parent.stderr.read()
     return parent, json.loads(line)
@@ -111,17 +115,27 @@ def test_slicer_exiting_mid_run_stops_the_child_and_removes_its_folder(tmp_path)
 
 def test_parent_watch_keeps_the_exit_code_and_refuses_a_bad_command_line(tmp_path):
     watch = MODULE_DIR / "HFSAMSegmentLib" / "parent_watch.py"
-    bad = subprocess.run([sys.executable, str(watch), "HFSAMCore"], stdin=subprocess.PIPE, capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, str(watch), "HFSAMCore"], stdin=subprocess.PIPE, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and bad.stderr.startswith("usage: parent_watch.py")
     module = tmp_path / "exits_with.py"
     module.write_text("import sys; sys.exit(int(sys.argv[1]))")
     for code in (0, 2, 130):
-        child = subprocess.Popen([sys.executable, str(watch), "-m", "exits_with", str(code)], stdin=subprocess.PIPE,
-                                 env={**os.environ, "PYTHONPATH": str(tmp_path)})
+        child = subprocess.Popen(
+            [sys.executable, str(watch), "-m", "exits_with", str(code)],
+            stdin=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        )
         assert child.wait(60) == code  # stdin (the lifeline) stays open, as the runner keeps it
         child.stdin.close()
     # The working folder is not on the engine's path (unlike `python -m`): a stray module there shadows nothing.
-    hidden = subprocess.Popen([sys.executable, str(watch), "-m", "exits_with", "0"], stdin=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    hidden = subprocess.Popen(
+        [sys.executable, str(watch), "-m", "exits_with", "0"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     assert hidden.wait(60) == 1 and "No module named exits_with" in hidden.stderr.read()
     hidden.stdin.close()

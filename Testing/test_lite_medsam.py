@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from HFSAMCore.errors import InputError
-from HFSAMCore.store.library import ModelLibrary, packaged_checkpoint
-from HFSAMCore.store.download import catalog_entry
 from HFSAMCore.model.hfsam import HFSAM, ModelSpec
 from HFSAMCore.model.lora import LoRAQKV
 from HFSAMCore.model.registry import get_backbone_info
+from HFSAMCore.store.download import catalog_entry
+from HFSAMCore.store.library import ModelLibrary, packaged_checkpoint
 
 ENTRY = catalog_entry("lite_medsam")
 
@@ -225,8 +225,12 @@ def test_a_second_run_waits_for_the_first_registration(tmp_path, checkpoint, pyt
     import time
 
     root, holding = tmp_path / "lib", tmp_path / "holding"
-    first = subprocess.Popen([python_exe, "-c", _SLOW_REGISTRAR, str(root), str(holding)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [python_exe, "-c", _SLOW_REGISTRAR, str(root), str(holding)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     while not holding.exists():
         assert first.poll() is None, first.communicate()
         time.sleep(0.05)
@@ -267,15 +271,17 @@ def test_without_a_sam_checkpoint_everything_starts_from_lite_medsam(tmp_path):
     """The demo, finetune (load_model's auto), bench and the panel all read one default."""
     import argparse
 
-    from HFSAMCore.workflows.demo import choose_model
     from HFSAMCore.model.loading import default_backbone_in
     from HFSAMCore.runtime.progress import Progress
+    from HFSAMCore.workflows.demo import choose_model
 
     library = ModelLibrary(tmp_path / "lib")
     assert default_backbone_in(library) == "lite_medsam"
     for device in ("cpu", "cuda"):  # no vit_b checkpoint: LiteMedSAM even with a GPU
         args = argparse.Namespace(backbone="auto")
         assert choose_model(args, library, torch.device(device), Progress("none")) == ("lite_medsam", None)
-    assert choose_model(argparse.Namespace(backbone="tiny"), library, torch.device("cpu"),
-                        Progress("none")) == ("tiny", "none")
+    assert choose_model(argparse.Namespace(backbone="tiny"), library, torch.device("cpu"), Progress("none")) == (
+        "tiny",
+        "none",
+    )
     assert get_backbone_info("lite_medsam").recipe.cached_steps > 0

@@ -12,17 +12,17 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from HFSAMCore.store.adapters import load_adapter, save_adapter
-from HFSAMCore.workflows.demo import evaluate_held_out
-from HFSAMCore.runtime.device import resolve_precision
-from HFSAMCore.train.training_set import prepare_training_set
-from HFSAMCore.train.fewshot import recipe_config, train
-from HFSAMCore.store.library import ModelLibrary
-from HFSAMCore.model.loading import load_model
-from HFSAMCore.model.inference import segment_image
-from HFSAMCore.io.slices import SliceView
 from HFSAMCore.io.geometry import labels_onto_image
 from HFSAMCore.io.read import read_image, read_labels
+from HFSAMCore.io.slices import SliceView
+from HFSAMCore.model.inference import segment_image
+from HFSAMCore.model.loading import load_model
+from HFSAMCore.runtime.device import resolve_precision
+from HFSAMCore.store.adapters import load_adapter, save_adapter
+from HFSAMCore.store.library import ModelLibrary
+from HFSAMCore.train.fewshot import recipe_config, train
+from HFSAMCore.train.training_set import prepare_training_set
+from HFSAMCore.workflows.demo import evaluate_held_out
 
 TRAIN = [10, 14, 19]
 STEPS = 60  # all on cached features, as the recipe does (LoRA steps are tested on the tiny model)
@@ -74,8 +74,14 @@ def test_few_shot_lite_medsam_learns_the_liver(run):
 def test_adapter_round_trip_with_lite_medsam(run, tmp_path):
     _, _, library, lm, data, _, _, _ = run
     path = tmp_path / "liver.safetensors"
-    metadata = {"name": "t", **lm.spec.as_dict(), "base_checkpoint": lm.base, "classes": lm.classes,
-                "intensity_preset": data.preset, "axis": "axial"}
+    metadata = {
+        "name": "t",
+        **lm.spec.as_dict(),
+        "base_checkpoint": lm.base,
+        "classes": lm.classes,
+        "intensity_preset": data.preset,
+        "axis": "axial",
+    }
     metadata.pop("num_classes")
     save_adapter(path, lm.model.trainable_state_dict(), metadata)
     tensors, meta = load_adapter(path)

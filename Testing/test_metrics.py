@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from HFSAMCore.errors import HFSAMError, InputError
 from HFSAMCore.evaluate import metrics as M
 from HFSAMCore.io.geometry import labels_onto_image, same_geometry
 from HFSAMCore.io.read import read_image, read_labels
 from HFSAMCore.model.classes import load_presets, resolve_classes, slicer_terminology_string
-from HFSAMCore.errors import HFSAMError, InputError
 
 
 def _cubes():
@@ -171,7 +171,9 @@ def test_evaluate_matches_direct_computation_on_another_grid(ct3mm):
     in_ref = [rows[v] for v in range(1, 9)]
     assert result["mean"]["n_classes"] == 8
     assert result["mean"]["dice"] == pytest.approx(np.mean([r["dice"] for r in in_ref]))
-    assert result["mean"]["hd95_mm"] == pytest.approx(np.mean([r["hd95_mm"] for r in in_ref if r["hd95_mm"] is not None]))
+    assert result["mean"]["hd95_mm"] == pytest.approx(
+        np.mean([r["hd95_mm"] for r in in_ref if r["hd95_mm"] is not None])
+    )
     assert result["mean"]["dice_paper"] == pytest.approx(np.mean([r["dice_paper"] for r in rows.values()]))
 
 
@@ -204,7 +206,14 @@ def test_presets_load_with_standard_codes_and_colours():
     synapse = presets["synapse"]
     assert [c["value"] for c in synapse] == list(range(1, 9))
     assert [c["name"] for c in synapse] == [
-        "spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas",
+        "spleen",
+        "right kidney",
+        "left kidney",
+        "gallbladder",
+        "liver",
+        "stomach",
+        "aorta",
+        "pancreas",
     ]
     liver = synapse[4]
     assert liver["color"] == [221, 130, 101]

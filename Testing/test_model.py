@@ -10,8 +10,8 @@ from torch.nn import functional as F
 
 from HFSAMCore.errors import InputError
 from HFSAMCore.model.awffm import AWFFM
-from HFSAMCore.model.sam_vit import load_sam_weights, read_sam_state_dict
 from HFSAMCore.model.hfsam import HFSAM, ModelSpec, build_hfsam
+from HFSAMCore.model.sam_vit import load_sam_weights, read_sam_state_dict
 
 
 def tiny(**kw):
@@ -123,7 +123,7 @@ def test_awffm_matches_hand_computation():
     S = np.zeros((3, 4))
     for i in range(3):
         for j in range(4):
-            S[i, j] = (padded[:, i:i + 3, j:j + 3] * Ws).sum()
+            S[i, j] = (padded[:, i : i + 3, j : j + 3] * Ws).sum()
     Gp = G * sig(S)
     W1 = m.channel_mlp[0].weight.detach().numpy()[:, :, 0, 0]
     W2 = m.channel_mlp[2].weight.detach().numpy()[:, :, 0, 0]
@@ -159,8 +159,9 @@ def _norm(m, x):
 
 def _awffm(m, g, low):  # DESIGN.md's AWFFM equations (= the authors' CIF_block)
     x = F.conv2d(torch.cat((g, low), 1), m.fuse.weight, m.fuse.bias)
-    g = g * torch.sigmoid(F.conv2d(torch.cat((x.mean(1, keepdim=True), x.amax(1, keepdim=True)), 1),
-                                   m.spatial.weight, padding=1))
+    g = g * torch.sigmoid(
+        F.conv2d(torch.cat((x.mean(1, keepdim=True), x.amax(1, keepdim=True)), 1), m.spatial.weight, padding=1)
+    )
     mlp = lambda t: F.conv2d(F.relu(F.conv2d(t, m.channel_mlp[0].weight)), m.channel_mlp[2].weight)  # noqa: E731
     return g + low * torch.sigmoid(mlp(g.mean((2, 3), keepdim=True)) + mlp(g.amax((2, 3), keepdim=True)))
 
@@ -177,6 +178,7 @@ def _authors_decoder(dec, g, low, pe, dense, *, sam_order=False, hf_token=True):
     keys, kpe = (g + dense).flatten(2).transpose(1, 2), pe.flatten(2).transpose(1, 2)
     q, qpe = tokens, tokens
     for i, blk in enumerate(dec.transformer.layers):
+
         def self_attention(q):
             if i == 0:
                 return _norm(blk.norm1, _attention(blk.self_attn, q, q, q))
@@ -241,9 +243,18 @@ def sam_style_checkpoint(path, *, img_size=1024, extra=None, drop=None):
     """A tiny checkpoint with the official SAM key layout at SAM's own 1024 px."""
     torch.manual_seed(7)
     model = build_hfsam(ModelSpec("tiny", img_size, 3, 0))
-    state = {k: v.clone() for k, v in model.state_dict().items()
-             if not k.startswith(("low_level_proj.", "mask_decoder.awffm", "mask_decoder.mask_tokens",
-                                  "mask_decoder.output_hypernetworks_mlps"))}
+    state = {
+        k: v.clone()
+        for k, v in model.state_dict().items()
+        if not k.startswith(
+            (
+                "low_level_proj.",
+                "mask_decoder.awffm",
+                "mask_decoder.mask_tokens",
+                "mask_decoder.output_hypernetworks_mlps",
+            )
+        )
+    }
     # SAM's own 3+1 mask outputs and IoU head: present in real checkpoints, not used by HF-SAM.
     state["mask_decoder.mask_tokens.weight"] = torch.randn(4, 64)
     state["mask_decoder.iou_prediction_head.layers.0.weight"] = torch.randn(64, 64)
@@ -274,8 +285,9 @@ def test_checkpoint_resizes_position_tables(tmp_path):
     load_sam_weights(model, read_sam_state_dict(tmp_path / "sam_tiny.pth"), model.info, 224)
     pos = model.image_encoder.pos_embed
     assert pos.shape == (1, 14, 14, 64)
-    want = F.interpolate(state["image_encoder.pos_embed"].permute(0, 3, 1, 2), size=(14, 14), mode="bilinear",
-                         align_corners=False).permute(0, 2, 3, 1)
+    want = F.interpolate(
+        state["image_encoder.pos_embed"].permute(0, 3, 1, 2), size=(14, 14), mode="bilinear", align_corners=False
+    ).permute(0, 2, 3, 1)
     assert torch.allclose(pos, want)
     # global blocks (1, 3) get 2*14-1 rows; windowed blocks keep 2*7-1
     assert model.image_encoder.blocks[1].attn.rel_pos_h.shape == (27, 32)
@@ -298,7 +310,7 @@ def test_sam_weights_load_by_name_into_the_released_blocks(tmp_path):
     from segment_anything.modeling.transformer import TwoWayTransformer
 
     sam = TwoWayTransformer(depth=1, embedding_dim=64, num_heads=2, mlp_dim=128)
-    sam.load_state_dict({k[len("mask_decoder.transformer."):]: state[k] for k in transformer})
+    sam.load_state_dict({k[len("mask_decoder.transformer.") :]: state[k] for k in transformer})
     src, pe, tokens = torch.randn(1, 64, 4, 4), torch.randn(1, 64, 4, 4), torch.randn(1, 5, 64)
     with torch.no_grad():
         assert (model.mask_decoder.transformer(src, pe, tokens)[0] - sam(src, pe, tokens)[0]).abs().max() > 1e-2
@@ -318,11 +330,14 @@ def test_official_vit_b_key_layout_loads_strictly(tmp_path):
     assert model.image_encoder.blocks[2].attn.rel_pos_h.shape == (27, 64)
 
 
-@pytest.mark.parametrize("case,fragment", [
-    ("unexpected", "unexpected"),
-    ("missing", "missing"),
-    ("wrong_width", "backbone"),
-])
+@pytest.mark.parametrize(
+    "case,fragment",
+    [
+        ("unexpected", "unexpected"),
+        ("missing", "missing"),
+        ("wrong_width", "backbone"),
+    ],
+)
 def test_checkpoint_mismatches_are_reported(tmp_path, case, fragment):
     path = tmp_path / "bad.pth"
     if case == "unexpected":
@@ -390,8 +405,15 @@ def test_adapter_for_another_shape_is_refused():
         b.load_trainable_state_dict(a.trainable_state_dict())
 
 
-@pytest.mark.parametrize("kw,fragment", [({"img_size": 100}, "img-size"), ({"rank": -1}, "rank"),
-                                         ({"fusion": "x"}, "fusion"), ({"backbone": "vit_x"}, "backbone")])
+@pytest.mark.parametrize(
+    "kw,fragment",
+    [
+        ({"img_size": 100}, "img-size"),
+        ({"rank": -1}, "rank"),
+        ({"fusion": "x"}, "fusion"),
+        ({"backbone": "vit_x"}, "backbone"),
+    ],
+)
 def test_bad_specs(kw, fragment):
     with pytest.raises(InputError, match=fragment):
         ModelSpec(**{"backbone": "tiny", **kw}).resolved()

@@ -40,8 +40,10 @@ def segment_names(node):
 
 def counts_by_name(node, volume):
     seg = node.GetSegmentation()
-    return {seg.GetNthSegment(i).GetName(): selftest.segment_voxel_count(node, seg.GetNthSegmentID(i), volume)
-            for i in range(seg.GetNumberOfSegments())}
+    return {
+        seg.GetNthSegment(i).GetName(): selftest.segment_voxel_count(node, seg.GetNthSegmentID(i), volume)
+        for i in range(seg.GetNumberOfSegments())
+    }
 
 
 # -- geometry ------------------------------------------------------------------------------
@@ -77,7 +79,9 @@ def test_dicom_labels_land_by_physical_position_not_by_array_index(scene, ctdico
     assert not np.allclose(labels.GetDirection(), image.GetDirection())  # the trap is really there
 
     node = mrml_adapter.import_segmentation(
-        ctdicom / "labels_synapse8.nii.gz", scene, volume,
+        ctdicom / "labels_synapse8.nii.gz",
+        scene,
+        volume,
         sidecar={"classes": [{"value": 1, "name": "spleen"}, {"value": 5, "name": "liver"}]},
     )
     expected = sitk.GetArrayFromImage(sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
@@ -128,8 +132,9 @@ def test_engine_output_of_the_real_ct(scene, ct3mm, tmp_path):
     volume = mrml_adapter.import_volume(ct3mm / "image.nii.gz", scene)
     presets = json.loads((REPO / "Resources" / "class_presets.json").read_text())["presets"]["synapse"]["classes"]
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(ct3mm / "labels_synapse8.nii.gz")))
-    node = mrml_adapter.import_segmentation(ct3mm / "labels_synapse8.nii.gz", scene, volume,
-                                            sidecar={"classes": presets}, terminology=Terminology.default())
+    node = mrml_adapter.import_segmentation(
+        ct3mm / "labels_synapse8.nii.gz", scene, volume, sidecar={"classes": presets}, terminology=Terminology.default()
+    )
     names = [c["name"] for c in presets]
     assert segment_names(node) == names
     counts = counts_by_name(node, volume)
@@ -152,8 +157,12 @@ def test_writing_into_an_existing_segmentation_replaces_only_same_named_segments
 
     labels = np.zeros((4, 10, 12), np.uint8)
     labels[1, 5:7, 5:8] = 1  # the model's liver: 6 voxels
-    path = selftest.write_engine_output(tmp_path, labels, mrml_adapter.Geometry.of_node(volume),
-                                        [{"value": 1, "name": "liver", "color": [221, 130, 101]}])
+    path = selftest.write_engine_output(
+        tmp_path,
+        labels,
+        mrml_adapter.Geometry.of_node(volume),
+        [{"value": 1, "name": "liver", "color": [221, 130, 101]}],
+    )
     same = mrml_adapter.import_segmentation(path, scene, volume, segmentation_node=node)
     assert same is node
     assert segment_names(node) == ["liver", "my tumour"]
@@ -171,8 +180,9 @@ def test_segmentation_is_placed_under_the_volumes_transform(scene, tmp_path):
     volume.SetAndObserveTransformNodeID(transform.GetID())
     labels = np.zeros((4, 10, 12), np.uint8)
     labels[2, 3:5, 4:9] = 1
-    path = selftest.write_engine_output(tmp_path, labels, mrml_adapter.Geometry.of_node(volume),
-                                        [{"value": 1, "name": "liver"}])
+    path = selftest.write_engine_output(
+        tmp_path, labels, mrml_adapter.Geometry.of_node(volume), [{"value": 1, "name": "liver"}]
+    )
     node = mrml_adapter.import_segmentation(path, scene, volume)
     assert node.GetTransformNodeID() == transform.GetID()
     sid = node.GetSegmentation().GetSegmentIdBySegmentName("liver")
@@ -237,12 +247,22 @@ def test_labeled_slices_of_the_real_labels(scene, ct3mm):
     """Slice counts per organ from the data README: liver 30, gallbladder 13, pancreas 18."""
     volume = mrml_adapter.import_volume(ct3mm / "image.nii.gz", scene)
     node = mrml_adapter.import_segmentation(
-        ct3mm / "labels_synapse8.nii.gz", scene, volume,
-        sidecar={"classes": [{"value": 4, "name": "gallbladder"}, {"value": 5, "name": "liver"}, {"value": 8, "name": "pancreas"}]},
+        ct3mm / "labels_synapse8.nii.gz",
+        scene,
+        volume,
+        sidecar={
+            "classes": [
+                {"value": 4, "name": "gallbladder"},
+                {"value": 5, "name": "liver"},
+                {"value": 8, "name": "pancreas"},
+            ]
+        },
     )
     seg = node.GetSegmentation()
-    found = {name: mrml_adapter.labeled_slices(node, [seg.GetSegmentIdBySegmentName(name)], volume)
-             for name in ("liver", "gallbladder", "pancreas")}
+    found = {
+        name: mrml_adapter.labeled_slices(node, [seg.GetSegmentIdBySegmentName(name)], volume)
+        for name in ("liver", "gallbladder", "pancreas")
+    }
     assert {name: len(f.slices) for name, f in found.items()} == {"liver": 30, "gallbladder": 13, "pancreas": 18}
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(ct3mm / "labels_synapse8.nii.gz")))
     assert found["pancreas"].slices == [int(k) for k in np.flatnonzero((labels == 8).any(axis=(1, 2)))]
@@ -252,7 +272,9 @@ def test_training_labels_refuse_empty_or_missing_segments(scene, tmp_path):
     result = selftest.labeled_slices(scene)
     node, volume = result["segmentation"], result["volume"]
     with pytest.raises(UserInputError, match="'aorta' have no painted voxels"):
-        mrml_adapter.export_training_labels(node, [*result["segment_ids"], result["unused"]], volume, tmp_path / "l.nrrd")
+        mrml_adapter.export_training_labels(
+            node, [*result["segment_ids"], result["unused"]], volume, tmp_path / "l.nrrd"
+        )
     with pytest.raises(UserInputError, match="no segments chosen"):
         mrml_adapter.labeled_slices(node, [], volume)
     with pytest.raises(UserInputError, match="is not in"):
@@ -328,7 +350,9 @@ def test_a_failed_import_leaves_no_half_filled_segmentation(scene, tmp_path, mon
     volume, _ = selftest.make_volume(scene, shape=(3, 6, 7))
     labels = np.zeros((3, 6, 7), np.uint8)
     labels[1, 2:4, 2:5] = 1
-    path = selftest.write_engine_output(tmp_path, labels, mrml_adapter.Geometry.of_node(volume), [{"value": 1, "name": "liver"}])
+    path = selftest.write_engine_output(
+        tmp_path, labels, mrml_adapter.Geometry.of_node(volume), [{"value": 1, "name": "liver"}]
+    )
 
     def slicer_5_8(segment, serialized):  # what vtkSegment.SetTerminology did on Slicer 5.8
         raise AttributeError("'vtkSegmentationCore.vtkSegment' object has no attribute 'SetTerminology'")
@@ -344,11 +368,15 @@ def test_a_failed_import_leaves_no_half_filled_segmentation(scene, tmp_path, mon
 def test_labeled_slices_read_each_segments_own_labelmap_and_agree_with_resampling(scene, ct3mm):
     volume = mrml_adapter.import_volume(ct3mm / "image.nii.gz", scene)
     classes = [{"value": v, "name": n} for v, n in ((1, "spleen"), (4, "gallbladder"), (5, "liver"), (8, "pancreas"))]
-    node = mrml_adapter.import_segmentation(ct3mm / "labels_synapse8.nii.gz", scene, volume, sidecar={"classes": classes})
+    node = mrml_adapter.import_segmentation(
+        ct3mm / "labels_synapse8.nii.gz", scene, volume, sidecar={"classes": classes}
+    )
     seg = node.GetSegmentation()
     axis = mrml_adapter.Geometry.of_node(volume).slice_axis()
-    for ids in ([seg.GetSegmentIdBySegmentName("gallbladder")],
-                [seg.GetSegmentIdBySegmentName(n) for n in ("liver", "spleen", "pancreas")]):
+    for ids in (
+        [seg.GetSegmentIdBySegmentName("gallbladder")],
+        [seg.GetSegmentIdBySegmentName(n) for n in ("liver", "spleen", "pancreas")],
+    ):
         fast = mrml_adapter._slices_on_the_volume_grid(node, ids, volume, axis)
         assert fast is not None, "segments on the volume's grid must not be resampled"
         merged = mrml_adapter.merged_labels(node, ids, volume)
@@ -371,7 +399,9 @@ def test_a_finished_run_imports_nothing_once_its_volume_left_the_scene(scene, tm
 
     volume, _ = selftest.make_volume(scene, shape=(2, 5, 6))
     labels = np.ones((2, 5, 6), np.uint8)
-    path = selftest.write_engine_output(tmp_path, labels, mrml_adapter.Geometry.of_node(volume), [{"value": 1, "name": "liver"}])
+    path = selftest.write_engine_output(
+        tmp_path, labels, mrml_adapter.Geometry.of_node(volume), [{"value": 1, "name": "liver"}]
+    )
     job = SegmentJob(Engine(sys.executable), scene, volume, ["--adapter", "x"])
     job.output_path = path
     scene.RemoveNode(volume)

@@ -70,17 +70,17 @@ def _nifti1(path: Path, edit: Callable[[bytearray], None]) -> Path:
 
 def _set(data: bytearray, offset: int, fmt: str, *values) -> None:
     raw = np.array(values, dtype=fmt).tobytes()
-    data[offset:offset + len(raw)] = raw
+    data[offset : offset + len(raw)] = raw
 
 
 def _adapter(path: Path, *, axis="axial", preset="ct", fill=None, nan=False) -> Path:
     """A valid adapter for the tiny random-init model (64 px, rank 2, one class 'liver'), untrained."""
     import torch
-
-    from HFSAMCore.store.adapters import save_adapter
-    from HFSAMCore.store.adapter_metadata import validate_metadata
-    from HFSAMCore.model.hfsam import ModelSpec, build_hfsam
     from safetensors.torch import save
+
+    from HFSAMCore.model.hfsam import ModelSpec, build_hfsam
+    from HFSAMCore.store.adapter_metadata import validate_metadata
+    from HFSAMCore.store.adapters import save_adapter
 
     spec = ModelSpec("tiny", 64, 1, 2).resolved()
     with torch.random.fork_rng(devices=[]):
@@ -88,9 +88,14 @@ def _adapter(path: Path, *, axis="axial", preset="ct", fill=None, nan=False) -> 
         tensors = build_hfsam(spec).trainable_state_dict()
     if fill is not None:
         tensors = {k: torch.full_like(v, fill) for k, v in tensors.items()}
-    meta = {"name": path.stem, **spec.as_dict(), "base_checkpoint": {"name": "random-init", "sha256": None, "seed": 0},
-            "classes": [{"value": 1, "name": "liver", "color": [221, 130, 101]}], "intensity_preset": preset,
-            "axis": axis}
+    meta = {
+        "name": path.stem,
+        **spec.as_dict(),
+        "base_checkpoint": {"name": "random-init", "sha256": None, "seed": 0},
+        "classes": [{"value": 1, "name": "liver", "color": [221, 130, 101]}],
+        "intensity_preset": preset,
+        "axis": axis,
+    }
     meta.pop("num_classes")
     if nan:  # save_adapter refuses it (that is tested below), so write the file the way a broken tool would
         tensors = {k: v.clone() for k, v in tensors.items()}
@@ -128,8 +133,12 @@ def shared(tmp_path_factory, ct3mm, ctdicom) -> Path:
     _write(_like(nan, ct), s / "nan_labels.mha")
 
     # truncated and oversized data, every format and layout
-    for name, compress in (("trunc_raw.nrrd", False), ("trunc_gz.nrrd", True), ("trunc.mha", False),
-                           ("trunc_z.mha", True)):
+    for name, compress in (
+        ("trunc_raw.nrrd", False),
+        ("trunc_gz.nrrd", True),
+        ("trunc.mha", False),
+        ("trunc_z.mha", True),
+    ):
         _cut(_write(ct, s / name, compress))
     _write(ct, s / "trunc.mhd")
     _cut(s / "trunc.raw")
@@ -285,15 +294,19 @@ SETUPS: dict[str, Callable[[Path, Path, Path], None]] = {  # (case folder, share
     "dicom-copy": lambda c, s, ct: _dicom_with_an_image_name(c, ct.parent / "ct_abdomen_dicom" / "dicom"),
     "library": lambda c, s, ct: _library_with_liver(c, s),
     "library-and-scan": lambda c, s, ct: (_library_with_liver(c, s), _copy_ct(c, ct)),
-    "sidecar-taken": lambda c, s, ct: ((c / "out").mkdir(), (c / "out" / "seg.nrrd").write_bytes(b"a result"),
-                                       (c / "out" / "seg.json").write_text('{"output": "seg.nrrd"}')),
+    "sidecar-taken": lambda c, s, ct: (
+        (c / "out").mkdir(),
+        (c / "out" / "seg.nrrd").write_bytes(b"a result"),
+        (c / "out" / "seg.json").write_text('{"output": "seg.nrrd"}'),
+    ),
     "demo-results": lambda c, s, ct: ((c / "demo").mkdir(), (c / "demo" / "dice.md").write_text("old results\n")),
     "folder-output": lambda c, s, ct: (c / "seg.nrrd").mkdir(),
     "moved-nhdr": lambda c, s, ct: [shutil.copy(s / n, c / n) for n in ("moved.nhdr", "other.raw.gz")],
     "library-file": lambda c, s, ct: (c / "library.txt").write_text("a file, not a folder\n"),
-    "foreign-sidecar": lambda c, s, ct: (shutil.copy(ct / "labels_synapse8.nii.gz", c / "seg.nii.gz"),
-                                         (c / "seg.json").write_text(json.dumps(
-                                             {"output": "seg.nrrd", "classes": [{"value": 1, "name": "WRONG"}]}))),
+    "foreign-sidecar": lambda c, s, ct: (
+        shutil.copy(ct / "labels_synapse8.nii.gz", c / "seg.nii.gz"),
+        (c / "seg.json").write_text(json.dumps({"output": "seg.nrrd", "classes": [{"value": 1, "name": "WRONG"}]})),
+    ),
 }
 
 
@@ -327,49 +340,155 @@ def ft(labels: str, *more: str, image: str = "{ct}/image.nii.gz") -> tuple:
 NOT_OVERWRITE = ("--overwrite",)
 CASES = [
     # -- data loss: an output never replaces an input, whatever the flags ---------------------------
-    Case("out-is-the-input-image", seg("{c}/scan.nii.gz", "--overwrite", out="{c}/scan.nii.gz"),
-         ("is the input image", "never replaces an input"), never=NOT_OVERWRITE, setup="scan"),
-    Case("out-is-the-input-without-overwrite", seg("{c}/scan.nii.gz", out="{c}/scan.nii.gz"),
-         ("is the input image",), never=NOT_OVERWRITE, setup="scan"),
-    Case("out-is-a-symlink-to-the-input", seg("{c}/scan.nii.gz", "--overwrite", out="{c}/link.nii.gz"),
-         ("is the input image",), never=NOT_OVERWRITE, setup="symlink"),
-    Case("out-is-a-hard-link-to-the-input", seg("{c}/scan.nii.gz", "--overwrite", out="{c}/hard.nii.gz"),
-         ("is the input image",), never=NOT_OVERWRITE, setup="hardlink"),
-    Case("out-is-the-input-spelled-otherwise", seg("{c}/scan.nii.gz", "--overwrite", out="{c}/sub/../scan.nii.gz"),
-         ("is the input image",), never=NOT_OVERWRITE, setup="sub"),
-    Case("sidecar-is-the-checkpoint", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--checkpoint",
-                                       "{c}/seg.json", "--backbone", "tiny", "--img-size", "64", "--overwrite"),
-         ("the sidecar of seg.nrrd", "is the checkpoint"), never=NOT_OVERWRITE, setup="checkpoint-json"),
-    Case("out-is-a-file-of-the-dicom-folder", seg("{c}/dcm", "--overwrite", out="{c}/dcm/x.nrrd"),
-         ("is the input image",), never=NOT_OVERWRITE, setup="dicom-copy"),
-    Case("library-entry-is-the-adapter-it-continues",
-         ("finetune", "{ct}/image.nii.gz", "{s}/liver.nii.gz", "--adapter", "liver", "--name", "liver", "--library",
-          "{c}/lib", "--overwrite", "--steps", "1"), ("library entry 'liver'", "is the adapter this run reads"),
-         never=NOT_OVERWRITE, setup="library"),
-    Case("out-and-library-entry-are-one-file",
-         ("finetune", "{ct}/image.nii.gz", "{s}/liver.nii.gz", "-o", "{c}/lib/adapters/new.safetensors", "--name",
-          "new", "--library", "{c}/lib", "--classes", "liver", *TINY, "--steps", "1"), ("are the same file",),
-         setup="library"),
-    Case("export-onto-the-library-entry", ("models", "export", "liver", "{c}/lib/adapters/liver.safetensors",
-                                           "--library", "{c}/lib", "--overwrite"),
-         ("is the library entry itself",), never=NOT_OVERWRITE, setup="library"),
-    Case("export-over-a-nifti", ("models", "export", "liver", "{c}/scan.nii.gz", "--library", "{c}/lib",
-                                 "--overwrite"), ("adapter files end in .safetensors",), setup="library-and-scan"),
-    Case("demo-over-earlier-results", ("demo", "--output", "{c}/demo", "--backbone", "tiny", "--steps", "1"),
-         ("dice.md already exists", "--overwrite"), setup="demo-results"),
+    Case(
+        "out-is-the-input-image",
+        seg("{c}/scan.nii.gz", "--overwrite", out="{c}/scan.nii.gz"),
+        ("is the input image", "never replaces an input"),
+        never=NOT_OVERWRITE,
+        setup="scan",
+    ),
+    Case(
+        "out-is-the-input-without-overwrite",
+        seg("{c}/scan.nii.gz", out="{c}/scan.nii.gz"),
+        ("is the input image",),
+        never=NOT_OVERWRITE,
+        setup="scan",
+    ),
+    Case(
+        "out-is-a-symlink-to-the-input",
+        seg("{c}/scan.nii.gz", "--overwrite", out="{c}/link.nii.gz"),
+        ("is the input image",),
+        never=NOT_OVERWRITE,
+        setup="symlink",
+    ),
+    Case(
+        "out-is-a-hard-link-to-the-input",
+        seg("{c}/scan.nii.gz", "--overwrite", out="{c}/hard.nii.gz"),
+        ("is the input image",),
+        never=NOT_OVERWRITE,
+        setup="hardlink",
+    ),
+    Case(
+        "out-is-the-input-spelled-otherwise",
+        seg("{c}/scan.nii.gz", "--overwrite", out="{c}/sub/../scan.nii.gz"),
+        ("is the input image",),
+        never=NOT_OVERWRITE,
+        setup="sub",
+    ),
+    Case(
+        "sidecar-is-the-checkpoint",
+        (
+            "segment",
+            "{ct}/image.nii.gz",
+            "-o",
+            "{c}/seg.nrrd",
+            "--checkpoint",
+            "{c}/seg.json",
+            "--backbone",
+            "tiny",
+            "--img-size",
+            "64",
+            "--overwrite",
+        ),
+        ("the sidecar of seg.nrrd", "is the checkpoint"),
+        never=NOT_OVERWRITE,
+        setup="checkpoint-json",
+    ),
+    Case(
+        "out-is-a-file-of-the-dicom-folder",
+        seg("{c}/dcm", "--overwrite", out="{c}/dcm/x.nrrd"),
+        ("is the input image",),
+        never=NOT_OVERWRITE,
+        setup="dicom-copy",
+    ),
+    Case(
+        "library-entry-is-the-adapter-it-continues",
+        (
+            "finetune",
+            "{ct}/image.nii.gz",
+            "{s}/liver.nii.gz",
+            "--adapter",
+            "liver",
+            "--name",
+            "liver",
+            "--library",
+            "{c}/lib",
+            "--overwrite",
+            "--steps",
+            "1",
+        ),
+        ("library entry 'liver'", "is the adapter this run reads"),
+        never=NOT_OVERWRITE,
+        setup="library",
+    ),
+    Case(
+        "out-and-library-entry-are-one-file",
+        (
+            "finetune",
+            "{ct}/image.nii.gz",
+            "{s}/liver.nii.gz",
+            "-o",
+            "{c}/lib/adapters/new.safetensors",
+            "--name",
+            "new",
+            "--library",
+            "{c}/lib",
+            "--classes",
+            "liver",
+            *TINY,
+            "--steps",
+            "1",
+        ),
+        ("are the same file",),
+        setup="library",
+    ),
+    Case(
+        "export-onto-the-library-entry",
+        ("models", "export", "liver", "{c}/lib/adapters/liver.safetensors", "--library", "{c}/lib", "--overwrite"),
+        ("is the library entry itself",),
+        never=NOT_OVERWRITE,
+        setup="library",
+    ),
+    Case(
+        "export-over-a-nifti",
+        ("models", "export", "liver", "{c}/scan.nii.gz", "--library", "{c}/lib", "--overwrite"),
+        ("adapter files end in .safetensors",),
+        setup="library-and-scan",
+    ),
+    Case(
+        "demo-over-earlier-results",
+        ("demo", "--output", "{c}/demo", "--backbone", "tiny", "--steps", "1"),
+        ("dice.md already exists", "--overwrite"),
+        setup="demo-results",
+    ),
     # -- geometry a format cannot store: refused before any work, naming the format that can ------
-    Case("nifti-cannot-store-a-gantry-tilt", seg("{s}/tilt.nrrd", out="{c}/seg.nii.gz"),
-         ("NIfTI cannot store this volume's geometry", "5 degrees", "mm", "write .nrrd or .mha")),
+    Case(
+        "nifti-cannot-store-a-gantry-tilt",
+        seg("{s}/tilt.nrrd", out="{c}/seg.nii.gz"),
+        ("NIfTI cannot store this volume's geometry", "5 degrees", "mm", "write .nrrd or .mha"),
+    ),
     # -- the same integrity checks for every format ITK reads -----------------------------------
-    *[Case(f"nan-voxels-{name.replace('.', '-')}", seg(f"{{s}}/{name}"), ("NaN or infinite",))
-      for name in ("nan.nrrd", "nan.mha", "nan.nhdr", "nan.nii")],
+    *[
+        Case(f"nan-voxels-{name.replace('.', '-')}", seg(f"{{s}}/{name}"), ("NaN or infinite",))
+        for name in ("nan.nrrd", "nan.mha", "nan.nhdr", "nan.nii")
+    ],
     Case("nan-voxels-in-labels-mha", ft("{s}/nan_labels.mha", "--classes", "liver"), ("NaN or infinite",)),
-    *[Case(f"truncated-{name.replace('.', '-')}", seg(f"{{s}}/{name}"), ("the file is truncated (", "of", "bytes"))
-      for name in ("trunc_raw.nrrd", "trunc_gz.nrrd", "trunc.mha", "trunc_z.mha", "trunc.mhd", "trunc_gz.nhdr")],
-    *[Case(f"more-data-than-header-{name.replace('.', '-')}", seg(f"{{s}}/{name}"),
-           ("more than its header describes", "sizes in its header are wrong")) for name in ("extra.nrrd", "extra.mha")],
+    *[
+        Case(f"truncated-{name.replace('.', '-')}", seg(f"{{s}}/{name}"), ("the file is truncated (", "of", "bytes"))
+        for name in ("trunc_raw.nrrd", "trunc_gz.nrrd", "trunc.mha", "trunc_z.mha", "trunc.mhd", "trunc_gz.nhdr")
+    ],
+    *[
+        Case(
+            f"more-data-than-header-{name.replace('.', '-')}",
+            seg(f"{{s}}/{name}"),
+            ("more than its header describes", "sizes in its header are wrong"),
+        )
+        for name in ("extra.nrrd", "extra.mha")
+    ],
     Case("nifti-qform-contradicts-sform", seg("{s}/qform_vs_sform.nii"), ("contradicts itself", "50 mm")),
-    Case("nifti-zero-spacing", seg("{s}/zero_spacing.nii"), ("voxel spacing (0.0, 3.0, 3.0)", "replace this one by 1 mm")),
+    Case(
+        "nifti-zero-spacing", seg("{s}/zero_spacing.nii"), ("voxel spacing (0.0, 3.0, 3.0)", "replace this one by 1 mm")
+    ),
     Case("nifti-sheared-sform", seg("{s}/sheared_sform.nii"), ("sheared or non-perpendicular axes", "NRRD")),
     Case("nrrd-zero-spacing", seg("{s}/zero_spacing.nrrd"), ("voxel spacing", "must be positive")),
     Case("nrrd-named-nii-gz", seg("{s}/nrrd_named.nii.gz"), ("is a NRRD file but is named '.nii.gz'", "rename")),
@@ -378,103 +497,282 @@ CASES = [
     Case("empty-file", seg("{s}/empty.nii.gz"), ("is empty (0 bytes)",)),
     Case("fifo-not-a-file", seg("{s}/fifo.nii.gz"), ("is a FIFO, not an image file",)),
     Case("broken-symlink", seg("{s}/broken.nii.gz"), ("is a broken link",)),
-    Case("dicom-last-file-damaged", seg("{s}/dcm_last_cut"), ("1 DICOM image file(s)", "could not be read",
-                                                               "damaged or truncated")),
+    Case(
+        "dicom-last-file-damaged",
+        seg("{s}/dcm_last_cut"),
+        ("1 DICOM image file(s)", "could not be read", "damaged or truncated"),
+    ),
     Case("dicom-middle-file-damaged", seg("{s}/dcm_mid_cut"), ("could not be read",), never=("unevenly",)),
     # -- an adapter fixes what the model sees -------------------------------------------------
-    Case("adapter-axis-contradicted", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--adapter",
-                                       "{s}/coronal.safetensors", "--axis", "axial"),
-         ("axis coronal", "not --axis axial", "drop the option")),
-    Case("adapter-preset-contradicted", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--adapter",
-                                         "{s}/liver.safetensors", "--preset", "mr"), ("preset ct", "not --preset mr")),
-    Case("evaluate-dataset-axis-contradicted", ("evaluate-dataset", "--dataset", "nifti", "--root", "{s}", "--adapter",
-                                                "{s}/coronal.safetensors", "--axis", "axial", "-o", "{c}/results"),
-         ("trained with --axis coronal, not axial",)),
-    Case("continued-training-axis-contradicted",
-         ("finetune", "{ct}/image.nii.gz", "{s}/liver.nii.gz", "-o", "{c}/a.safetensors", "--adapter",
-          "{s}/coronal.safetensors", "--axis", "sagittal", "--steps", "1"), ("axis coronal", "not --axis sagittal")),
+    Case(
+        "adapter-axis-contradicted",
+        (
+            "segment",
+            "{ct}/image.nii.gz",
+            "-o",
+            "{c}/seg.nrrd",
+            "--adapter",
+            "{s}/coronal.safetensors",
+            "--axis",
+            "axial",
+        ),
+        ("axis coronal", "not --axis axial", "drop the option"),
+    ),
+    Case(
+        "adapter-preset-contradicted",
+        ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--adapter", "{s}/liver.safetensors", "--preset", "mr"),
+        ("preset ct", "not --preset mr"),
+    ),
+    Case(
+        "evaluate-dataset-axis-contradicted",
+        (
+            "evaluate-dataset",
+            "--dataset",
+            "nifti",
+            "--root",
+            "{s}",
+            "--adapter",
+            "{s}/coronal.safetensors",
+            "--axis",
+            "axial",
+            "-o",
+            "{c}/results",
+        ),
+        ("trained with --axis coronal, not axial",),
+    ),
+    Case(
+        "continued-training-axis-contradicted",
+        (
+            "finetune",
+            "{ct}/image.nii.gz",
+            "{s}/liver.nii.gz",
+            "-o",
+            "{c}/a.safetensors",
+            "--adapter",
+            "{s}/coronal.safetensors",
+            "--axis",
+            "sagittal",
+            "--steps",
+            "1",
+        ),
+        ("axis coronal", "not --axis sagittal"),
+    ),
     # -- broken adapters ------------------------------------------------------------------------
-    Case("nan-adapter-segment", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--adapter",
-                                 "{s}/nan.safetensors"), ("is a broken adapter", "NaN or infinite", "lower --lr")),
-    Case("nan-adapter-finetune", ("finetune", "{ct}/image.nii.gz", "{s}/liver.nii.gz", "-o", "{c}/a.safetensors",
-                                  "--adapter", "{s}/nan.safetensors", "--steps", "1"), ("is a broken adapter",)),
-    Case("nan-adapter-import", ("models", "import", "{s}/nan.safetensors", "--library", "{c}/lib"),
-         ("is a broken adapter",)),
+    Case(
+        "nan-adapter-segment",
+        ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--adapter", "{s}/nan.safetensors"),
+        ("is a broken adapter", "NaN or infinite", "lower --lr"),
+    ),
+    Case(
+        "nan-adapter-finetune",
+        (
+            "finetune",
+            "{ct}/image.nii.gz",
+            "{s}/liver.nii.gz",
+            "-o",
+            "{c}/a.safetensors",
+            "--adapter",
+            "{s}/nan.safetensors",
+            "--steps",
+            "1",
+        ),
+        ("is a broken adapter",),
+    ),
+    Case(
+        "nan-adapter-import",
+        ("models", "import", "{s}/nan.safetensors", "--library", "{c}/lib"),
+        ("is a broken adapter",),
+    ),
     # -- one sidecar for one output ----------------------------------------------------------
-    Case("sidecar-of-another-output", seg("{ct}/image.nii.gz", "--overwrite", out="{c}/out/seg.nii.gz"),
-         ("seg.json is already the sidecar", "seg.nrrd", "choose another output name"), never=NOT_OVERWRITE,
-         setup="sidecar-taken"),
-    Case("evaluate-ignores-a-foreign-sidecar", ("evaluate", "--reference", "{ct}/labels_synapse8.nii.gz",
-                                                "--prediction", "{c}/seg.nii.gz"),
-         rc=0, warn=("ignoring", "sidecar of seg.nrrd"), never=("WRONG",), setup="foreign-sidecar"),
+    Case(
+        "sidecar-of-another-output",
+        seg("{ct}/image.nii.gz", "--overwrite", out="{c}/out/seg.nii.gz"),
+        ("seg.json is already the sidecar", "seg.nrrd", "choose another output name"),
+        never=NOT_OVERWRITE,
+        setup="sidecar-taken",
+    ),
+    Case(
+        "evaluate-ignores-a-foreign-sidecar",
+        ("evaluate", "--reference", "{ct}/labels_synapse8.nii.gz", "--prediction", "{c}/seg.nii.gz"),
+        rc=0,
+        warn=("ignoring", "sidecar of seg.nrrd"),
+        never=("WRONG",),
+        setup="foreign-sidecar",
+    ),
     # -- slices too thin to be images ----------------------------------------------------------
-    Case("thin-coronal-slices-segment", seg("{s}/thin.nrrd", "--axis", "coronal"),
-         ("coronal slices are 122 x 3 voxels", "too thin", "--axis axial (122 x 101)")),
-    Case("thin-sagittal-slices-finetune", ft("{s}/liver.nii.gz", "--classes", "liver", "--axis", "sagittal",
-                                             image="{s}/thin.nrrd"), ("sagittal slices", "too thin")),
+    Case(
+        "thin-coronal-slices-segment",
+        seg("{s}/thin.nrrd", "--axis", "coronal"),
+        ("coronal slices are 122 x 3 voxels", "too thin", "--axis axial (122 x 101)"),
+    ),
+    Case(
+        "thin-sagittal-slices-finetune",
+        ft("{s}/liver.nii.gz", "--classes", "liver", "--axis", "sagittal", image="{s}/thin.nrrd"),
+        ("sagittal slices", "too thin"),
+    ),
     # -- labels that only partly fit the image (a slice list that then fails, so no model runs) --
-    Case("labels-half-outside-the-image", ft("{s}/liver_shifted.nii.gz", "--classes", "liver", "--slices", "0"),
-         ("slice(s) 0 carry no label",), warn=("of the labels", "lie outside the image")),
+    Case(
+        "labels-half-outside-the-image",
+        ft("{s}/liver_shifted.nii.gz", "--classes", "liver", "--slices", "0"),
+        ("slice(s) 0 carry no label",),
+        warn=("of the labels", "lie outside the image"),
+    ),
     # -- evaluate: partial coverage, not label maps, nothing in common ---------------------------
-    Case("evaluate-prediction-covers-half", ("evaluate", "--reference", "{ct}/labels_synapse8.nii.gz",
-                                             "--prediction", "{s}/pred_half.nii.gz", "--json"),
-         rc=0, warn=("of the reference", "outside the prediction's grid", "the scores cover only")),
-    Case("evaluate-ct-as-prediction", ("evaluate", "--reference", "{ct}/labels_synapse8.nii.gz", "--prediction",
-                                       "{s}/ct_positive.nii.gz"), ("is an image, not a label map", "different values")),
-    Case("evaluate-ct-as-reference", ("evaluate", "--reference", "{ct}/image.nii.gz", "--prediction",
-                                      "{ct}/labels_synapse8.nii.gz"), ("is an image, not a label map",)),
-    Case("evaluate-float-labels", ("evaluate", "--reference", "{ct}/labels_synapse8.nii.gz", "--prediction",
-                                   "{s}/float_labels.nrrd"), ("non-integer values", "not a label map")),
-    Case("evaluate-nothing-in-common", ("evaluate", "--reference", "{s}/mask255.nii.gz", "--prediction",
-                                        "{s}/pred_value1.nii.gz"), rc=0, warn=("share no label value", "255")),
-    Case("evaluate-header-without-spacing", ("evaluate", "--reference", "{s}/nodir_ref.nrrd", "--prediction",
-                                             "{s}/nodir_ref.nrrd"), rc=0, warn=("no voxel spacing in its header",)),
+    Case(
+        "evaluate-prediction-covers-half",
+        ("evaluate", "--reference", "{ct}/labels_synapse8.nii.gz", "--prediction", "{s}/pred_half.nii.gz", "--json"),
+        rc=0,
+        warn=("of the reference", "outside the prediction's grid", "the scores cover only"),
+    ),
+    Case(
+        "evaluate-ct-as-prediction",
+        ("evaluate", "--reference", "{ct}/labels_synapse8.nii.gz", "--prediction", "{s}/ct_positive.nii.gz"),
+        ("is an image, not a label map", "different values"),
+    ),
+    Case(
+        "evaluate-ct-as-reference",
+        ("evaluate", "--reference", "{ct}/image.nii.gz", "--prediction", "{ct}/labels_synapse8.nii.gz"),
+        ("is an image, not a label map",),
+    ),
+    Case(
+        "evaluate-float-labels",
+        ("evaluate", "--reference", "{ct}/labels_synapse8.nii.gz", "--prediction", "{s}/float_labels.nrrd"),
+        ("non-integer values", "not a label map"),
+    ),
+    Case(
+        "evaluate-nothing-in-common",
+        ("evaluate", "--reference", "{s}/mask255.nii.gz", "--prediction", "{s}/pred_value1.nii.gz"),
+        rc=0,
+        warn=("share no label value", "255"),
+    ),
+    Case(
+        "evaluate-header-without-spacing",
+        ("evaluate", "--reference", "{s}/nodir_ref.nrrd", "--prediction", "{s}/nodir_ref.nrrd"),
+        rc=0,
+        warn=("no voxel spacing in its header",),
+    ),
     # -- label maps that are not class maps --------------------------------------------------------
     Case("labels-above-255", ft("{s}/values_1000.nii.gz"), ("label values above 255 (1000, 2000)", "relabel")),
     # -- every check that needs no model comes before it ------------------------------------------
-    Case("adapter-output-not-safetensors", ("finetune", "{ct}/image.nii.gz", "{s}/liver.nii.gz", "-o",
-                                            "{c}/liver.bin", *TINY), ("adapter files end in .safetensors",)),
+    Case(
+        "adapter-output-not-safetensors",
+        ("finetune", "{ct}/image.nii.gz", "{s}/liver.nii.gz", "-o", "{c}/liver.bin", *TINY),
+        ("adapter files end in .safetensors",),
+    ),
     Case("segment-output-png", seg("{ct}/image.nii.gz", out="{c}/seg.png"), ("cannot write seg.png",)),
-    Case("output-is-a-folder", seg("{ct}/image.nii.gz", "--overwrite", out="{c}/seg.nrrd"),
-         ("is a folder; give a file name",), never=NOT_OVERWRITE, setup="folder-output"),
-    *[Case(f"option-{opt.strip('-')}-{value.replace('-', 'minus-')}", ft("{s}/liver.nii.gz", "--classes", "liver",
-                                                                          opt, value), (f"{opt} must be",))
-      for opt, value in (("--minutes", "0"), ("--minutes", "-1"), ("--lr", "nan"), ("--lr", "-1"), ("--lr", "inf"),
-                         ("--steps", "0"), ("--batch-size", "0"), ("--holdout", "-1"), ("--img-size", "100"),
-                         ("--rank", "-1"))],
-    Case("usage-error-is-one-line", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--axis", "diagonal"),
-         ("invalid choice: 'diagonal'", "see `hfsam segment --help`")),
-    Case("adapter-is-a-folder", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--adapter", "{s}/a_folder"),
-         ("is a folder; give an adapter file",)),
-    Case("checkpoint-is-a-folder", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--checkpoint",
-                                    "{s}/a_folder", "--backbone", "tiny"), ("is a folder; give the checkpoint file",)),
+    Case(
+        "output-is-a-folder",
+        seg("{ct}/image.nii.gz", "--overwrite", out="{c}/seg.nrrd"),
+        ("is a folder; give a file name",),
+        never=NOT_OVERWRITE,
+        setup="folder-output",
+    ),
+    *[
+        Case(
+            f"option-{opt.strip('-')}-{value.replace('-', 'minus-')}",
+            ft("{s}/liver.nii.gz", "--classes", "liver", opt, value),
+            (f"{opt} must be",),
+        )
+        for opt, value in (
+            ("--minutes", "0"),
+            ("--minutes", "-1"),
+            ("--lr", "nan"),
+            ("--lr", "-1"),
+            ("--lr", "inf"),
+            ("--steps", "0"),
+            ("--batch-size", "0"),
+            ("--holdout", "-1"),
+            ("--img-size", "100"),
+            ("--rank", "-1"),
+        )
+    ],
+    Case(
+        "usage-error-is-one-line",
+        ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--axis", "diagonal"),
+        ("invalid choice: 'diagonal'", "see `hfsam segment --help`"),
+    ),
+    Case(
+        "adapter-is-a-folder",
+        ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--adapter", "{s}/a_folder"),
+        ("is a folder; give an adapter file",),
+    ),
+    Case(
+        "checkpoint-is-a-folder",
+        ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--checkpoint", "{s}/a_folder", "--backbone", "tiny"),
+        ("is a folder; give the checkpoint file",),
+    ),
 ]
 
 # What the adversarial pass found (docs/robustness.md, "Adversarial pass"), each fixed and now a case here.
 CASES += [
-    Case("dicom-gantry-tilt-is-read-sheared-not-moved", seg("{s}/dcm_tilt", out="{c}/seg.nii.gz"),
-         ("NIfTI cannot store this volume's geometry", "10 degrees"), warn=("gantry tilt of 10 degrees",
-                                                                         "true, sheared geometry")),
-    Case("output-data-file-is-an-input-data-file", seg("{c}/moved.nhdr", "--overwrite", out="{c}/other.nhdr"),
-         ("the data file of other.nhdr", "is the input image"), never=NOT_OVERWRITE, setup="moved-nhdr"),
-    Case("nifti-2-not-called-damaged", seg("{s}/nifti2.nii"), ("is NIfTI-2, which the installed ITK cannot read",),
-         never=("damaged",)),
+    Case(
+        "dicom-gantry-tilt-is-read-sheared-not-moved",
+        seg("{s}/dcm_tilt", out="{c}/seg.nii.gz"),
+        ("NIfTI cannot store this volume's geometry", "10 degrees"),
+        warn=("gantry tilt of 10 degrees", "true, sheared geometry"),
+    ),
+    Case(
+        "output-data-file-is-an-input-data-file",
+        seg("{c}/moved.nhdr", "--overwrite", out="{c}/other.nhdr"),
+        ("the data file of other.nhdr", "is the input image"),
+        never=NOT_OVERWRITE,
+        setup="moved-nhdr",
+    ),
+    Case(
+        "nifti-2-not-called-damaged",
+        seg("{s}/nifti2.nii"),
+        ("is NIfTI-2, which the installed ITK cannot read",),
+        never=("damaged",),
+    ),
     Case("text-nrrd-cut-short", seg("{s}/text_cut.nrrd"), ("voxel values end or break off after 1000 of 24644",)),
-    *[Case(f"detached-header-without-data-{name.split('.')[1]}", seg(f"{{s}}/{name}"),
-           ("is a header whose data file", "is not in"), never=("invalid",)) for name in ("nodata.nhdr", "nodata.mhd")],
+    *[
+        Case(
+            f"detached-header-without-data-{name.split('.')[1]}",
+            seg(f"{{s}}/{name}"),
+            ("is a header whose data file", "is not in"),
+            never=("invalid",),
+        )
+        for name in ("nodata.nhdr", "nodata.mhd")
+    ],
     Case("empty-class-list-is-not-synapse", seg("{ct}/image.nii.gz", "--classes", ""), ("empty name",)),
-    Case("adapter-classes-renamed", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--adapter",
-                                     "{s}/liver.safetensors", "--classes", "spleen"), ("cannot rename or change",)),
-    Case("holdout-larger-than-the-slices", ft("{ct}/labels_synapse8.nii.gz", "--classes", "synapse", "--slices",
-                                              "10,11,12", "--holdout", "3"), ("--holdout 3 must leave at least one",)),
-    Case("library-is-a-file", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--adapter", "x",
-                               "--library", "{c}/library.txt"), ("is a file, not a folder",),
-         never=("the library is empty",), setup="library-file"),
-    Case("text-file-as-checkpoint", ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--checkpoint",
-                                     "{s}/notes.txt", "--backbone", "tiny"),
-         ("is not a PyTorch or safetensors checkpoint",), never=("run code",)),
-    Case("import-checkpoint-of-a-folder", ("models", "import-checkpoint", "{s}/a_folder", "--library", "{c}/lib"),
-         ("is a folder; give the checkpoint file",), never=("does not exist",)),
+    Case(
+        "adapter-classes-renamed",
+        (
+            "segment",
+            "{ct}/image.nii.gz",
+            "-o",
+            "{c}/seg.nrrd",
+            "--adapter",
+            "{s}/liver.safetensors",
+            "--classes",
+            "spleen",
+        ),
+        ("cannot rename or change",),
+    ),
+    Case(
+        "holdout-larger-than-the-slices",
+        ft("{ct}/labels_synapse8.nii.gz", "--classes", "synapse", "--slices", "10,11,12", "--holdout", "3"),
+        ("--holdout 3 must leave at least one",),
+    ),
+    Case(
+        "library-is-a-file",
+        ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--adapter", "x", "--library", "{c}/library.txt"),
+        ("is a file, not a folder",),
+        never=("the library is empty",),
+        setup="library-file",
+    ),
+    Case(
+        "text-file-as-checkpoint",
+        ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--checkpoint", "{s}/notes.txt", "--backbone", "tiny"),
+        ("is not a PyTorch or safetensors checkpoint",),
+        never=("run code",),
+    ),
+    Case(
+        "import-checkpoint-of-a-folder",
+        ("models", "import-checkpoint", "{s}/a_folder", "--library", "{c}/lib"),
+        ("is a folder; give the checkpoint file",),
+        never=("does not exist",),
+    ),
     Case("line-break-in-a-name", seg("{ct}/image.nii.gz", out="{c}/a\nb.png"), ("cannot write a\\nb.png",)),
     Case("empty-output-name", seg("{ct}/image.nii.gz", out=""), ("the output name is empty",)),
 ]
@@ -518,19 +816,37 @@ def driven(shared, tmp_path_factory, ct3mm, ctdicom):
         argv = [str(a).format(c=c, s=shared, ct=ct3mm) for a in case.argv]
         if case.argv[0] not in NO_JSON:
             argv += ["--progress", "json"]
-        payload.append({"id": case.id, "argv": argv, "stdout": str(root / f"{case.id}.out"),
-                        "stderr": str(root / f"{case.id}.err")})
+        payload.append(
+            {
+                "id": case.id,
+                "argv": argv,
+                "stdout": str(root / f"{case.id}.out"),
+                "stderr": str(root / f"{case.id}.err"),
+            }
+        )
     (root / "cases.json").write_text(json.dumps(payload))
     probes = set(Path(tempfile.gettempdir()).glob("hfsam-probe-*"))
     env = dict(os.environ, HFSAM_HOME=str(root / "default-library"), PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.run([sys.executable, "-c", DRIVER, root / "cases.json", root / "results.json"],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", DRIVER, root / "cases.json", root / "results.json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((root / "results.json").read_text())
     out = {}
     for case in CASES:
-        out[case.id] = (results[case.id], folders[case.id], before[case.id], snapshot(folders[case.id]),
-                        (root / f"{case.id}.out").read_text(), (root / f"{case.id}.err").read_text())
+        out[case.id] = (
+            results[case.id],
+            folders[case.id],
+            before[case.id],
+            snapshot(folders[case.id]),
+            (root / f"{case.id}.out").read_text(),
+            (root / f"{case.id}.err").read_text(),
+        )
     assert shared_files(shared, ct3mm, ctdicom) == shared_before  # no case touched a shared input
     assert set(Path(tempfile.gettempdir()).glob("hfsam-probe-*")) == probes  # no probe folder left
     assert not (root / "default-library").exists()  # nothing went to the default library
@@ -556,7 +872,7 @@ def test_refused_or_warned_before_any_work(case, driven):
         assert any(fragment in w for w in warnings), stderr
     if case.rc == 2:
         assert len(others) == 1 and others[0].startswith("hfsam: error: "), stderr
-        message = others[0][len("hfsam: error: "):]
+        message = others[0][len("hfsam: error: ") :]
         for fragment in case.error:
             assert fragment in message, message
         if case.argv[0] not in NO_JSON:
@@ -574,8 +890,11 @@ def test_the_warnings_give_the_true_shares(driven, shared, ct3mm):
     _, _, _, _, stdout, stderr = driven["evaluate-prediction-covers-half"]
     ignored = int(np.count_nonzero(ref[15:]))
     assert f"({ignored} of {int(np.count_nonzero(ref))} labeled voxels)" in stderr, stderr
-    result = json.loads(stdout[stdout.index("{"):])
-    assert result["reference_outside_prediction"] == {"voxels": ignored, "of_labeled_voxels": int(np.count_nonzero(ref))}
+    result = json.loads(stdout[stdout.index("{") :])
+    assert result["reference_outside_prediction"] == {
+        "voxels": ignored,
+        "of_labeled_voxels": int(np.count_nonzero(ref)),
+    }
 
 
 # =============================================================================== cases that need a model
@@ -605,42 +924,97 @@ def _one_error_line(stderr: str) -> str:
     return errors[0]
 
 
-def test_an_adapter_trained_on_coronal_slices_segments_coronal_slices(shared, ct3mm, tmp_path, cli_main,
-                                                                     one_torch_thread, capsys):
+def test_an_adapter_trained_on_coronal_slices_segments_coronal_slices(
+    shared, ct3mm, tmp_path, cli_main, one_torch_thread, capsys
+):
     """No --axis: the adapter's axis is used (and recorded), for segment and for continued training."""
+    from HFSAMCore.io.read import read_image
+    from HFSAMCore.model.inference import segment_image
+    from HFSAMCore.model.loading import load_model
     from HFSAMCore.store.adapters import read_metadata
     from HFSAMCore.store.library import ModelLibrary
-    from HFSAMCore.model.loading import load_model
-    from HFSAMCore.model.inference import segment_image
-    from HFSAMCore.io.read import read_image
 
     out = tmp_path / "seg.nrrd"
-    assert cli_main(["segment", ct3mm / "image.nii.gz", "-o", out, "--adapter", shared / "coronal.safetensors",
-                     "--batch-size", "16", "--precision", "fp32"]) == 0, capsys.readouterr().err
+    assert (
+        cli_main(
+            [
+                "segment",
+                ct3mm / "image.nii.gz",
+                "-o",
+                out,
+                "--adapter",
+                shared / "coronal.safetensors",
+                "--batch-size",
+                "16",
+                "--precision",
+                "fp32",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     sidecar = json.loads((tmp_path / "seg.json").read_text())
     assert sidecar["run"]["axis"] == "coronal" and sidecar["output"] == "seg.nrrd"
     lm = load_model(adapter=str(shared / "coronal.safetensors"), library=ModelLibrary(tmp_path / "lib"))
     image = read_image(ct3mm / "image.nii.gz")
-    along = {axis: sitk.GetArrayFromImage(segment_image(image, lm.model, preset="ct", axis=axis, batch_size=16)[0])
-             for axis in ("coronal", "axial")}
+    along = {
+        axis: sitk.GetArrayFromImage(segment_image(image, lm.model, preset="ct", axis=axis, batch_size=16)[0])
+        for axis in ("coronal", "axial")
+    }
     assert np.array_equal(_array(out), along["coronal"]) and not np.array_equal(along["coronal"], along["axial"])
 
-    assert cli_main(["finetune", ct3mm / "image.nii.gz", shared / "liver.nii.gz", "-o", tmp_path / "more.safetensors",
-                     "--adapter", shared / "coronal.safetensors", "--steps", "1", "--holdout", "0",
-                     "--batch-size", "2"]) == 0, capsys.readouterr().err
+    assert (
+        cli_main(
+            [
+                "finetune",
+                ct3mm / "image.nii.gz",
+                shared / "liver.nii.gz",
+                "-o",
+                tmp_path / "more.safetensors",
+                "--adapter",
+                shared / "coronal.safetensors",
+                "--steps",
+                "1",
+                "--holdout",
+                "0",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     assert read_metadata(tmp_path / "more.safetensors")["axis"] == "coronal"
 
 
-def test_a_diverging_training_saves_nothing_and_says_try_a_lower_lr(shared, ct3mm, tmp_path, cli_main,
-                                                                    one_torch_thread, capsys):
+def test_a_diverging_training_saves_nothing_and_says_try_a_lower_lr(
+    shared, ct3mm, tmp_path, cli_main, one_torch_thread, capsys
+):
     """--lr 1e30 --steps 1: the one loss is finite (it comes before the update), the weights after it are
     not usable: checked after the last update too. And a time budget too short for one step."""
-    base = ["finetune", ct3mm / "image.nii.gz", shared / "liver.nii.gz", "-o", tmp_path / "a.safetensors",
-            "--name", "x", "--library", tmp_path / "lib", "--classes", "liver", *TINY, "--holdout", "0",
-            "--batch-size", "2", "--progress", "json"]
-    for more, said in ((["--lr", "1e30", "--steps", "1"], "after the last step"),
-                       (["--lr", "1e30", "--steps", "3"], "the loss became nan at step 2"),
-                       (["--minutes", "1e-9"], "ended before the first training step")):
+    base = [
+        "finetune",
+        ct3mm / "image.nii.gz",
+        shared / "liver.nii.gz",
+        "-o",
+        tmp_path / "a.safetensors",
+        "--name",
+        "x",
+        "--library",
+        tmp_path / "lib",
+        "--classes",
+        "liver",
+        *TINY,
+        "--holdout",
+        "0",
+        "--batch-size",
+        "2",
+        "--progress",
+        "json",
+    ]
+    for more, said in (
+        (["--lr", "1e30", "--steps", "1"], "after the last step"),
+        (["--lr", "1e30", "--steps", "3"], "the loss became nan at step 2"),
+        (["--minutes", "1e-9"], "ended before the first training step"),
+    ):
         assert cli_main([*base, *more]) == 2
         captured = capsys.readouterr()
         line = _one_error_line(captured.err)
@@ -652,8 +1026,8 @@ def test_a_diverging_training_saves_nothing_and_says_try_a_lower_lr(shared, ct3m
 def test_non_finite_adapters_are_refused_on_save_and_on_load(shared, tmp_path):
     import torch
 
-    from HFSAMCore.store.adapters import load_adapter, read_metadata, save_adapter
     from HFSAMCore.errors import InputError
+    from HFSAMCore.store.adapters import load_adapter, read_metadata, save_adapter
 
     meta = read_metadata(shared / "liver.safetensors")
     with pytest.raises(InputError, match="NaN or infinite values"):
@@ -663,8 +1037,9 @@ def test_non_finite_adapters_are_refused_on_save_and_on_load(shared, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_an_adapter_whose_output_is_not_finite_is_refused_not_read_as_empty(tmp_path, ct3mm, cli_main,
-                                                                           one_torch_thread, capsys):
+def test_an_adapter_whose_output_is_not_finite_is_refused_not_read_as_empty(
+    tmp_path, ct3mm, cli_main, one_torch_thread, capsys
+):
     """Finite weights of 1e30 (what the last update of a diverged run gives) segment to NaN: an error,
     never "every voxel is background"."""
     huge = _adapter(tmp_path / "huge.safetensors", fill=1e30)
@@ -686,14 +1061,27 @@ def test_a_volume_that_comes_out_all_background_says_so_loudly(tmp_path, ct3mm, 
     assert not _array(out).any()
 
 
-def test_binary_masks_and_sparse_values_become_the_classes_meant(shared, tmp_path, cli_main, one_torch_thread,
-                                                                 capsys, ct3mm):
+def test_binary_masks_and_sparse_values_become_the_classes_meant(
+    shared, tmp_path, cli_main, one_torch_thread, capsys, ct3mm
+):
     """A 0/255 mask for one named class is that class (value 1); without --classes the values present
     are the classes (255, not 255 classes), and segment writes exactly those values."""
     from HFSAMCore.store.adapters import read_metadata
 
-    ft = ["finetune", ct3mm / "image.nii.gz", shared / "mask255.nii.gz", *TINY, "--steps", "1", "--holdout", "0",
-          "--batch-size", "2", "--progress", "json"]
+    ft = [
+        "finetune",
+        ct3mm / "image.nii.gz",
+        shared / "mask255.nii.gz",
+        *TINY,
+        "--steps",
+        "1",
+        "--holdout",
+        "0",
+        "--batch-size",
+        "2",
+        "--progress",
+        "json",
+    ]
     assert cli_main([*ft, "-o", tmp_path / "named.safetensors", "--classes", "liver"]) == 0
     warnings = [e["message"] for e in _events(capsys.readouterr().out) if e["event"] == "warning"]
     assert any("is a binary mask (0/255): reading value 255 as class 1 (liver)" in w for w in warnings), warnings
@@ -710,8 +1098,9 @@ def test_binary_masks_and_sparse_values_become_the_classes_meant(shared, tmp_pat
     assert [c["value"] for c in json.loads((tmp_path / "seg.json").read_text())["classes"]] == [255]
 
 
-def test_names_in_any_case_and_tilted_volumes_are_written_as_asked(shared, ct3mm, tmp_path, cli_main,
-                                                                   one_torch_thread, capsys):
+def test_names_in_any_case_and_tilted_volumes_are_written_as_asked(
+    shared, ct3mm, tmp_path, cli_main, one_torch_thread, capsys
+):
     from HFSAMCore.errors import InputError
     from HFSAMCore.io.write import write_image
 
@@ -720,8 +1109,11 @@ def test_names_in_any_case_and_tilted_volumes_are_written_as_asked(shared, ct3mm
     assert sorted(os.listdir(tmp_path)) == ["SEG.NII.GZ", "SEG.json"]
     ct = sitk.ReadImage(str(ct3mm / "image.nii.gz"))
     back = sitk.ReadImage(str(upper))
-    for a, b in ((back.GetOrigin(), ct.GetOrigin()), (back.GetSpacing(), ct.GetSpacing()),
-                 (back.GetDirection(), ct.GetDirection())):
+    for a, b in (
+        (back.GetOrigin(), ct.GetOrigin()),
+        (back.GetSpacing(), ct.GetSpacing()),
+        (back.GetDirection(), ct.GetDirection()),
+    ):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
     tilted = sitk.ReadImage(str(shared / "tilt.nrrd"))
@@ -753,8 +1145,9 @@ def _cpu_oom_above(limit: int, calls: list):
     return forward
 
 
-def test_cpu_out_of_memory_is_recognised_backs_off_and_says_what_to_do(ct3mm, shared, tmp_path, monkeypatch,
-                                                                      cli_main, one_torch_thread, capsys):
+def test_cpu_out_of_memory_is_recognised_backs_off_and_says_what_to_do(
+    ct3mm, shared, tmp_path, monkeypatch, cli_main, one_torch_thread, capsys
+):
     from HFSAMCore.model.hfsam import HFSAM
 
     calls: list[int] = []
@@ -763,9 +1156,29 @@ def test_cpu_out_of_memory_is_recognised_backs_off_and_says_what_to_do(ct3mm, sh
     assert cli_main([*seg, "-o", tmp_path / "a.nrrd"]) == 0
     warnings = [e["message"] for e in _events(capsys.readouterr().out) if e["event"] == "warning"]
     assert "out of memory: retrying with batch size 4" in warnings and calls[:3] == [8, 4, 2]
-    assert cli_main(["finetune", ct3mm / "image.nii.gz", shared / "liver.nii.gz", "-o", tmp_path / "a.safetensors",
-                     "--classes", "liver", *TINY, "--steps", "2", "--holdout", "0", "--batch-size", "8",
-                     "--progress", "json"]) == 0
+    assert (
+        cli_main(
+            [
+                "finetune",
+                ct3mm / "image.nii.gz",
+                shared / "liver.nii.gz",
+                "-o",
+                tmp_path / "a.safetensors",
+                "--classes",
+                "liver",
+                *TINY,
+                "--steps",
+                "2",
+                "--holdout",
+                "0",
+                "--batch-size",
+                "8",
+                "--progress",
+                "json",
+            ]
+        )
+        == 0
+    )
     warnings = [e["message"] for e in _events(capsys.readouterr().out) if e["event"] == "warning"]
     assert any("out of memory at batch size 8: retrying with batch size 4" in w for w in warnings), warnings
 
@@ -779,8 +1192,14 @@ def test_cpu_out_of_memory_is_recognised_backs_off_and_says_what_to_do(ct3mm, sh
 # =============================================================================== signals
 def _child(args, home: Path) -> subprocess.Popen:
     env = dict(os.environ, HFSAM_HOME=str(home), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "HFSAMCore", *map(str, args), "--progress", "json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "HFSAMCore", *map(str, args), "--progress", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def _interrupt_at(proc: subprocess.Popen, wanted: Callable[[dict], bool], sig: int) -> tuple[int, list, str]:
@@ -809,14 +1228,15 @@ def test_evaluate_stops_when_cancelled(sig, ct3mm, tmp_path):
     assert not any(e["event"] == "result" for e in events) and "Traceback" not in err
 
 
-def test_the_demo_obeys_the_rules_a_cancelled_rerun_changes_nothing(tmp_path, cli_main, one_torch_thread,
-                                                                    monkeypatch, capsys):
+def test_the_demo_obeys_the_rules_a_cancelled_rerun_changes_nothing(
+    tmp_path, cli_main, one_torch_thread, monkeypatch, capsys
+):
     """A demo writes its six results together at the end; a rerun with --overwrite cancelled mid-training
     leaves them exactly as they were (no new adapter beside old results), and a demo that fails into a
     new folder leaves no folder."""
+    from HFSAMCore.errors import InputError
     from HFSAMCore.store import sample_data
     from HFSAMCore.store.adapters import read_metadata
-    from HFSAMCore.errors import InputError
 
     out, home = tmp_path / "demo", tmp_path / "lib"
     args = ["demo", "--output", out, "--backbone", "tiny", "--device", "cpu", "--library", home]
@@ -826,8 +1246,11 @@ def test_the_demo_obeys_the_rules_a_cancelled_rerun_changes_nothing(tmp_path, cl
     assert read_metadata(out / "adapter.safetensors")["training"]["steps"] == 1
     assert json.loads((out / "segmentation.json").read_text())["output"] == "segmentation.nrrd"
     before = snapshot(out)
-    code, events, err = _interrupt_at(_child([*args, "--steps", "100000", "--overwrite"], home),
-                                      lambda e: e.get("stage") == "finetune" and e.get("done") == 2, signal.SIGINT)
+    code, events, err = _interrupt_at(
+        _child([*args, "--steps", "100000", "--overwrite"], home),
+        lambda e: e.get("stage") == "finetune" and e.get("done") == 2,
+        signal.SIGINT,
+    )
     assert code == 130 and events[-1]["message"] == "cancelled; nothing was written", err
     assert snapshot(out) == before
 
@@ -872,8 +1295,8 @@ def test_what_a_reader_only_warned_about_reaches_the_user_as_one_line(shared):
 
     from HFSAMCore.cli import app as cli
     from HFSAMCore.errors import HFSAMWarning
-    from HFSAMCore.runtime.progress import Progress
     from HFSAMCore.io.read import read_labels
+    from HFSAMCore.runtime.progress import Progress
 
     with pytest.warns(HFSAMWarning, match="no voxel spacing in its header"):
         read_labels(shared / "nodir_ref.nrrd")

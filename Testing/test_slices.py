@@ -11,10 +11,10 @@ import SimpleITK as sitk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from HFSAMCore.errors import InputError
 from HFSAMCore.io import slices as S
 from HFSAMCore.io.geometry import labels_onto_image
 from HFSAMCore.io.read import read_image, read_labels
-from HFSAMCore.errors import InputError
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,18 @@ import pytest
 import torch
 from test_datasets import write_acdc, write_synapse
 
-from HFSAMCore.store.adapters import load_adapter
-from HFSAMCore.train.datasets import AcdcData
-from HFSAMCore.train.dataset_lists import read_list, sample_fraction, sample_patients
 from HFSAMCore.errors import InputError
-from HFSAMCore.train.optim import make_optimizer
-from HFSAMCore.model.loading import load_model
 from HFSAMCore.model.hfsam import ModelSpec, build_hfsam
+from HFSAMCore.model.loading import load_model
 from HFSAMCore.runtime.progress import Progress
-from HFSAMCore.train.dataset_config import PRESETS, make_config
-from HFSAMCore.train.schedule import hsam_lr_factor, lr_factor_for
+from HFSAMCore.store.adapters import load_adapter
 from HFSAMCore.train.checkpoints import load_checkpoint, save_checkpoint
+from HFSAMCore.train.dataset_config import PRESETS, make_config
+from HFSAMCore.train.dataset_lists import read_list, sample_fraction, sample_patients
 from HFSAMCore.train.dataset_training import train_on_dataset
+from HFSAMCore.train.datasets import AcdcData
+from HFSAMCore.train.optim import make_optimizer
+from HFSAMCore.train.schedule import hsam_lr_factor, lr_factor_for
 
 
 def run_cli(*args, launcher=(), check=0, timeout=300):
@@ -74,9 +74,22 @@ def test_presets_hold_the_authors_recipe(synapse):
     for preset in ("hfsam-synapse", "hfsam-acdc"):
         cfg = make_config("synapse", synapse / "train_npz", fraction=0.1, preset=preset)
         recipe = {k: getattr(cfg, k) for k in PRESETS[preset]}
-        assert recipe == {"backbone": "vit_b", "img_size": 512, "rank": 5, "fusion": "two_step", "pixel_norm": "unit",
-                          "batch_size": 16, "lr": 0.0025, "lr_schedule": "hsam", "weight_decay": 0.1, "warmup": 250,
-                          "epochs": 300, "save_every": 25, "augment": "hsam", "precision": "fp32"}
+        assert recipe == {
+            "backbone": "vit_b",
+            "img_size": 512,
+            "rank": 5,
+            "fusion": "two_step",
+            "pixel_norm": "unit",
+            "batch_size": 16,
+            "lr": 0.0025,
+            "lr_schedule": "hsam",
+            "weight_decay": 0.1,
+            "warmup": 250,
+            "epochs": 300,
+            "save_every": 25,
+            "augment": "hsam",
+            "precision": "fp32",
+        }
     cfg = make_config("synapse", synapse / "train_npz", fraction=0.1)
     assert cfg.preset == "hfsam-synapse" and cfg.classes == "synapse" and cfg.seed == 2345
     cfg = make_config("synapse", synapse / "train_npz", preset="tiny", epochs=7, lr=0.001)
@@ -107,6 +120,7 @@ def test_hsam_schedule_is_the_authors_loop():
     np.testing.assert_allclose(ours, used, rtol=1e-12)
     assert ours[-1] / base == pytest.approx(((warmup + 2) / total) ** 0.9) and 0.079 < ours[-1] / base < 0.080
     assert lr_factor_for("poly", total - 1, total, warmup) < 0.01  # the few-shot schedule goes to 0
+
 
 # --------------------------------------------------------------------------- a run
 
@@ -149,8 +163,10 @@ def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
     torch.manual_seed(0)  # the same frozen base, the untrained head and a fresh optimizer
     fresh = build_hfsam(ModelSpec("tiny", 64, 3, 2))
     fresh_opt = make_optimizer(fresh, 0.5, 0.0)
-    assert not torch.equal(fresh.trainable_state_dict()["mask_decoder.iou_token.weight"],
-                           model.trainable_state_dict()["mask_decoder.iou_token.weight"])
+    assert not torch.equal(
+        fresh.trainable_state_dict()["mask_decoder.iou_token.weight"],
+        model.trainable_state_dict()["mask_decoder.iou_token.weight"],
+    )
     assert load_checkpoint(path, fresh, fresh_opt, digest="abc", base=base) == {"epoch": 4, "step": 9}
     for k, v in model.trainable_state_dict().items():
         assert torch.equal(v, fresh.trainable_state_dict()[k]), k
@@ -174,8 +190,25 @@ def test_checkpoint_round_trip_restores_model_and_optimizer(tmp_path):
 
 def test_acdc_k_patients_from_the_command_line(tmp_path):
     write_acdc(tmp_path / "acdc", patients=(1, 2, 3, 4))
-    proc = run_cli("train", "--dataset", "acdc", "--root", tmp_path / "acdc", "--patients", 2, "--preset", "tiny",
-                   "--checkpoint", "none", "--epochs", 1, "-o", tmp_path / "run", "--progress", "json")
+    proc = run_cli(
+        "train",
+        "--dataset",
+        "acdc",
+        "--root",
+        tmp_path / "acdc",
+        "--patients",
+        2,
+        "--preset",
+        "tiny",
+        "--checkpoint",
+        "none",
+        "--epochs",
+        1,
+        "-o",
+        tmp_path / "run",
+        "--progress",
+        "json",
+    )
     acdc = AcdcData(tmp_path / "acdc")
     names = acdc.slice_names()
     drawn = read_list(tmp_path / "run" / "train_selected.txt")
@@ -191,12 +224,30 @@ def test_acdc_k_patients_from_the_command_line(tmp_path):
 
 
 def test_resume_after_a_kill_continues_from_the_last_checkpoint(synapse, tmp_path):
-    common = ["--dataset", "synapse", "--root", synapse / "train_npz", "--list", synapse / "lists" / "train.txt",
-              "--preset", "tiny", "--checkpoint", "none", "--epochs", 6, "--batch-size", 4]
+    common = [
+        "--dataset",
+        "synapse",
+        "--root",
+        synapse / "train_npz",
+        "--list",
+        synapse / "lists" / "train.txt",
+        "--preset",
+        "tiny",
+        "--checkpoint",
+        "none",
+        "--epochs",
+        6,
+        "--batch-size",
+        4,
+    ]
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "HFSAMCore", "train", *map(str, common), "-o", str(run),
-                             "--progress", "json"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "HFSAMCore", "train", *map(str, common), "-o", str(run), "--progress", "json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     killed_after = None
     for line in proc.stdout:
         event = json.loads(line)
@@ -243,12 +294,38 @@ def test_resume_takes_its_settings_from_the_run_folder(synapse, tmp_path):
     (tmp_path / "run" / "config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match="nproc_per_node 2"):
         train_on_dataset(None, tmp_path / "run", resume=True)
-    proc = run_cli("train", "--dataset", "synapse", "--root", synapse / "train_npz", "--fraction", 0.01,
-                   "--preset", "tiny", "--checkpoint", "none", "-o", tmp_path / "few", check=2)
+    proc = run_cli(
+        "train",
+        "--dataset",
+        "synapse",
+        "--root",
+        synapse / "train_npz",
+        "--fraction",
+        0.01,
+        "--preset",
+        "tiny",
+        "--checkpoint",
+        "none",
+        "-o",
+        tmp_path / "few",
+        check=2,
+    )
     assert "less than one slice" in proc.stderr
     assert not (tmp_path / "few").exists()  # nothing written for a run that cannot start
-    proc = run_cli("train", "--dataset", "synapse", "--root", synapse / "train_npz", "--preset", "hfsam-synapse",
-                   "--checkpoint", tmp_path / "sam_vit_b.pth", "-o", tmp_path / "nockpt", check=2)
+    proc = run_cli(
+        "train",
+        "--dataset",
+        "synapse",
+        "--root",
+        synapse / "train_npz",
+        "--preset",
+        "hfsam-synapse",
+        "--checkpoint",
+        tmp_path / "sam_vit_b.pth",
+        "-o",
+        tmp_path / "nockpt",
+        check=2,
+    )
     assert "checkpoint not found" in proc.stderr and not (tmp_path / "nockpt").exists()
 
 
@@ -258,8 +335,23 @@ def test_resume_takes_its_settings_from_the_run_folder(synapse, tmp_path):
 def test_two_processes_give_the_weights_of_one_with_the_same_global_batch(synapse, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, CPU), global batch 4 (2 each) == one process with batch 4,
     H-SAM's augmentation on."""
-    args = ["train", "--dataset", "synapse", "--root", synapse / "train_npz", "--list", synapse / "lists" / "train.txt",
-            "--preset", "tiny", "--checkpoint", "none", "--epochs", 2, "--progress", "json"]
+    args = [
+        "train",
+        "--dataset",
+        "synapse",
+        "--root",
+        synapse / "train_npz",
+        "--list",
+        synapse / "lists" / "train.txt",
+        "--preset",
+        "tiny",
+        "--checkpoint",
+        "none",
+        "--epochs",
+        2,
+        "--progress",
+        "json",
+    ]
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = run_cli(*args, "--batch-size", 4, "-o", tmp_path / "ddp", launcher=launcher, timeout=240)
     result = json.loads(proc.stdout.splitlines()[-1])
@@ -288,21 +380,32 @@ def first_step_loss(cfg, augment):
     from torch.utils.data import DistributedSampler
 
     from HFSAMCore.train.augmentation import augment_sample
+    from HFSAMCore.train.dataset_batches import sample_seed, to_model_batch
     from HFSAMCore.train.datasets import SynapseData
     from HFSAMCore.train.losses import hfsam_loss
-    from HFSAMCore.train.dataset_batches import sample_seed, to_model_batch
 
-    model = load_model(checkpoint="none", backbone=cfg.backbone, img_size=cfg.img_size, rank=cfg.rank,
-                       fusion=cfg.fusion, pixel_norm=cfg.pixel_norm, classes=cfg.classes).model.train()
+    model = load_model(
+        checkpoint="none",
+        backbone=cfg.backbone,
+        img_size=cfg.img_size,
+        rank=cfg.rank,
+        fusion=cfg.fusion,
+        pixel_norm=cfg.pixel_norm,
+        classes=cfg.classes,
+    ).model.train()
     names = read_list(cfg.list)
     sampler = DistributedSampler(range(len(names)), num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
     sampler.set_epoch(0)
-    first = list(sampler)[:cfg.batch_size]
+    first = list(sampler)[: cfg.batch_size]
     reader = SynapseData(cfg.root)
     batch = [(i, *reader.load_slice(names[i])) for i in first]
     x, y = to_model_batch(batch, cfg.img_size, torch.device("cpu"))
-    pairs = [augment_sample(augment, x[k:k + 1], y[k:k + 1], torch.Generator().manual_seed(sample_seed(cfg.seed, 0, i)),
-                            image.shape) for k, (i, image, _) in enumerate(batch)]
+    pairs = [
+        augment_sample(
+            augment, x[k : k + 1], y[k : k + 1], torch.Generator().manual_seed(sample_seed(cfg.seed, 0, i)), image.shape
+        )
+        for k, (i, image, _) in enumerate(batch)
+    ]
     x, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
     with torch.no_grad():
         return float(hfsam_loss(model(x), y))
@@ -313,9 +416,20 @@ def test_every_preset_setting_reaches_the_model_and_the_loop(synapse, tmp_path):
     step, AdamW's settings, the global batch, fp32, and H-SAM's augmentation in the very first batch."""
     from safetensors import safe_open
 
-    cfg = make_config("synapse", synapse / "train_npz", preset="hfsam-synapse", list=str(synapse / "lists" / "train.txt"),
-                      backbone="tiny", img_size=64, rank=2, checkpoint="none", epochs=2, batch_size=4, warmup=3,
-                      save_every=1)
+    cfg = make_config(
+        "synapse",
+        synapse / "train_npz",
+        preset="hfsam-synapse",
+        list=str(synapse / "lists" / "train.txt"),
+        backbone="tiny",
+        img_size=64,
+        rank=2,
+        checkpoint="none",
+        epochs=2,
+        batch_size=4,
+        warmup=3,
+        save_every=1,
+    )
     assert (cfg.pixel_norm, cfg.augment, cfg.lr_schedule, cfg.precision) == ("unit", "hsam", "hsam", "fp32")
     out, err = io.StringIO(), io.StringIO()
     result = train_on_dataset(cfg, tmp_path / "run", progress=Progress("json", out=out, err=err))
@@ -352,14 +466,38 @@ def test_train_list_is_used_as_it_is(synapse, tmp_path):
     listed.write_text("".join(n + "\n" for n in names))
     from HFSAMCore.cli.app import build_parser
 
-    args = build_parser().parse_args(map(str, [
-        "train", "--dataset", "synapse", "--root", synapse / "train_npz", "--preset", "tiny", "--checkpoint", "none",
-        "--epochs", 1, "--batch-size", 3, "--train-list", listed, "-o", tmp_path / "run"]))
+    args = build_parser().parse_args(
+        map(
+            str,
+            [
+                "train",
+                "--dataset",
+                "synapse",
+                "--root",
+                synapse / "train_npz",
+                "--preset",
+                "tiny",
+                "--checkpoint",
+                "none",
+                "--epochs",
+                1,
+                "--batch-size",
+                3,
+                "--train-list",
+                listed,
+                "-o",
+                tmp_path / "run",
+            ],
+        )
+    )
     out = io.StringIO()
     assert args.func(args, Progress("json", out=out, err=io.StringIO())) == 0  # `hfsam train`, in this process
     assert read_list(tmp_path / "run" / "train_selected.txt") == names  # no draw, the file's order
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["train_list"] == str(listed) and saved["train_list_sha256"] == hashlib.sha256(listed.read_bytes()).hexdigest()
+    assert (
+        saved["train_list"] == str(listed)
+        and saved["train_list_sha256"] == hashlib.sha256(listed.read_bytes()).hexdigest()
+    )
     assert json.loads(out.getvalue().splitlines()[-1])["n_slices"] == 3
     with pytest.raises(InputError, match="drop --list, --fraction"):
         tiny(synapse, train_list=str(listed), fraction=0.5)  # tiny() passes --list too
@@ -373,8 +511,14 @@ def test_the_global_batch_must_split_over_the_processes(synapse, tmp_path):
     from HFSAMCore.train.dataset_training import _prepare_folder
 
     with pytest.raises(InputError, match="global batch 3 does not split evenly over 2 processes"):
-        _prepare_folder(tiny(synapse, batch_size=3), tmp_path / "run", resume=False, world=2, library=None,
-                        progress=Progress("none"))
+        _prepare_folder(
+            tiny(synapse, batch_size=3),
+            tmp_path / "run",
+            resume=False,
+            world=2,
+            library=None,
+            progress=Progress("none"),
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -390,7 +534,7 @@ def test_loss_scaling_steps_alike_skips_overflows_and_resumes(tmp_path):
     x, y = torch.rand(2, 1, 64, 64), torch.randint(0, 4, (2, 64, 64))
     plain, plain_opt = fresh()
     scaled, scaled_opt = fresh()
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     for _ in range(2):
         train_step(plain, plain_opt, x, y, lr=0.001, precision=torch.float32)
         train_step(scaled, scaled_opt, x, y, lr=0.001, precision=torch.float32, scaler=scaler)
@@ -399,10 +543,11 @@ def test_loss_scaling_steps_alike_skips_overflows_and_resumes(tmp_path):
     bad = x.clone()
     bad[0, 0, 0, 0] = float("inf")  # overflowing gradients: the step is skipped and the scale backs off
     train_step(scaled, scaled_opt, bad, y, lr=0.001, precision=torch.float32, scaler=scaler)
-    assert max_diff(before, scaled.trainable_state_dict()) == 0 and scaler.get_scale() == 2.0 ** 9
+    assert max_diff(before, scaled.trainable_state_dict()) == 0 and scaler.get_scale() == 2.0**9
     base = {"name": "random-init", "sha256": None, "seed": 0}
-    path = save_checkpoint(tmp_path / "c.safetensors", scaled, scaled_opt, epoch=1, step=3, digest="d", base=base,
-                           scaler=scaler)
+    path = save_checkpoint(
+        tmp_path / "c.safetensors", scaled, scaled_opt, epoch=1, step=3, digest="d", base=base, scaler=scaler
+    )
     other, other_opt = fresh()
     restored = torch.amp.GradScaler("cpu")
     load_checkpoint(path, other, other_opt, digest="d", base=base, scaler=restored)

@@ -35,6 +35,7 @@ from PySide6 import QtCore, QtGui  # noqa: E402
 from slicer_widgets import app  # noqa: E402
 from slicer_widgets import load_panel as _load  # noqa: E402
 
+
 def load_panel():
     return _load(UI_FILE)
 
@@ -75,8 +76,12 @@ def ui_names_used_by_panel() -> set[str]:
         if not isinstance(node, ast.Attribute):
             continue
         value = node.value
-        if (isinstance(value, ast.Attribute) and value.attr == "ui" and isinstance(value.value, ast.Name)
-                and value.value.id == "self") or (isinstance(value, ast.Name) and value.id == "ui"):
+        if (
+            isinstance(value, ast.Attribute)
+            and value.attr == "ui"
+            and isinstance(value.value, ast.Name)
+            and value.value.id == "self"
+        ) or (isinstance(value, ast.Name) and value.id == "ui"):
             names.add(node.attr)
     return names
 
@@ -84,7 +89,9 @@ def ui_names_used_by_panel() -> set[str]:
 def parameter_fields() -> dict[str, str]:
     for node in parsed(PARAMETERS_FILE).body:
         if isinstance(node, ast.ClassDef) and node.name == "HFSAMSegmentParameterNode":
-            return {item.target.id: ast.unparse(item.annotation) for item in node.body if isinstance(item, ast.AnnAssign)}
+            return {
+                item.target.id: ast.unparse(item.annotation) for item in node.body if isinstance(item, ast.AnnAssign)
+            }
     raise AssertionError("HFSAMSegmentParameterNode not found")
 
 
@@ -99,9 +106,23 @@ def test_panel_loads_and_has_every_widget_the_module_uses():
     assert len(used) >= 20, sorted(used)  # the ast really found the panel's widget uses
     assert used - loaded == set(), f"used by panel.py but missing from the .ui: {sorted(used - loaded)}"
     # and the reverse for interactive widgets: nothing in the panel is left unwired
-    interactive = {n for n, w in ui_widgets().items() if w.get("class") in
-                   ("QPushButton", "QComboBox", "qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget", "QLineEdit",
-                    "QSpinBox", "ctkPathLineEdit", "QTableWidget", "QProgressBar", "QPlainTextEdit")}
+    interactive = {
+        n
+        for n, w in ui_widgets().items()
+        if w.get("class")
+        in (
+            "QPushButton",
+            "QComboBox",
+            "qMRMLNodeComboBox",
+            "qMRMLSegmentSelectorWidget",
+            "QLineEdit",
+            "QSpinBox",
+            "ctkPathLineEdit",
+            "QTableWidget",
+            "QProgressBar",
+            "QPlainTextEdit",
+        )
+    }
     bound = {n for n, w in ui_widgets().items() if ui_property(w, "SlicerParameterName")}
     assert interactive - used - bound == set()
 
@@ -116,9 +137,15 @@ def test_parameter_bindings_match_the_parameter_node():
         assert parameter in fields, f"{name} is bound to unknown parameter {parameter!r}"
         annotation, cls = fields[parameter], widget.get("class")
         if cls == "qMRMLNodeComboBox":
-            assert annotation.startswith("vtkMRML") and annotation in ui_property(widget, "nodeTypes"), (name, annotation)
+            assert annotation.startswith("vtkMRML") and annotation in ui_property(widget, "nodeTypes"), (
+                name,
+                annotation,
+            )
         elif cls == "QComboBox":
-            assert annotation.startswith("Annotated[str, Choice("), (name, annotation)  # Slicer's combo connector needs Choice
+            assert annotation.startswith("Annotated[str, Choice("), (
+                name,
+                annotation,
+            )  # Slicer's combo connector needs Choice
         elif cls == "QLineEdit":
             assert annotation == "str", (name, annotation)
         elif cls == "QSpinBox":
@@ -130,8 +157,12 @@ def test_parameter_bindings_match_the_parameter_node():
 def test_every_mrml_widget_receives_the_scene():
     root = ui_tree()
     mrml = {n for n, w in ui_widgets().items() if w.get("class") in ("qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget")}
-    receivers = {c.findtext("receiver") for c in root.iter("connection")
-                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)" and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    receivers = {
+        c.findtext("receiver")
+        for c in root.iter("connection")
+        if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+        and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
+    }
     assert mrml and mrml == receivers
 
 
@@ -139,7 +170,9 @@ def test_segment_selector_is_multi_selection_and_output_can_be_new():
     widgets = ui_widgets()
     assert ui_property(widgets["trainingSegmentSelector"], "multiSelection") == "true"
     output = widgets["outputSegmentationSelector"]
-    assert ui_property(output, "noneEnabled") == "true" and ui_property(output, "noneDisplay") == "Create new segmentation"
+    assert (
+        ui_property(output, "noneEnabled") == "true" and ui_property(output, "noneDisplay") == "Create new segmentation"
+    )
 
 
 def render_panel(path: Path) -> QtGui.QImage:
@@ -170,7 +203,9 @@ def render_panel(path: Path) -> QtGui.QImage:
     for column, text in enumerate(["liver_spleen_5slices", "vit_b", "liver, spleen", "2025-06-01T10:12:00Z"]):
         table.setItem(0, column, QtWidgets.QTableWidgetItem(text))
     table.resizeColumnsToContents()
-    panel.findChild(QtWidgets.QLabel, "checkpointStatusLabel").setText("Base SAM checkpoint (ViT-B): ~/.hfsam/checkpoints/sam_vit_b_01ec64.pth")
+    panel.findChild(QtWidgets.QLabel, "checkpointStatusLabel").setText(
+        "Base SAM checkpoint (ViT-B): ~/.hfsam/checkpoints/sam_vit_b_01ec64.pth"
+    )
     panel.findChild(QtWidgets.QPushButton, "downloadCheckpointButton").setEnabled(False)
     panel.resize(520, 960)  # grows to the layout's minimum size if that is larger
     panel.show()
@@ -202,10 +237,15 @@ def test_module_metadata_and_citation():
     for needle in ("Liu &amp; Xu", "104389", "Computer Vision and Image Understanding 258 (2025)", "Kirillov et al."):
         assert needle in text, needle
     classes = {n.name: [ast.unparse(b) for b in n.bases] for n in module_ast().body if isinstance(n, ast.ClassDef)}
-    assert classes == {"HFSAMSegment": ["ScriptedLoadableModule"], "HFSAMSegmentWidget": ["ScriptedLoadableModuleWidget"],
-                       "HFSAMSegmentLogic": ["ScriptedLoadableModuleLogic", "ModuleLogic"],
-                       "HFSAMSegmentTest": ["ScriptedLoadableModuleTest"]}
-    wrapper = next(n for n in parsed(PARAMETERS_FILE).body if isinstance(n, ast.ClassDef) and n.name == "HFSAMSegmentParameterNode")
+    assert classes == {
+        "HFSAMSegment": ["ScriptedLoadableModule"],
+        "HFSAMSegmentWidget": ["ScriptedLoadableModuleWidget"],
+        "HFSAMSegmentLogic": ["ScriptedLoadableModuleLogic", "ModuleLogic"],
+        "HFSAMSegmentTest": ["ScriptedLoadableModuleTest"],
+    }
+    wrapper = next(
+        n for n in parsed(PARAMETERS_FILE).body if isinstance(n, ast.ClassDef) and n.name == "HFSAMSegmentParameterNode"
+    )
     assert [ast.unparse(d) for d in wrapper.decorator_list] == ["parameterNodeWrapper"]
 
 
@@ -241,7 +281,11 @@ def imports_of(path: Path, top_level_only: bool) -> set[str]:
 
 
 SLICER_APP_ONLY = {"parameters", "slicer_host"}  # need Slicer's own Python (parameterNodeWrapper, qt)
-MRML_FACING = {"mrml_adapter", "selftest", "panel"}  # (library_section is plain Python)  # import slicer/vtk (slicer-core in CI)
+MRML_FACING = {
+    "mrml_adapter",
+    "selftest",
+    "panel",
+}  # (library_section is plain Python)  # import slicer/vtk (slicer-core in CI)
 
 
 def test_no_heavy_imports_and_no_qt_in_lib():
@@ -250,44 +294,63 @@ def test_no_heavy_imports_and_no_qt_in_lib():
         assert imports_of(path, top_level_only=False) & HEAVY == set(), f"{path.name} imports the engine or torch"
     for path in lib_files:
         if path.stem not in SLICER_APP_ONLY:
-            assert imports_of(path, top_level_only=False) & {"qt", "ctk", "PySide6", "PyQt5", "PythonQt"} == set(), path.name
+            assert imports_of(path, top_level_only=False) & {"qt", "ctk", "PySide6", "PyQt5", "PythonQt"} == set(), (
+                path.name
+            )
         if path.stem not in MRML_FACING | SLICER_APP_ONLY:
-            assert imports_of(path, top_level_only=True) & {"slicer", "vtk", "vtkmodules"} == set(), f"{path.name} touches MRML"
+            assert imports_of(path, top_level_only=True) & {"slicer", "vtk", "vtkmodules"} == set(), (
+                f"{path.name} touches MRML"
+            )
     # Slicer imports every scripted module at start-up: keep its top level light.
     assert imports_of(MODULE_FILE, top_level_only=True) <= {"slicer", "HFSAMSegmentLib"}
-    lib_at_start = {n.module for n in module_ast().body if isinstance(n, ast.ImportFrom) and n.module.startswith("HFSAMSegmentLib")}
+    lib_at_start = {
+        n.module for n in module_ast().body if isinstance(n, ast.ImportFrom) and n.module.startswith("HFSAMSegmentLib")
+    }
     assert lib_at_start == {"HFSAMSegmentLib.logic", "HFSAMSegmentLib.terminology"}
 
 
 def test_lib_pieces_import_without_mrml_or_simpleitk_or_torch():
     """What Slicer imports at start-up (logic, terminology) and the pieces CI uses without MRML stay light:
     the backbone registry comes from HFSAMCore, and nothing heavy with it."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]);"
-            "import HFSAMSegmentLib.progress_parser, HFSAMSegmentLib.process_runner, HFSAMSegmentLib.engine_command,"
-            " HFSAMSegmentLib.library_bridge, HFSAMSegmentLib.installer, HFSAMSegmentLib.terminology,"
-            " HFSAMSegmentLib.logic, HFSAMSegmentLib.backbones, HFSAMSegmentLib.child_process;"
-            "assert HFSAMSegmentLib.backbones.pretrained();"
-            "print(sorted(m for m in ('slicer', 'vtk', 'SimpleITK', 'torch', 'numpy', 'HFSAMCore.model.backbone',"
-            " 'HFSAMCore.store.library') if m in sys.modules), 'HFSAMCore.model.registry' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, check=True,
-                          cwd=MODULE_DIR)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "import HFSAMSegmentLib.progress_parser, HFSAMSegmentLib.process_runner, HFSAMSegmentLib.engine_command,"
+        " HFSAMSegmentLib.library_bridge, HFSAMSegmentLib.installer, HFSAMSegmentLib.terminology,"
+        " HFSAMSegmentLib.logic, HFSAMSegmentLib.backbones, HFSAMSegmentLib.child_process;"
+        "assert HFSAMSegmentLib.backbones.pretrained();"
+        "print(sorted(m for m in ('slicer', 'vtk', 'SimpleITK', 'torch', 'numpy', 'HFSAMCore.model.backbone',"
+        " 'HFSAMCore.store.library') if m in sys.modules), 'HFSAMCore.model.registry' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(MODULE_DIR)], capture_output=True, text=True, check=True, cwd=MODULE_DIR
+    )
     assert done.stdout.strip() == "[] True"
 
 
 def test_module_code_parses_as_python_3_9():
     """Slicer 5.8 runs Python 3.9.10: no 3.10+ syntax (match, parenthesised context managers, ...) in the module,
     and every `X | Y` annotation is postponed (PEP 563) where the file uses one."""
-    files = [MODULE_FILE, *sorted(LIB_DIR.glob("*.py")), REPO / "HFSAMCore" / "model" / "registry.py",
-             REPO / "HFSAMCore" / "errors.py"]
+    files = [
+        MODULE_FILE,
+        *sorted(LIB_DIR.glob("*.py")),
+        REPO / "HFSAMCore" / "model" / "registry.py",
+        REPO / "HFSAMCore" / "errors.py",
+    ]
     for path in files:
         text = path.read_text(encoding="utf-8")
         tree = ast.parse(text, filename=str(path), feature_version=(3, 9))
-        postponed = any(isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
-                        for n in tree.body)
+        postponed = any(
+            isinstance(n, ast.ImportFrom) and n.module == "__future__" and any(a.name == "annotations" for a in n.names)
+            for n in tree.body
+        )
         for node in ast.walk(tree):
             annotation = getattr(node, "annotation", None) or getattr(node, "returns", None)
-            if annotation is not None and any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(annotation)):
-                assert postponed, f"{path.name}:{node.lineno} uses `X | Y` in an annotation without `from __future__ import annotations`"
+            if annotation is not None and any(
+                isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(annotation)
+            ):
+                assert postponed, (
+                    f"{path.name}:{node.lineno} uses `X | Y` in an annotation without `from __future__ import annotations`"
+                )
 
 
 # -- packaging ---------------------------------------------------------------------------------------
@@ -303,7 +366,9 @@ def test_module_cmakelists_lists_every_script_and_resource():
     scripts, resources = cmake_list(text, "MODULE_PYTHON_SCRIPTS"), cmake_list(text, "MODULE_PYTHON_RESOURCES")
     on_disk = sorted(str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts)
     assert sorted(scripts) == on_disk
-    resources_on_disk = sorted(str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file())
+    resources_on_disk = sorted(
+        str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()
+    )
     assert sorted(resources) == resources_on_disk
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
     assert "slicerMacroBuildScriptedModule(" in text
@@ -312,8 +377,13 @@ def test_module_cmakelists_lists_every_script_and_resource():
 def test_extension_cmakelists_and_s4ext_agree():
     top = (REPO / "CMakeLists.txt").read_text()
     assert "add_subdirectory(HFSAMSegment)" in top
-    for needle in ("HFSAMCore/*.py", "HFSAMCore/model/*.py", "Resources/*.json", "ctkMacroCompilePythonScript(",
-                   "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}"):
+    for needle in (
+        "HFSAMCore/*.py",
+        "HFSAMCore/model/*.py",
+        "Resources/*.json",
+        "ctkMacroCompilePythonScript(",
+        "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}",
+    ):
         assert needle in top, needle
     meta = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', top))
     s4ext = {}
@@ -321,8 +391,20 @@ def test_extension_cmakelists_and_s4ext_agree():
         if line.strip() and not line.startswith("#"):
             key, _, value = line.partition(" ")
             s4ext[key] = value.strip()
-    for key in ("scm", "scmurl", "scmrevision", "depends", "homepage", "contributors", "category", "iconurl", "status",
-                "description", "screenshoturls", "enabled"):
+    for key in (
+        "scm",
+        "scmurl",
+        "scmrevision",
+        "depends",
+        "homepage",
+        "contributors",
+        "category",
+        "iconurl",
+        "status",
+        "description",
+        "screenshoturls",
+        "enabled",
+    ):
         assert s4ext.get(key), f"s4ext lacks {key}"
     assert s4ext["scm"] == "git" and s4ext["scmrevision"] == "main" and s4ext["enabled"] == "1"
     assert s4ext["category"] == meta["EXTENSION_CATEGORY"] == "Segmentation"
@@ -357,13 +439,25 @@ def test_extensions_index_entry_follows_the_catalog_schema_and_agrees_with_cmake
     raw = path.read_bytes()
     assert b"\r" not in raw and raw.endswith(b"\n")
     entry = json.loads(raw)
-    allowed = {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
-               "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int}
+    allowed = {
+        "$schema": str,
+        "category": str,
+        "scm_url": str,
+        "scm_revision": str,
+        "scm_type": str,
+        "build_dependencies": list,
+        "build_subdirectory": str,
+        "enabled": bool,
+        "tier": int,
+    }
     assert set(entry) <= set(allowed) and {"$schema", "category", "scm_url"} <= set(entry)
     assert all(isinstance(entry[k], allowed[k]) for k in entry) and 1 <= entry["tier"] <= 5
     assert entry["$schema"].endswith("/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json#")
-    s4ext = dict(line.split(" ", 1) for line in (REPO / f"{project}.s4ext").read_text().splitlines()
-                 if line.strip() and not line.startswith("#"))
+    s4ext = dict(
+        line.split(" ", 1)
+        for line in (REPO / f"{project}.s4ext").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    )
     meta = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', top))
     assert entry["category"] == s4ext["category"] == meta["EXTENSION_CATEGORY"] == "Segmentation"
     assert entry["scm_url"] == s4ext["scmurl"] and entry["scm_revision"] == s4ext["scmrevision"]

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from HFSAMCore.errors import InputError
 from HFSAMCore.io.dicom import MODALITY_KEY
 from HFSAMCore.io.geometry import geometry_mismatch, labels_onto_image, same_geometry
 from HFSAMCore.io.read import read_image, read_label_volumes, read_labels
 from HFSAMCore.io.write import write_image, write_json
-from HFSAMCore.errors import InputError
 
 SERIES_A = "1.2.826.0.1.3680043.2.1125.1"
 SERIES_B = "1.2.826.0.1.3680043.2.1125.2"
@@ -37,7 +37,9 @@ def dicom(ctdicom) -> sitk.Image:
 
 
 def _small(pixel=sitk.sitkInt16, size=(6, 5, 4), value=None) -> sitk.Image:
-    arr = np.arange(np.prod(size), dtype=np.float64).reshape(size[::-1]) if value is None else np.full(size[::-1], value)
+    arr = (
+        np.arange(np.prod(size), dtype=np.float64).reshape(size[::-1]) if value is None else np.full(size[::-1], value)
+    )
     img = sitk.Cast(sitk.GetImageFromArray(arr), pixel)
     img.SetSpacing((0.7, 0.8, 2.5))
     img.SetOrigin((-10.0, 20.0, 30.0))
@@ -387,7 +389,7 @@ def test_write_into_read_only_folder_is_refused(repo_root):
             if os.geteuid() == 0:
                 os.setgid(65534); os.setuid(65534)
             try:
-                write_image(sitk.Image(4, 4, 4, sitk.sitkUInt8), {str(folder / 'x.nrrd')!r})
+                write_image(sitk.Image(4, 4, 4, sitk.sitkUInt8), {str(folder / "x.nrrd")!r})
                 print(json.dumps({{"raised": None}}))
             except InputError as e:
                 print(json.dumps({{"raised": "InputError", "msg": str(e)}}))

@@ -47,9 +47,13 @@ def test_on_windows_the_window_is_also_hidden_through_startupinfo(monkeypatch):
 
 def _subprocess_calls(tree):
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
-                and node.func.value.id == "subprocess" and node.func.attr in ("Popen", "run", "call", "check_call",
-                                                                            "check_output")):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "subprocess"
+            and node.func.attr in ("Popen", "run", "call", "check_call", "check_output")
+        ):
             yield node
 
 
@@ -60,7 +64,8 @@ def test_every_child_process_of_the_module_takes_the_hidden_window_options():
             calls += 1
             spread = [k.value for k in call.keywords if k.arg is None]
             assert any(isinstance(v, ast.Call) and getattr(v.func, "id", "") == "popen_options" for v in spread), (
-                f"{path.name}:{call.lineno}: subprocess.{call.func.attr} without **popen_options(...)")
+                f"{path.name}:{call.lineno}: subprocess.{call.func.attr} without **popen_options(...)"
+            )
     assert calls >= 3  # runner, taskkill, library command
 
 
@@ -79,7 +84,7 @@ def test_cancel_on_windows_kills_the_tree_with_a_hidden_taskkill(monkeypatch):
     runner = process_runner.ProcessRunner(["x"])
     runner._proc = Child()
     runner.cancel()
-    (argv, kwargs), = runs
+    ((argv, kwargs),) = runs
     assert argv == ["taskkill", "/PID", "4242", "/T", "/F"]
     assert kwargs["creationflags"] == CREATE_NO_WINDOW and kwargs["stdin"] is subprocess.DEVNULL
 

@@ -17,10 +17,10 @@ import time
 import torch
 from segment_anything.modeling.image_encoder import Attention, Block
 
-from HFSAMCore.runtime.malloc import keep_freed_memory
 from HFSAMCore.model import attention
 from HFSAMCore.model.attention import FastAttention, FastBlock
 from HFSAMCore.model.hfsam import HFSAM, ModelSpec
+from HFSAMCore.runtime.malloc import keep_freed_memory
 
 # name -> (block class, attention class, chunked CPU attention)
 VARIANTS = {
@@ -61,8 +61,10 @@ def main() -> None:
     for _ in range(args.repeats):
         for v in VARIANTS:
             best[v] = min(best[v], forward(v))
-    print(f"vit_b 512 px, {args.precision}, batch {args.batch}, keep_freed_memory={args.keep_freed_memory}, "
-          f"{torch.get_num_threads()} threads; ms per slice, minimum of {args.repeats} rounds")
+    print(
+        f"vit_b 512 px, {args.precision}, batch {args.batch}, keep_freed_memory={args.keep_freed_memory}, "
+        f"{torch.get_num_threads()} threads; ms per slice, minimum of {args.repeats} rounds"
+    )
     for v, seconds in best.items():
         print(f"| {v} | {1000 * seconds / args.batch:.0f} |")
 

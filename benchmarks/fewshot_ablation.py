@@ -24,17 +24,17 @@ torch.set_num_threads(int(a.get("threads", 2)))
 
 import SimpleITK as sitk  # noqa: E402
 
-from HFSAMCore.workflows.demo import evaluate_held_out, spread
-from HFSAMCore.train.fewshot import TrainConfig, train
-from HFSAMCore.train.training_set import prepare_training_set
-from HFSAMCore.model.loading import load_model
-from HFSAMCore.model.hfsam import HFSAM
-from HFSAMCore.runtime.progress import Progress
-from HFSAMCore.store.sample_data import repo_data_dir
-from HFSAMCore.model.inference import segment_image
-from HFSAMCore.io.slices import SliceView, labeled_slices
 from HFSAMCore.io.geometry import labels_onto_image
 from HFSAMCore.io.read import read_image, read_labels
+from HFSAMCore.io.slices import SliceView, labeled_slices
+from HFSAMCore.model.hfsam import HFSAM
+from HFSAMCore.model.inference import segment_image
+from HFSAMCore.model.loading import load_model
+from HFSAMCore.runtime.progress import Progress
+from HFSAMCore.store.sample_data import repo_data_dir
+from HFSAMCore.train.fewshot import TrainConfig, train
+from HFSAMCore.train.training_set import prepare_training_set
+from HFSAMCore.workflows.demo import evaluate_held_out, spread
 
 if a.get("init") == "default":
     HFSAM.start_fusion_near_identity = lambda self: None  # the ablation: PyTorch's default init
@@ -46,23 +46,44 @@ ref_on_grid = labels_onto_image(reference, image)  # kept alive: the array view 
 ref_stack = view.to_slices(sitk.GetArrayViewFromImage(ref_on_grid))
 picked = spread(labeled_slices(ref_stack), int(a.get("n", 5)))
 torch.manual_seed(0)
-lm = load_model(backbone="lite_medsam", img_size=256, classes="synapse", rank=int(a.get("rank", 5)),
-                fusion=a.get("fusion", "two_step"), progress=Progress("none"))
-data = prepare_training_set(image, reference, num_classes=8, img_size=256,
-                            slices=[view.original_index(s) for s in picked])
+lm = load_model(
+    backbone="lite_medsam",
+    img_size=256,
+    classes="synapse",
+    rank=int(a.get("rank", 5)),
+    fusion=a.get("fusion", "two_step"),
+    progress=Progress("none"),
+)
+data = prepare_training_set(
+    image, reference, num_classes=8, img_size=256, slices=[view.original_index(s) for s in picked]
+)
 precision = getattr(torch, a.get("prec", "bfloat16"))
-cfg = TrainConfig(steps=int(a.get("steps", 300)), holdout=0, seed=0, precision=precision,
-                  cached_steps=int(a.get("cached", 0)), pool=int(a.get("pool", 8)), augment=a.get("aug", "1") == "1",
-                  lr=float(a.get("lr", 0.0025)), batch_size=int(a.get("bs", 4)))
+cfg = TrainConfig(
+    steps=int(a.get("steps", 300)),
+    holdout=0,
+    seed=0,
+    precision=precision,
+    cached_steps=int(a.get("cached", 0)),
+    pool=int(a.get("pool", 8)),
+    augment=a.get("aug", "1") == "1",
+    lr=float(a.get("lr", 0.0025)),
+    batch_size=int(a.get("bs", 4)),
+)
 wall, cpu = time.perf_counter(), time.process_time()
 train(lm.model, data, cfg)
 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 pred, _ = segment_image(image, lm.model, dtype=torch.bfloat16)
 names = {c["value"]: c["name"] for c in lm.classes}
 res = evaluate_held_out(image, view, ref_stack, view.to_slices(sitk.GetArrayViewFromImage(pred)), picked, names)
-out = {"args": a, "slices": data.slices, "train_wall": round(wall, 1), "train_cpu": round(cpu, 1),
-       "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-       "mean": round(res["mean"]["dice"], 4), "dice": {c["name"]: round(c["dice"], 3) for c in res["classes"]}}
+out = {
+    "args": a,
+    "slices": data.slices,
+    "train_wall": round(wall, 1),
+    "train_cpu": round(cpu, 1),
+    "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+    "mean": round(res["mean"]["dice"], 4),
+    "dice": {c["name"]: round(c["dice"], 3) for c in res["classes"]},
+}
 print(json.dumps(out))
 with open(Path(__file__).parent / "results" / "fewshot_ablation.jsonl", "a") as f:
     f.write(json.dumps(out) + "\n")

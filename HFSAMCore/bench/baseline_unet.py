@@ -19,8 +19,10 @@ def require_monai() -> None:
     import importlib.util
 
     if importlib.util.find_spec("monai") is None:
-        raise InputError("the U-Net baseline needs MONAI: pip install monai (or pip install -e '.[bench]'), "
-                         "or leave it out with --methods hfsam decoder_only")
+        raise InputError(
+            "the U-Net baseline needs MONAI: pip install monai (or pip install -e '.[bench]'), "
+            "or leave it out with --methods hfsam decoder_only"
+        )
 
 
 @dataclass(frozen=True)

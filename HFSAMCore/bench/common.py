@@ -1,5 +1,4 @@
-"""What every benchmark shares: synchronised timing, fresh processes for peak memory, the machine.
-"""
+"""What every benchmark shares: synchronised timing, fresh processes for peak memory, the machine."""
 
 from __future__ import annotations
 
@@ -43,9 +42,14 @@ def in_fresh_process(fn, *args, our_allocator: bool = True):
 def machine_info(device) -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))

@@ -1,5 +1,4 @@
-"""`hfsam bench fewshot`: fine-tune on N labeled slices per method, segment, per-organ Dice on the others.
-"""
+"""`hfsam bench fewshot`: fine-tune on N labeled slices per method, segment, per-organ Dice on the others."""
 
 from __future__ import annotations
 
@@ -36,8 +35,16 @@ def _fewshot_model(method: str, backbone: str, checkpoint, library, img_size: in
     if method == "unet":
         return UNetBaseline(img_size, 8), TrainConfig(steps=steps or UNET_STEPS, lr=UNET_LR, **common)
     fusion, rank = ("none", 0) if method == "decoder_only" else ("two_step", 5)
-    lm = load_model(checkpoint=checkpoint, backbone=backbone, img_size=img_size, classes="synapse", rank=rank,
-                    fusion=fusion, library=ModelLibrary(library), progress=Progress("none"))
+    lm = load_model(
+        checkpoint=checkpoint,
+        backbone=backbone,
+        img_size=img_size,
+        classes="synapse",
+        rank=rank,
+        fusion=fusion,
+        library=ModelLibrary(library),
+        progress=Progress("none"),
+    )
     cfg = recipe_config(backbone, steps=steps, **common)
     if method == "hfsam_lora":
         cfg.steps, cfg.cached_steps = cfg.steps + LORA_STEPS, min(cfg.cached_steps, cfg.steps)
@@ -46,8 +53,9 @@ def _fewshot_model(method: str, backbone: str, checkpoint, library, img_size: in
     return lm.model, cfg
 
 
-def _fewshot_worker(method, n_labeled, backbone, checkpoint, img_size, steps, device_name, image_path, labels_path,
-                    library):
+def _fewshot_worker(
+    method, n_labeled, backbone, checkpoint, img_size, steps, device_name, image_path, labels_path, library
+):
     import SimpleITK as sitk
     import torch
 
@@ -70,8 +78,14 @@ def _fewshot_worker(method, n_labeled, backbone, checkpoint, img_size, steps, de
     torch.manual_seed(0)
     t = time.perf_counter()
     model, cfg = _fewshot_model(method, backbone, checkpoint, library, img_size, dtype, steps)
-    data = prepare_training_set(image, reference, num_classes=8, img_size=img_size,
-                                slices=[view.original_index(s) for s in picked], device=device)
+    data = prepare_training_set(
+        image,
+        reference,
+        num_classes=8,
+        img_size=img_size,
+        slices=[view.original_index(s) for s in picked],
+        device=device,
+    )
     report = train(model, data, cfg)
     train_s = time.perf_counter() - t  # model loading, feature caching and training: what a user waits for
     t = time.perf_counter()
@@ -83,14 +97,24 @@ def _fewshot_worker(method, n_labeled, backbone, checkpoint, img_size, steps, de
         a, b = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(pred32)
         agreement = round(100 * float((a == b).mean()), 3)
     from ..model.classes import resolve_classes
+
     names = {c["value"]: c["name"] for c in resolve_classes("synapse")}
     res = evaluate_held_out(image, view, ref_stack, view.to_slices(sitk.GetArrayViewFromImage(pred)), picked, names)
-    return {"method": method, "n_labeled": n_labeled, "slices": data.slices, "steps": report.steps,
-            "cached_steps": report.cached_steps, "train_wall_s": round(train_s, 1),
-            "segment_wall_s": round(segment_s, 1), "peak_memory_mb": round(peak_memory_mb(device), 0),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "dice": {c["name"]: c["dice"] for c in res["classes"]}, "mean_dice": res["mean"]["dice"],
-            "precision": str(dtype).replace("torch.", ""), "voxels_equal_to_fp32_pct": agreement}
+    return {
+        "method": method,
+        "n_labeled": n_labeled,
+        "slices": data.slices,
+        "steps": report.steps,
+        "cached_steps": report.cached_steps,
+        "train_wall_s": round(train_s, 1),
+        "segment_wall_s": round(segment_s, 1),
+        "peak_memory_mb": round(peak_memory_mb(device), 0),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "dice": {c["name"]: c["dice"] for c in res["classes"]},
+        "mean_dice": res["mean"]["dice"],
+        "precision": str(dtype).replace("torch.", ""),
+        "voxels_equal_to_fp32_pct": agreement,
+    }
 
 
 def run_fewshot(args, progress: Progress) -> dict:
@@ -121,9 +145,24 @@ def run_fewshot(args, progress: Progress) -> dict:
     threads = max(1, (os.cpu_count() or 1) // parallel) if device.type == "cpu" else None
     ctx = mp.get_context("spawn")
     with ctx.Pool(parallel, initializer=_fewshot_process_init, initargs=(threads,), maxtasksperchild=1) as pool:
-        pending = [pool.apply_async(_fewshot_worker, (method, n, backbone, args.checkpoint, img_size, args.steps,
-                                                      str(device), str(sample["image"]), str(sample["labels"]),
-                                                      args.library)) for n, method in jobs]
+        pending = [
+            pool.apply_async(
+                _fewshot_worker,
+                (
+                    method,
+                    n,
+                    backbone,
+                    args.checkpoint,
+                    img_size,
+                    args.steps,
+                    str(device),
+                    str(sample["image"]),
+                    str(sample["labels"]),
+                    args.library,
+                ),
+            )
+            for n, method in jobs
+        ]
         rows = []
         for i, ((n, method), job) in enumerate(zip(jobs, pending)):
             rows.append(dict(job.get(), threads=threads))
@@ -131,8 +170,16 @@ def run_fewshot(args, progress: Progress) -> dict:
             # The whole row goes to the log as it finishes: a run stopped later (for time, or by a failed
             # row) still leaves every finished row's numbers, not only its mean.
             organs = ", ".join(f"{k} {v:.3f}" for k, v in rows[-1]["dice"].items() if v is not None)
-            progress.log(f"N={n} {method}: mean Dice {rows[-1]['mean_dice']:.3f}, "
-                         f"trained in {rows[-1]['train_wall_s']} s, peak {rows[-1]['peak_memory_mb']:.0f} MB ({organs})")
-    return {"machine": machine_info(device), "backbone": backbone, "checkpoint": args.checkpoint or "library",
-            "img_size": img_size, "recipe": {"steps": info.recipe.steps, "cached_steps": info.recipe.cached_steps},
-            "methods": {m: FEWSHOT_METHODS[m] for m in methods}, "rows": rows}
+            progress.log(
+                f"N={n} {method}: mean Dice {rows[-1]['mean_dice']:.3f}, "
+                f"trained in {rows[-1]['train_wall_s']} s, peak {rows[-1]['peak_memory_mb']:.0f} MB ({organs})"
+            )
+    return {
+        "machine": machine_info(device),
+        "backbone": backbone,
+        "checkpoint": args.checkpoint or "library",
+        "img_size": img_size,
+        "recipe": {"steps": info.recipe.steps, "cached_steps": info.recipe.cached_steps},
+        "methods": {m: FEWSHOT_METHODS[m] for m in methods},
+        "rows": rows,
+    }

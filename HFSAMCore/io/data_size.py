@@ -1,5 +1,4 @@
-"""That an input file's voxel data is complete: the bytes its header promises, no fewer and no more.
-"""
+"""That an input file's voxel data is complete: the bytes its header promises, no fewer and no more."""
 
 from __future__ import annotations
 
@@ -21,18 +20,54 @@ from .formats import (
 )
 from .reader_messages import truncated
 
-_ITEM_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
-               "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
-               "MET_DOUBLE": 8}
+_ITEM_SIZES = {
+    "MET_CHAR": 1,
+    "MET_UCHAR": 1,
+    "MET_SHORT": 2,
+    "MET_USHORT": 2,
+    "MET_INT": 4,
+    "MET_UINT": 4,
+    "MET_LONG": 4,
+    "MET_ULONG": 4,
+    "MET_LONG_LONG": 8,
+    "MET_ULONG_LONG": 8,
+    "MET_FLOAT": 4,
+    "MET_DOUBLE": 8,
+}
 
 
-_NRRD_SIZES = {1: ("char", "uchar", "int8", "uint8", "signed char", "unsigned char", "int8_t", "uint8_t"),
-               2: ("short", "ushort", "int16", "uint16", "short int", "unsigned short", "unsigned short int",
-                   "signed short", "signed short int", "int16_t", "uint16_t"),
-               4: ("int", "uint", "int32", "uint32", "signed int", "unsigned int", "int32_t", "uint32_t", "float"),
-               8: ("longlong", "ulonglong", "int64", "uint64", "long long", "unsigned long long", "long long int",
-                   "unsigned long long int", "signed long long", "signed long long int", "int64_t", "uint64_t",
-                   "double")}
+_NRRD_SIZES = {
+    1: ("char", "uchar", "int8", "uint8", "signed char", "unsigned char", "int8_t", "uint8_t"),
+    2: (
+        "short",
+        "ushort",
+        "int16",
+        "uint16",
+        "short int",
+        "unsigned short",
+        "unsigned short int",
+        "signed short",
+        "signed short int",
+        "int16_t",
+        "uint16_t",
+    ),
+    4: ("int", "uint", "int32", "uint32", "signed int", "unsigned int", "int32_t", "uint32_t", "float"),
+    8: (
+        "longlong",
+        "ulonglong",
+        "int64",
+        "uint64",
+        "long long",
+        "unsigned long long",
+        "long long int",
+        "unsigned long long int",
+        "signed long long",
+        "signed long long int",
+        "int64_t",
+        "uint64_t",
+        "double",
+    ),
+}
 
 
 def check_data_size(path: Path, fmt: str, slice_bytes: int) -> None:
@@ -49,8 +84,10 @@ def check_data_size(path: Path, fmt: str, slice_bytes: int) -> None:
     if actual < expected:
         raise truncated(path, actual, expected)
     if actual - expected >= max(1, slice_bytes):
-        raise InputError(f"{path} holds {actual - expected} bytes of voxel data more than its header describes "
-                         f"({expected}): the sizes in its header are wrong; export the volume again")
+        raise InputError(
+            f"{path} holds {actual - expected} bytes of voxel data more than its header describes "
+            f"({expected}): the sizes in its header are wrong; export the volume again"
+        )
 
 
 def _stream_size(path: Path, offset: int, encoding: str) -> int:
@@ -82,9 +119,15 @@ def _nrrd_data(path: Path) -> tuple[int, int] | None:
         if m:
             fields[m.group(1).strip().lower()] = m.group(2).strip()
     encoding = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "bzip2": "bzip2", "bz2": "bzip2"}.get(
-        fields.get("encoding", "").lower())
-    if encoding is None or "line skip" in fields or "lineskip" in fields or "byte skip" in fields \
-            or "byteskip" in fields:
+        fields.get("encoding", "").lower()
+    )
+    if (
+        encoding is None
+        or "line skip" in fields
+        or "lineskip" in fields
+        or "byte skip" in fields
+        or "byteskip" in fields
+    ):
         return None
     item = next((n for n, names in _NRRD_SIZES.items() if fields.get("type", "").lower() in names), None)
     sizes = [int(v) for v in fields.get("sizes", "").split()]
@@ -164,7 +207,7 @@ def check_nifti_complete(path: Path, image) -> None:
                     if dtype is None:
                         little = int.from_bytes(block[:4], "little") in NIFTI_HEADER_SIZES
                         dtype = np.dtype(("<" if little else ">") + item)
-                    data = carry + block[max(0, offset - actual): max(0, expected - actual)]
+                    data = carry + block[max(0, offset - actual) : max(0, expected - actual)]
                     whole = len(data) - len(data) % dtype.itemsize
                     finite = bool(np.isfinite(np.frombuffer(data[:whole], dtype)).all())
                     carry = data[whole:]
@@ -175,8 +218,10 @@ def check_nifti_complete(path: Path, image) -> None:
         raise truncated(path, actual, expected)
     slice_bytes = int(np.prod(dims[:2])) * item_bytes if len(dims) >= 2 else item_bytes
     if actual - expected >= slice_bytes:
-        raise InputError(f"{path} holds {actual - expected} bytes more than its header describes: the sizes in "
-                         "its header are wrong; export the volume again")
+        raise InputError(
+            f"{path} holds {actual - expected} bytes more than its header describes: the sizes in "
+            "its header are wrong; export the volume again"
+        )
     if not finite:
         raise non_finite(str(path))
 

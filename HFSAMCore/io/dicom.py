@@ -1,5 +1,4 @@
-"""Reading DICOM series: choosing the series, its geometry from the headers, and the files left out.
-"""
+"""Reading DICOM series: choosing the series, its geometry from the headers, and the files left out."""
 
 from __future__ import annotations
 
@@ -14,12 +13,12 @@ from .formats import Warn, files_in
 from .geometry import affine_of
 from .header_geometry import GEOMETRY_TOLERANCE_MM, check_geometry, max_displacement_mm
 from .reader_messages import (
+    captured_stderr,
     first_line,
     itk_warnings_on,
     pass_on,
     python_warning,
     quiet_itk,
-    captured_stderr,
     reader_warnings,
 )
 
@@ -33,17 +32,15 @@ SERIES_SEP = "::"
 def read_dicom_folder(folder: Path, uid: str | None, warn: Warn | None) -> sitk.Image:
     series = _list_series(folder)
     if not series:
-        hint = " (it holds sub-folders: pass the one with the .dcm files)" if any(
-            c.is_dir() for c in folder.iterdir()
-        ) else ""
-        raise InputError(
-            f"no DICOM series in {folder}{hint}; for a NIfTI/NRRD file pass the file itself"
+        hint = (
+            " (it holds sub-folders: pass the one with the .dcm files)"
+            if any(c.is_dir() for c in folder.iterdir())
+            else ""
         )
+        raise InputError(f"no DICOM series in {folder}{hint}; for a NIfTI/NRRD file pass the file itself")
     if uid is not None:
         if uid not in series:
-            raise InputError(
-                f"series {uid!r} is not in {folder}; it holds: {_describe_series(series)}"
-            )
+            raise InputError(f"series {uid!r} is not in {folder}; it holds: {_describe_series(series)}")
         return _read_series(folder, uid, series, warn)
     if len(series) > 1:
         raise InputError(
@@ -60,8 +57,10 @@ def read_dicom_file_series(file: Path, warn: Warn | None) -> sitk.Image:
     for uid, files in series.items():
         if any(Path(f).resolve() == target for f in files):
             return _read_series(file.parent, uid, series, warn)
-    raise InputError(f"cannot read {file}: it is a DICOM file but not a readable image (damaged, truncated, or "
-                     "not an image object such as a report or structure set)")
+    raise InputError(
+        f"cannot read {file}: it is a DICOM file but not a readable image (damaged, truncated, or "
+        "not an image object such as a report or structure set)"
+    )
 
 
 def _list_series(folder: Path) -> dict[str, tuple[str, ...]]:
@@ -90,9 +89,7 @@ def _series_geometry(reader: sitk.ImageSeriesReader, image: sitk.Image, name: st
     if n < 2:
         return image
     try:
-        positions = np.array(
-            [[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)]
-        )
+        positions = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
     except (RuntimeError, ValueError):
         return image  # no Image Position (Patient) on every slice: nothing to check against
     if positions.shape != (n, 3) or not np.isfinite(positions).all():
@@ -112,8 +109,11 @@ def _series_geometry(reader: sitk.ImageSeriesReader, image: sitk.Image, name: st
     true = direction.copy()
     true[:, 2] = step / np.linalg.norm(step)
     spacing = (*image.GetSpacing()[:2], float(np.linalg.norm(step)))
-    moved = max_displacement_mm(affine_of(image.GetOrigin(), image.GetSpacing(), direction),
-                                          affine_of(positions[0], spacing, true), image.GetSize())
+    moved = max_displacement_mm(
+        affine_of(image.GetOrigin(), image.GetSpacing(), direction),
+        affine_of(positions[0], spacing, true),
+        image.GetSize(),
+    )
     if moved <= GEOMETRY_TOLERANCE_MM:
         return image
     tilt = float(np.degrees(np.arccos(np.clip(abs(true[:, 2] @ direction[:, 2]), -1.0, 1.0))))
@@ -123,7 +123,8 @@ def _series_geometry(reader: sitk.ImageSeriesReader, image: sitk.Image, name: st
     (warn or python_warning)(
         f"{name} was acquired with a gantry tilt of {tilt:.3g} degrees: it is read with its true, sheared "
         f"geometry (ITK alone would move voxels up to {moved:.3g} mm); write results as NRRD or MHA, since "
-        "NIfTI cannot store it")
+        "NIfTI cannot store it"
+    )
     return image
 
 
@@ -186,16 +187,19 @@ def _sop_class(path: Path) -> str | None:
         return None
     pos = 132
     while pos + 8 <= len(head):
-        group, element = int.from_bytes(head[pos:pos + 2], "little"), int.from_bytes(head[pos + 2:pos + 4], "little")
+        group, element = (
+            int.from_bytes(head[pos : pos + 2], "little"),
+            int.from_bytes(head[pos + 2 : pos + 4], "little"),
+        )
         if group != 2:
             return None
-        vr = head[pos + 4:pos + 6]
+        vr = head[pos + 4 : pos + 6]
         if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            length, start = int.from_bytes(head[pos + 8:pos + 12], "little"), pos + 12
+            length, start = int.from_bytes(head[pos + 8 : pos + 12], "little"), pos + 12
         else:
-            length, start = int.from_bytes(head[pos + 6:pos + 8], "little"), pos + 8
+            length, start = int.from_bytes(head[pos + 6 : pos + 8], "little"), pos + 8
         if element == 2:
-            return head[start:start + length].rstrip(b"\0 ").decode("ascii", errors="replace").strip()
+            return head[start : start + length].rstrip(b"\0 ").decode("ascii", errors="replace").strip()
         pos = start + length
     return None
 
@@ -218,5 +222,7 @@ def check_dicom_leftovers(folder: Path, series_files: set[str], series_class: st
             lost.append(f.name)
     if lost:
         more = f" and {len(lost) - 1} more" if len(lost) > 1 else ""
-        raise InputError(f"{len(lost)} DICOM image file(s) in {folder} could not be read ({lost[0]}{more}): they "
-                         "are damaged or truncated and would be missing from the volume; copy the series again")
+        raise InputError(
+            f"{len(lost)} DICOM image file(s) in {folder} could not be read ({lost[0]}{more}): they "
+            "are damaged or truncated and would be missing from the volume; copy the series again"
+        )

@@ -31,8 +31,9 @@ import os
 import re
 import stat
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..errors import InputError
 
@@ -41,22 +42,49 @@ Warn = Callable[[str], None]
 
 #: What HF-SAM reads, by file name ending (longest first); a file without one of these endings is
 #: read only when its content is DICOM.
-READ_SUFFIXES = {".nii.gz": "NIfTI", ".nii": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage",
-                 ".mhd": "MetaImage", ".dcm": "DICOM"}
+READ_SUFFIXES = {
+    ".nii.gz": "NIfTI",
+    ".nii": "NIfTI",
+    ".nrrd": "NRRD",
+    ".nhdr": "NRRD",
+    ".mha": "MetaImage",
+    ".mhd": "MetaImage",
+    ".dcm": "DICOM",
+}
 
 
 SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or DICOM"
 
 
 # Formats ITK would read but HF-SAM does not check (so refuses): their name, by file name ending.
-_OTHER_FORMATS = {".hdr": "an Analyze/NIfTI header (.hdr/.img pair)", ".img": "Analyze/NIfTI pair data (.img)",
-                  ".img.gz": "Analyze/NIfTI pair data (.img.gz)", ".vtk": "a VTK file", ".vti": "a VTK file",
-                  ".mnc": "a MINC file", ".mnc2": "a MINC file", ".tif": "a TIFF image", ".tiff": "a TIFF image",
-                  ".png": "a PNG image", ".jpg": "a JPEG image", ".jpeg": "a JPEG image", ".bmp": "a BMP image",
-                  ".gipl": "a GIPL file", ".gipl.gz": "a GIPL file", ".lsm": "an LSM file", ".pic": "a Bio-Rad file",
-                  ".rec": "a Philips PAR/REC file", ".par": "a Philips PAR/REC file", ".nrrd.gz": "a gzipped NRRD",
-                  ".mgz": "a FreeSurfer MGZ file", ".mgh": "a FreeSurfer MGH file", ".npy": "a NumPy array",
-                  ".h5": "an HDF5 file", ".npz": "a NumPy archive", ".zip": "a ZIP archive"}
+_OTHER_FORMATS = {
+    ".hdr": "an Analyze/NIfTI header (.hdr/.img pair)",
+    ".img": "Analyze/NIfTI pair data (.img)",
+    ".img.gz": "Analyze/NIfTI pair data (.img.gz)",
+    ".vtk": "a VTK file",
+    ".vti": "a VTK file",
+    ".mnc": "a MINC file",
+    ".mnc2": "a MINC file",
+    ".tif": "a TIFF image",
+    ".tiff": "a TIFF image",
+    ".png": "a PNG image",
+    ".jpg": "a JPEG image",
+    ".jpeg": "a JPEG image",
+    ".bmp": "a BMP image",
+    ".gipl": "a GIPL file",
+    ".gipl.gz": "a GIPL file",
+    ".lsm": "an LSM file",
+    ".pic": "a Bio-Rad file",
+    ".rec": "a Philips PAR/REC file",
+    ".par": "a Philips PAR/REC file",
+    ".nrrd.gz": "a gzipped NRRD",
+    ".mgz": "a FreeSurfer MGZ file",
+    ".mgh": "a FreeSurfer MGH file",
+    ".npy": "a NumPy array",
+    ".h5": "an HDF5 file",
+    ".npz": "a NumPy archive",
+    ".zip": "a ZIP archive",
+}
 
 
 _CONVERT = "convert it to NRRD or NIfTI (in 3D Slicer: load it, then File > Save Data as .nrrd)"
@@ -112,8 +140,15 @@ def check_file(path: Path) -> str:
         raise InputError(f"cannot open {path}: {exc.strerror or exc}") from None
     mode = info.st_mode
     if not stat.S_ISREG(mode):
-        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
-            "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "not a regular file"
+        )
         raise InputError(f"{path} is {kind}, not an image file: pass a {SUPPORTED} file or a DICOM folder")
     if not os.access(path, os.R_OK):
         raise InputError(f"{path} cannot be read (permission denied): make it readable or copy it")
@@ -131,8 +166,10 @@ def check_file(path: Path) -> str:
         raise InputError(f"cannot read {path}: the compressed file is damaged or truncated; copy or export it again")
     if content == "gzip" or (content.endswith("-gz") and content != "NIfTI-gz"):
         what = "a gzip file that holds no image" if content == "gzip" else f"a gzip-compressed {content[:-3]} file"
-        raise InputError(f"{path} is {what}: HF-SAM reads {SUPPORTED} (of those, only NIfTI may be gzip-compressed "
-                         "as a whole: decompress it first)")
+        raise InputError(
+            f"{path} is {what}: HF-SAM reads {SUPPORTED} (of those, only NIfTI may be gzip-compressed "
+            "as a whole: decompress it first)"
+        )
     if not content:
         other = _OTHER_FORMATS.get(suffix_of(path, _OTHER_FORMATS) or "")
         if other:
@@ -144,12 +181,15 @@ def check_file(path: Path) -> str:
         with contextlib.suppress(OSError, UnicodeDecodeError):
             missing = [f for f in detached_data_files(path) if "%" not in f.name and not f.is_file()]
             if missing:
-                raise InputError(f"{path} is a header whose data file {missing[0].name} is not in {missing[0].parent}: "
-                                 "copy the data file beside it (or pass the .nrrd/.mha that holds both)")
+                raise InputError(
+                    f"{path} is a header whose data file {missing[0].name} is not in {missing[0].parent}: "
+                    "copy the data file beside it (or pass the .nrrd/.mha that holds both)"
+                )
     if suffix not in _NAMES_OF[actual]:
         shown = f"'{suffix}'" if suffix else (f"'{path.suffix}'" if path.suffix else "without an extension")
-        raise InputError(f"{path} is a {actual} file but is named {shown}: rename it to end in "
-                         f"{' or '.join(_NAMES_OF[actual])}")
+        raise InputError(
+            f"{path} is a {actual} file but is named {shown}: rename it to end in {' or '.join(_NAMES_OF[actual])}"
+        )
     return actual
 
 
@@ -208,7 +248,7 @@ def detached_data_files(header: Path) -> list[Path]:
             if m:
                 value = m.group(1).strip()
                 if value.upper().startswith("LIST"):
-                    return [header.parent / v.strip() for v in lines[i + 1:] if v.strip()]
+                    return [header.parent / v.strip() for v in lines[i + 1 :] if v.strip()]
                 return [header.parent / value.split()[0]] if value else []
     else:
         for i, line in enumerate(lines):
@@ -216,7 +256,7 @@ def detached_data_files(header: Path) -> list[Path]:
             if m:
                 value = m.group(1).strip()
                 if value.upper() == "LIST":
-                    return [header.parent / v.strip() for v in lines[i + 1:] if v.strip()]
+                    return [header.parent / v.strip() for v in lines[i + 1 :] if v.strip()]
                 return [] if value.upper() == "LOCAL" else [header.parent / value]
     return []
 

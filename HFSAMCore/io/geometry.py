@@ -1,5 +1,4 @@
-"""Geometry: comparing grids, and bringing label maps onto an image grid by physical position.
-"""
+"""Geometry: comparing grids, and bringing label maps onto an image grid by physical position."""
 
 from __future__ import annotations
 
@@ -55,7 +54,7 @@ def labels_outside(labels: sitk.Image, grid: sitk.Image) -> tuple[int, int]:
     size = np.asarray(grid.GetSize(), float)[:, None]
     outside = total = 0
     for k0 in range(0, arr.shape[0], 16):
-        kk, jj, ii = np.nonzero(arr[k0:k0 + 16])
+        kk, jj, ii = np.nonzero(arr[k0 : k0 + 16])
         if not kk.size:
             continue
         points = np.vstack([ii, jj, kk + k0, np.ones_like(ii)]).astype(float)
@@ -70,8 +69,10 @@ def describe_outside(outside: int, total: int, what: str, where: str) -> str | N
     """The warning for ``labels_outside``'s count (None when nothing meaningful is lost: under 0.5 %)."""
     if not total or outside / total < 0.005:
         return None
-    return (f"{100 * outside / total:.1f} % of {what} ({outside} of {total} labeled voxels) lie outside {where} "
-            "and are ignored")
+    return (
+        f"{100 * outside / total:.1f} % of {what} ({outside} of {total} labeled voxels) lie outside {where} "
+        "and are ignored"
+    )
 
 
 def _physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:

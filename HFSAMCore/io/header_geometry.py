@@ -1,5 +1,4 @@
-"""That the geometry ITK returns is the one the file's header states (spacing, direction, NIfTI sform/qform).
-"""
+"""That the geometry ITK returns is the one the file's header states (spacing, direction, NIfTI sform/qform)."""
 
 from __future__ import annotations
 
@@ -20,8 +19,9 @@ def check_geometry(image, name: str) -> None:
     n = image.GetDimension()
     direction = np.asarray(image.GetDirection(), float).reshape(n, n)
     if not (np.isfinite(spacing).all() and (spacing > 0).all()):
-        raise InputError(f"{name} has the voxel spacing {tuple(spacing)}: spacings must be positive numbers; "
-                         "fix the header")
+        raise InputError(
+            f"{name} has the voxel spacing {tuple(spacing)}: spacings must be positive numbers; fix the header"
+        )
     if not (np.isfinite(origin).all() and np.isfinite(direction).all()) or abs(np.linalg.det(direction)) < 1e-6:
         raise InputError(f"{name} has an invalid origin or direction matrix in its header: fix the header")
 
@@ -62,9 +62,13 @@ def nifti_header_geometry(path: Path) -> dict | None:
     if qcode > 0:
         b, c, d = quat[:3]
         a = np.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
-        rot = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
-                        [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
-                        [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+        rot = np.array(
+            [
+                [a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b],
+            ]
+        )
         qfac = -1.0 if pixdim[0] < 0 else 1.0
         affine = np.eye(4)
         affine[:3, :3] = rot @ np.diag([abs(pixdim[1]), abs(pixdim[2]), qfac * abs(pixdim[3])])  # as nifticlib
@@ -107,29 +111,37 @@ def check_nifti_geometry(path: Path, image, warn: Warn | None) -> None:
     sform, qform = header["sform"], header["qform"]
     pixdim = header["pixdim"][1:4]
     if (qform is not None or sform is None) and not (np.isfinite(pixdim).all() and (pixdim != 0).all()):
-        raise InputError(f"{name}'s header gives the voxel spacing {tuple(float(v) for v in pixdim)} (pixdim): "
-                         "spacings must be positive numbers, and ITK would replace this one by 1 mm; fix the header")
+        raise InputError(
+            f"{name}'s header gives the voxel spacing {tuple(float(v) for v in pixdim)} (pixdim): "
+            "spacings must be positive numbers, and ITK would replace this one by 1 mm; fix the header"
+        )
     for what, affine in (("sform", sform), ("qform", qform)):
         if affine is not None and not np.isfinite(affine).all():
             raise InputError(f"{name}'s header has a {what} with NaN or infinite values: fix the header")
     if sform is not None and qform is not None:
         apart = max_displacement_mm(sform, qform, size)
         if apart > GEOMETRY_TOLERANCE_MM:
-            raise InputError(f"{name}'s header contradicts itself: its qform and sform place the volume up to "
-                             f"{apart:.3g} mm apart, so no reader can know which is right; fix the header "
-                             "(e.g. set the wrong one's code to 0) or export the volume again")
+            raise InputError(
+                f"{name}'s header contradicts itself: its qform and sform place the volume up to "
+                f"{apart:.3g} mm apart, so no reader can know which is right; fix the header "
+                "(e.g. set the wrong one's code to 0) or export the volume again"
+            )
     stated = sform if sform is not None else qform
     if stated is None:
         if warn:
-            warn(f"{name} has no orientation in its header (qform and sform codes are 0): its voxel axes are "
-                 "taken as the patient axes, which may be mirrored or rotated; check it in 3D Slicer")
+            warn(
+                f"{name} has no orientation in its header (qform and sform codes are 0): its voxel axes are "
+                "taken as the patient axes, which may be mirrored or rotated; check it in 3D Slicer"
+            )
         return
     off = max_displacement_mm(image_affine_ras(image), stated, size)
     if off > GEOMETRY_TOLERANCE_MM:
         which = "sform" if sform is not None else "qform"
-        raise InputError(f"{name}'s header cannot be read as it states its geometry (its {which} with pixdim "
-                         f"{tuple(float(v) for v in pixdim)}): ITK would place voxels up to {off:.3g} mm away from "
-                         "where the header puts them; fix the header or export the volume as NRRD")
+        raise InputError(
+            f"{name}'s header cannot be read as it states its geometry (its {which} with pixdim "
+            f"{tuple(float(v) for v in pixdim)}): ITK would place voxels up to {off:.3g} mm away from "
+            "where the header puts them; fix the header or export the volume as NRRD"
+        )
 
 
 def check_no_geometry(path: Path, fmt: str, warn: Warn | None) -> None:
@@ -140,5 +152,7 @@ def check_no_geometry(path: Path, fmt: str, warn: Warn | None) -> None:
         text = "\n".join(header_lines(path, 1 << 14)).lower()
         keys = ("space directions", "spacings") if fmt == "NRRD" else ("elementspacing", "elementsize")
         if not any(k in text for k in keys):
-            warn(f"{path} has no voxel spacing in its header: it is read as 1 mm voxels at the origin, so "
-                 "distances (HD95 in mm) and overlays with other scans are wrong unless that is true")
+            warn(
+                f"{path} has no voxel spacing in its header: it is read as 1 mm voxels at the origin, so "
+                "distances (HD95 in mm) and overlays with other scans are wrong unless that is true"
+            )

@@ -27,8 +27,8 @@ import contextlib
 import os
 import secrets
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ..errors import InputError
 
@@ -81,8 +81,10 @@ class Claims:
         _check_not_input(path, what, self._inputs)
         self._check_not_claimed(path, what)
         if kind == "adapter" and not path.name.endswith(ADAPTER_SUFFIX):
-            raise InputError(f"adapter files end in {ADAPTER_SUFFIX}, not {path.name!r}; rename the output "
-                             f"(e.g. {path.name.split('.')[0] or 'adapter'}{ADAPTER_SUFFIX})")
+            raise InputError(
+                f"adapter files end in {ADAPTER_SUFFIX}, not {path.name!r}; rename the output "
+                f"(e.g. {path.name.split('.')[0] or 'adapter'}{ADAPTER_SUFFIX})"
+            )
         if kind == "image":
             from .read import IMAGE_SUFFIXES, image_suffix
 
@@ -90,11 +92,16 @@ class Claims:
                 raise InputError(f"cannot write {path.name}: a label volume is one of {', '.join(IMAGE_SUFFIXES)}")
         derived = what != "output"  # a sidecar or data file, named after the output the user gave
         if path.is_dir():
-            raise InputError(f"{what} {path} is a folder: move it away or choose another output name" if derived
-                             else f"{path} is a folder; give a file name (e.g. {path / _example(kind)})")
+            raise InputError(
+                f"{what} {path} is a folder: move it away or choose another output name"
+                if derived
+                else f"{path} is a folder; give a file name (e.g. {path / _example(kind)})"
+            )
         if os.path.lexists(path) and not self.overwrite:
-            raise InputError(f"{path} already exists{f' ({what})' if derived else ''}; pass --overwrite to replace "
-                             "it or choose another name")
+            raise InputError(
+                f"{path} already exists{f' ({what})' if derived else ''}; pass --overwrite to replace "
+                "it or choose another name"
+            )
         _check_folder(path.parent if str(path.parent) else Path("."))
         self._outputs.append((what, path))
         self._locks.append((path.parent, path.name, "output"))
@@ -112,9 +119,11 @@ class Claims:
                 if other.name.casefold() == output.name.casefold() or image_suffix(other) is None:
                     continue
                 if sidecar_path(other).name.casefold() == sidecar.name.casefold():
-                    raise InputError(f"{sidecar.name} is already the sidecar (class names) of {other}: two label "
-                                     f"volumes in one folder cannot share it; choose another output name than "
-                                     f"{output.name}")
+                    raise InputError(
+                        f"{sidecar.name} is already the sidecar (class names) of {other}: two label "
+                        f"volumes in one folder cannot share it; choose another output name than "
+                        f"{output.name}"
+                    )
         self.output(sidecar, what=f"the sidecar of {output.name}")
         for data in data_files(output):  # a detached header's voxels go to a second file
             self.output(data, what=f"the data file of {output.name}")
@@ -129,8 +138,9 @@ class Claims:
         _check_not_input(path, what, self._inputs)
         self._check_not_claimed(path, what)
         if path.exists() and not self.overwrite:
-            raise InputError(f"the library already has an adapter named {name!r}; pass --overwrite or "
-                             "choose another name")
+            raise InputError(
+                f"the library already has an adapter named {name!r}; pass --overwrite or choose another name"
+            )
         self._outputs.append((what, path))
         self._locks.append((path.parent, name, "library entry"))
         return path
@@ -142,7 +152,7 @@ class Claims:
 
     # -- the run ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def hold(self) -> Iterator["Writes"]:
+    def hold(self) -> Iterator[Writes]:
         """Lock every output for the run; yields ``Writes``, which takes back what was written when
         the run fails (or is cancelled) after some of its outputs were written."""
         from ..store.locks import entry_lock
@@ -158,8 +168,9 @@ class Claims:
                     try:
                         folder.mkdir(parents=True, exist_ok=True)
                     except OSError as exc:
-                        raise InputError(f"cannot create the model library folder {folder}: "
-                                         f"{exc.strerror or exc}") from None
+                        raise InputError(
+                            f"cannot create the model library folder {folder}: {exc.strerror or exc}"
+                        ) from None
                 stack.enter_context(entry_lock(folder, name, what=what))
             writes = Writes()
             try:
@@ -212,8 +223,9 @@ def _check_not_input(path: Path, what: str, inputs: list[tuple[str, Path]]) -> N
     for label, source in inputs:
         if same_file(path, source):
             shown = "" if source.name == path.name else f" ({source})"
-            raise InputError(f"{what} {path} is {label}{shown}: an output never replaces an input of the "
-                             "run; choose another name")
+            raise InputError(
+                f"{what} {path} is {label}{shown}: an output never replaces an input of the run; choose another name"
+            )
 
 
 def _example(kind: str) -> str:

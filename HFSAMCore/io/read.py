@@ -19,8 +19,8 @@ rules shape the code:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import SimpleITK as sitk
@@ -32,12 +32,12 @@ from .formats import Warn, check_file
 from .geometry import labels_onto_image
 from .header_geometry import check_geometry, check_nifti_geometry, check_no_geometry
 from .reader_messages import (
+    captured_stderr,
     display_path,
     first_line,
     itk_warnings_on,
     pass_on,
     python_warning,
-    captured_stderr,
     read_error,
     reader_warnings,
 )
@@ -157,9 +157,7 @@ def _drop_single_time_point(image: sitk.Image) -> sitk.Image:
     axis, NIfTI drops it): treat both alike."""
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         size = list(image.GetSize()[:3]) + [0]
-        return sitk.Extract(
-            image, size, [0, 0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX
-        )
+        return sitk.Extract(image, size, [0, 0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
     return image
 
 
@@ -203,12 +201,12 @@ def _as_label_image(image: sitk.Image, name: str) -> sitk.Image:
     lo, hi = _min_max(arr)
     count = _count_values(arr)
     if count > MAX_LABEL_VALUES:
-        raise InputError(f"{name} is an image, not a label map: it holds {count} different values (from {lo:g} to "
-                         f"{hi:g}); pass the label map (segmentation) instead")
-    if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
         raise InputError(
-            f"{name} has non-integer values, so it is not a label map: pass an integer label volume"
+            f"{name} is an image, not a label map: it holds {count} different values (from {lo:g} to "
+            f"{hi:g}); pass the label map (segmentation) instead"
         )
+    if arr.dtype.kind == "f" and not np.array_equal(arr, np.round(arr)):
+        raise InputError(f"{name} has non-integer values, so it is not a label map: pass an integer label volume")
     if lo < 0:
         raise InputError(f"{name} has negative label values (min {lo:g}): labels must be 0 (background) or positive")
     pixel = _label_pixel_type(hi)

@@ -1,5 +1,4 @@
-"""What ITK and its C libraries said while reading: captured, turned into one line, or passed on.
-"""
+"""What ITK and its C libraries said while reading: captured, turned into one line, or passed on."""
 
 from __future__ import annotations
 
@@ -9,8 +8,8 @@ import re
 import sys
 import tempfile
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import SimpleITK as sitk
 
@@ -157,19 +156,26 @@ def read_error(path: Path, fmt: str, detail: str, captured: str) -> InputError:
         return truncated(path, int(m.group(2)), int(m.group(1)), uncompressed=True)
     m = re.search(r"couldn't parse element (\d+) of (\d+)", text)  # teem, text NRRD
     if m:
-        return InputError(f"cannot read {path}: its voxel values end or break off after {int(m.group(1)) - 1} of "
-                          f"{m.group(2)} (truncated or damaged); copy or export it again")
+        return InputError(
+            f"cannot read {path}: its voxel values end or break off after {int(m.group(1)) - 1} of "
+            f"{m.group(2)} (truncated or damaged); copy or export it again"
+        )
     if "Unable to determine ImageIO reader" in text:
         variant = "NIfTI-2" if fmt == "NIfTI" and _nifti_version(path) == 2 else f"this kind of {fmt}"
-        return InputError(f"{path} is {variant}, which the installed ITK cannot read: save it as NRRD or "
-                          "NIfTI-1 (.nii.gz)")
+        return InputError(
+            f"{path} is {variant}, which the installed ITK cannot read: save it as NRRD or NIfTI-1 (.nii.gz)"
+        )
     m = re.search(r"Refusing to change spacing from \[[^]]*\] to (\[[^]]*\])", text)
     if m:
-        return InputError(f"{path}'s header gives the voxel spacing {m.group(1)}: spacings must be positive "
-                          "numbers; fix the header (or export the volume again)")
+        return InputError(
+            f"{path}'s header gives the voxel spacing {m.group(1)}: spacings must be positive "
+            "numbers; fix the header (or export the volume again)"
+        )
     if "orthonormal" in text.lower():
-        return InputError(f"{path}'s header describes sheared or non-perpendicular axes (e.g. a gantry tilt) that "
-                          f"ITK cannot read from {fmt}: resample it to a regular grid, or export it as NRRD")
+        return InputError(
+            f"{path}'s header describes sheared or non-perpendicular axes (e.g. a gantry tilt) that "
+            f"ITK cannot read from {fmt}: resample it to a regular grid, or export it as NRRD"
+        )
     words = detail if re.search(r"[A-Za-z]{4}", detail or "") and "No such file" not in detail else ""
     hint = f": {words}" if words else ": its header or data is invalid or of an unsupported variant"
     return InputError(f"cannot read {path} (a {fmt} file){hint}; export it again")
@@ -185,5 +191,6 @@ def _nifti_version(path: Path) -> int:
 
 def truncated(path: Path, actual: int, expected: int, *, uncompressed: bool = False) -> InputError:
     what = " of voxel data (uncompressed)" if uncompressed else ""
-    return InputError(f"cannot read {path}: the file is truncated ({actual} of {expected} bytes{what}); "
-                      "copy or export it again")
+    return InputError(
+        f"cannot read {path}: the file is truncated ({actual} of {expected} bytes{what}); copy or export it again"
+    )

@@ -37,7 +37,6 @@ import SimpleITK as sitk
 from ..errors import InputError
 from ..model.registry import AXES, INTENSITY_PRESETS
 
-
 # (physical LPS axis, sign) for the slice axis, the rows and the columns.
 _CANONICAL = {
     "axial": ((2, +1), (1, +1), (0, +1)),
@@ -68,7 +67,7 @@ class SliceView:
     spacing: tuple[float, float, float]  # the image's spacing, ITK order (i, j, k)
 
     @classmethod
-    def from_image(cls, image: sitk.Image, axis: str = "axial") -> "SliceView":
+    def from_image(cls, image: sitk.Image, axis: str = "axial") -> SliceView:
         if axis not in _CANONICAL:
             raise InputError(f"unknown slice axis {axis!r}: use one of {', '.join(AXES)}")
         if image.GetDimension() != 3:
@@ -166,7 +165,7 @@ class SliceView:
 MIN_SLICE_VOXELS = 16
 
 
-def check_slices_are_images(image: sitk.Image, axis: str, name: str) -> "SliceView":
+def check_slices_are_images(image: sitk.Image, axis: str, name: str) -> SliceView:
     """The view of ``image`` along ``axis``, refused when its slices are too thin to be images
     (naming the axes whose slices would do)."""
     view = SliceView.from_image(image, axis)
@@ -179,11 +178,13 @@ def check_slices_are_images(image: sitk.Image, axis: str, name: str) -> "SliceVi
         if other != axis and min(oh, ow) >= MIN_SLICE_VOXELS:
             others.append(f"--axis {other} ({ow} x {oh})")
     hint = f"use {' or '.join(others)}" if others else "this volume has no direction with image-sized slices"
-    raise InputError(f"{name}'s {axis} slices are {w} x {h} voxels, too thin to be images (HF-SAM needs at least "
-                     f"{MIN_SLICE_VOXELS} x {MIN_SLICE_VOXELS}): {hint}")
+    raise InputError(
+        f"{name}'s {axis} slices are {w} x {h} voxels, too thin to be images (HF-SAM needs at least "
+        f"{MIN_SLICE_VOXELS} x {MIN_SLICE_VOXELS}): {hint}"
+    )
 
 
-def choose_training_slices(view: "SliceView", label_stack: np.ndarray, slices) -> list[int]:
+def choose_training_slices(view: SliceView, label_stack: np.ndarray, slices) -> list[int]:
     """Canonical indices of the slices to train on: every labeled one for "auto", else the given
     ones (indices along the image's own slice axis), each of which must carry a label."""
     labeled = labeled_slices(label_stack)
@@ -194,8 +195,10 @@ def choose_training_slices(view: "SliceView", label_stack: np.ndarray, slices) -
     chosen = [view.canonical_index(k) for k in slices]
     empty = [view.original_index(s) for s in chosen if s not in set(labeled)]
     if empty:
-        raise InputError(f"slice(s) {', '.join(map(str, empty))} carry no label; labeled slices are "
-                         f"{', '.join(str(view.original_index(s)) for s in labeled)}")
+        raise InputError(
+            f"slice(s) {', '.join(map(str, empty))} carry no label; labeled slices are "
+            f"{', '.join(str(view.original_index(s)) for s in labeled)}"
+        )
     return chosen
 
 
@@ -300,9 +303,7 @@ def parse_slice_list(text: str, n_slices: int) -> list[int] | Literal["auto"]:
         match = _ITEM.fullmatch(item)
         if not match:
             shown = _shorten(item) if item else "an empty item"
-            raise InputError(
-                f"cannot read {shown} in the slice list: write slice numbers and ranges like '10-14,20'"
-            )
+            raise InputError(f"cannot read {shown} in the slice list: write slice numbers and ranges like '10-14,20'")
         start = _slice_number(match.group(1), last)
         stop = _slice_number(match.group(2), last) if match.group(2) is not None else start
         if stop < start:

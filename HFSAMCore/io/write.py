@@ -1,5 +1,4 @@
-"""Writing volumes and JSON: atomically, never over an existing file unless asked, read back.
-"""
+"""Writing volumes and JSON: atomically, never over an existing file unless asked, read back."""
 
 from __future__ import annotations
 
@@ -16,14 +15,18 @@ import SimpleITK as sitk
 from ..errors import InputError
 from .atomic import fsync_dir
 from .data_size import check_nifti_complete
-from .geometry import image_affine, grid_moved_mm
+from .geometry import grid_moved_mm, image_affine
 from .header_geometry import GEOMETRY_TOLERANCE_MM, max_displacement_mm
 from .read import IMAGE_SUFFIXES, image_suffix
 from .reader_messages import c_stderr_silenced, first_line, quiet_itk
 
 
 def write_image(
-    image: sitk.Image, path: str | os.PathLike, *, overwrite: bool = False, compress: bool = True,
+    image: sitk.Image,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    compress: bool = True,
     sidecar: Any = None,
 ) -> Path:
     """Write ``image`` atomically to ``path`` (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd; any case).
@@ -47,9 +50,7 @@ def write_image(
     target = Path(path)
     suffix = image_suffix(target)
     if suffix is None:
-        raise InputError(
-            f"cannot write {target.name}: use one of {', '.join(IMAGE_SUFFIXES)}"
-        )
+        raise InputError(f"cannot write {target.name}: use one of {', '.join(IMAGE_SUFFIXES)}")
     side_text = None if sidecar is None else _json_text(sidecar)
     # ITK picks its writer by the lower-case ending: write under that name, rename to the user's.
     itk_name = target.name[: -len(suffix)] + suffix
@@ -75,16 +76,24 @@ def write_image(
                 raise OSError("the written file is incomplete (disk full?)") from None
         moved = grid_moved_mm(image, back)
         if moved > GEOMETRY_TOLERANCE_MM:
-            raise OSError(f"{_FORMAT_OF[suffix]} cannot store this volume's geometry (voxels would move up to "
-                          f"{moved:.3g} mm); write .nrrd or .mha instead")
+            raise OSError(
+                f"{_FORMAT_OF[suffix]} cannot store this volume's geometry (voxels would move up to "
+                f"{moved:.3g} mm); write .nrrd or .mha instead"
+            )
         if not np.array_equal(sitk.GetArrayViewFromImage(back), sitk.GetArrayViewFromImage(image)):
             raise OSError("the written file does not hold the voxels it was given")
 
     return _atomic_write(target, produce, overwrite=overwrite, names={itk_name: target.name})
 
 
-_FORMAT_OF = {".nii.gz": "NIfTI", ".nii": "NIfTI", ".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage",
-              ".mhd": "MetaImage"}
+_FORMAT_OF = {
+    ".nii.gz": "NIfTI",
+    ".nii": "NIfTI",
+    ".nrrd": "NRRD",
+    ".nhdr": "NRRD",
+    ".mha": "MetaImage",
+    ".mhd": "MetaImage",
+}
 
 
 def data_files(path: str | os.PathLike, *, compress: bool = True) -> list[Path]:
@@ -138,10 +147,16 @@ def _probe_format(image: sitk.Image, suffix: str) -> float:
 
 def _why_not(image: sitk.Image) -> str:
     d = np.asarray(image.GetDirection(), float).reshape(3, 3)
-    worst = max(abs(90.0 - np.degrees(np.arccos(np.clip(abs(d[:, i] @ d[:, j]), -1, 1))))
-                for i in range(3) for j in range(i + 1, 3))
-    return f"its axes are {worst:.3g} degrees from perpendicular, as with a gantry tilt" if worst > 1e-3 \
+    worst = max(
+        abs(90.0 - np.degrees(np.arccos(np.clip(abs(d[:, i] @ d[:, j]), -1, 1))))
+        for i in range(3)
+        for j in range(i + 1, 3)
+    )
+    return (
+        f"its axes are {worst:.3g} degrees from perpendicular, as with a gantry tilt"
+        if worst > 1e-3
         else "its geometry does not survive the format"
+    )
 
 
 def write_json(obj: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -23,8 +23,8 @@ of the output's magnitude (float32 rounding of a different summation order).
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos
+from torch.nn import functional as F
 
 # Scores per chunk of the CPU path: about 1 MiB keeps q', k', v and the scores of a chunk
 # in a core's L2 cache (one 14x14 window with 12 heads, or one head of a 32x32 global block).
@@ -114,8 +114,8 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     kt = k.transpose(1, 2)
     step = max(1, CHUNK_BYTES // (n * n * q.element_size()))
     for i in range(0, b * heads, step):
-        scores = torch.bmm(q[i:i + step], kt[i:i + step])
-        torch.bmm(torch.softmax(scores, -1), v[i:i + step], out=out[i:i + step])
+        scores = torch.bmm(q[i : i + step], kt[i : i + step])
+        torch.bmm(torch.softmax(scores, -1), v[i : i + step], out=out[i : i + step])
     return out.view(b, heads, n, -1)
 
 

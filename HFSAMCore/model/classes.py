@@ -99,8 +99,9 @@ def resolve_classes(spec: str | list | None, *, values: list[int] | None = None)
 MAX_CLASS_VALUE = 255  # an adapter's classes, and so HF-SAM's label volumes (UInt8)
 
 
-def classes_for_labels(spec: str | None, values: list[int], *, adapter: dict | None = None,
-                       source: str = "the label map") -> tuple[list[dict[str, Any]], list[int], str | None]:
+def classes_for_labels(
+    spec: str | None, values: list[int], *, adapter: dict | None = None, source: str = "the label map"
+) -> tuple[list[dict[str, Any]], list[int], str | None]:
     """The classes a fine-tune trains, the label-map value that paints each (in class order), and a
     note to show when the label map was read other than value = class.
 
@@ -116,36 +117,48 @@ def classes_for_labels(spec: str | None, values: list[int], *, adapter: dict | N
     big = [v for v in values if v > MAX_CLASS_VALUE]
     if big:
         shown = ", ".join(map(str, big[:5])) + (" ..." if len(big) > 5 else "")
-        raise InputError(f"{source} holds label values above {MAX_CLASS_VALUE} ({shown}); an adapter's classes are "
-                         f"1..{MAX_CLASS_VALUE}: relabel the file so that each structure has a value from 1 to "
-                         f"{MAX_CLASS_VALUE} (3D Slicer: load it as a segmentation and export a labelmap; "
-                         "SimpleITK: ChangeLabel)")
+        raise InputError(
+            f"{source} holds label values above {MAX_CLASS_VALUE} ({shown}); an adapter's classes are "
+            f"1..{MAX_CLASS_VALUE}: relabel the file so that each structure has a value from 1 to "
+            f"{MAX_CLASS_VALUE} (3D Slicer: load it as a segmentation and export a labelmap; "
+            "SimpleITK: ChangeLabel)"
+        )
     if adapter is not None:
         classes = adapter["classes"]
         names = [c["name"] for c in classes]
         if spec and [c["name"] for c in resolve_classes(spec)] != names:
-            raise InputError("--classes differs from the adapter's classes; continuing training keeps them: "
-                             + ", ".join(names))
+            raise InputError(
+                "--classes differs from the adapter's classes; continuing training keeps them: " + ", ".join(names)
+            )
         where = f"adapter {adapter['name']!r} knows {len(names)} class(es) ({', '.join(names)})"
     else:
         classes = resolve_classes(spec) if spec else resolve_classes([f"{v}:label_{v}" for v in values])
         where = f"only {len(classes)} class name(s) were given"
         over = [c for c in classes if c["value"] > MAX_CLASS_VALUE]
         if over:
-            raise InputError(f"class {over[0]['name']!r} has label value {over[0]['value']}: an adapter's classes are "
-                             f"1..{MAX_CLASS_VALUE}")
+            raise InputError(
+                f"class {over[0]['name']!r} has label value {over[0]['value']}: an adapter's classes are "
+                f"1..{MAX_CLASS_VALUE}"
+            )
     known = [c["value"] for c in classes]
     if len(classes) == 1 and len(values) == 1 and values[0] not in known:
-        note = (f"{source} is a binary mask (0/{values[0]}): reading value {values[0]} as class "
-                f"{known[0]} ({classes[0]['name']})")
+        note = (
+            f"{source} is a binary mask (0/{values[0]}): reading value {values[0]} as class "
+            f"{known[0]} ({classes[0]['name']})"
+        )
         return classes, [values[0]], note
     unknown = [v for v in values if v not in known]
     if unknown:
         top = unknown[-1]
-        raise InputError(f"the labels hold value {top} but {where}; " + (
-            f"continuing training keeps its classes: use label values {', '.join(map(str, known))} only, or "
-            "fine-tune a new adapter" if adapter is not None else
-            f"pass one name per label value with --classes (e.g. '{top}:name' names value {top})"))
+        raise InputError(
+            f"the labels hold value {top} but {where}; "
+            + (
+                f"continuing training keeps its classes: use label values {', '.join(map(str, known))} only, or "
+                "fine-tune a new adapter"
+                if adapter is not None
+                else f"pass one name per label value with --classes (e.g. '{top}:name' names value {top})"
+            )
+        )
     return classes, known, None
 
 
@@ -256,9 +269,7 @@ def _check_unique(classes: list[dict[str, Any]]) -> None:
     seen_names: set[str] = set()
     for c in classes:
         if c["value"] in seen_values:
-            raise InputError(
-                f"label value {c['value']} is given to both {seen_values[c['value']]!r} and {c['name']!r}"
-            )
+            raise InputError(f"label value {c['value']} is given to both {seen_values[c['value']]!r} and {c['name']!r}")
         seen_values[c["value"]] = c["name"]
         key = _normalise(c["name"])
         if key in seen_names:

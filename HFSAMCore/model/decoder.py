@@ -48,11 +48,11 @@ fusion="none" (an ablation: SAM's decoder with K+1 class tokens, no low-level fe
 from __future__ import annotations
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP
 from segment_anything.modeling.transformer import TwoWayAttentionBlock, TwoWayTransformer
+from torch import nn
+from torch.nn import functional as F
 
 from .awffm import AWFFM
 from .registry import FUSIONS
@@ -78,14 +78,16 @@ class CrossFirstAttentionBlock(TwoWayAttentionBlock):
         return queries, keys
 
 
-def build_transformer(*, cross_first: bool, depth: int, embedding_dim: int, mlp_dim: int,
-                      num_heads: int) -> TwoWayTransformer:
+def build_transformer(
+    *, cross_first: bool, depth: int, embedding_dim: int, mlp_dim: int, num_heads: int
+) -> TwoWayTransformer:
     """SAM's TwoWayTransformer; with ``cross_first`` its blocks are CrossFirstAttentionBlock (same names)."""
     transformer = TwoWayTransformer(depth=depth, embedding_dim=embedding_dim, mlp_dim=mlp_dim, num_heads=num_heads)
     if cross_first:
         transformer.layers = nn.ModuleList(
-            CrossFirstAttentionBlock(embedding_dim=embedding_dim, num_heads=num_heads, mlp_dim=mlp_dim,
-                                     skip_first_layer_pe=(i == 0))
+            CrossFirstAttentionBlock(
+                embedding_dim=embedding_dim, num_heads=num_heads, mlp_dim=mlp_dim, skip_first_layer_pe=(i == 0)
+            )
             for i in range(depth)
         )
     return transformer
@@ -108,8 +110,9 @@ class HFSAMDecoder(nn.Module):
         self.fusion = fusion
         released = fusion == "released"
         self.num_mask_tokens = num_classes + 1  # K classes + background
-        self.transformer = build_transformer(cross_first=released, depth=depth, embedding_dim=transformer_dim,
-                                             mlp_dim=mlp_dim, num_heads=num_heads)
+        self.transformer = build_transformer(
+            cross_first=released, depth=depth, embedding_dim=transformer_dim, mlp_dim=mlp_dim, num_heads=num_heads
+        )
         self.iou_token = nn.Embedding(1, transformer_dim)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
         if released:
@@ -175,8 +178,7 @@ class HFSAMDecoder(nn.Module):
     def upscale(self, src: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """SAM's x4 output upscaling (2x2 stride-2 transposed convolutions, LayerNorm2d, GELU) on tokens."""
         up1, norm, _, up2, _ = self.output_upscaling
-        x = F.gelu(F.layer_norm(_deconv2x2(src, up1, h, w), (norm.weight.shape[0],), norm.weight, norm.bias,
-                                norm.eps))
+        x = F.gelu(F.layer_norm(_deconv2x2(src, up1, h, w), (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps))
         return F.gelu(_deconv2x2(x, up2, 2 * h, 2 * w))
 
 

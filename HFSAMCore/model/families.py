@@ -22,29 +22,30 @@ if TYPE_CHECKING:
 
 
 class EncoderFamily(Protocol):
-    def build_encoder(self, info: BackboneInfo, img_size: int) -> "nn.Module":
+    def build_encoder(self, info: BackboneInfo, img_size: int) -> nn.Module:
         """A randomly initialised encoder, with the checkpoint's parameter names."""
 
     def tap_channels(self, info: BackboneInfo, tap: int) -> int:
         """Channels of the feature map at low-level tap ``tap``."""
 
-    def encode(self, encoder: "nn.Module", images: "torch.Tensor", taps: tuple[int, ...]
-               ) -> tuple["torch.Tensor", list["torch.Tensor"]]:
+    def encode(
+        self, encoder: nn.Module, images: torch.Tensor, taps: tuple[int, ...]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Normalised [B,3,S,S] -> (image embedding [B,256,s,s], one [B,C,s,s] map per tap)."""
 
-    def add_lora(self, encoder: "nn.Module", rank: int) -> int:
+    def add_lora(self, encoder: nn.Module, rank: int) -> int:
         """Put LoRA on the q and v projections of every attention; return the LoRA parameter count."""
 
-    def read_checkpoint(self, path: Path) -> dict[str, "torch.Tensor"]:
+    def read_checkpoint(self, path: Path) -> dict[str, torch.Tensor]:
         """The checkpoint's tensors, read without unpickling code; InputError if it is not one."""
 
-    def load_checkpoint(self, model: "HFSAM", state: dict[str, "torch.Tensor"]) -> dict:
+    def load_checkpoint(self, model: HFSAM, state: dict[str, torch.Tensor]) -> dict:
         """Load the weights strictly (every key used or knowingly skipped); return a report."""
 
-    def keep_frozen(self, encoder: "nn.Module") -> None:
+    def keep_frozen(self, encoder: nn.Module) -> None:
         """After ``model.train()``: put back in eval mode what must not learn (BatchNorm statistics)."""
 
-    def set_fast_inference(self, encoder: "nn.Module", enabled: bool) -> None:
+    def set_fast_inference(self, encoder: nn.Module, enabled: bool) -> None:
         """Switch the encoder's faster implementation on (default) or off (the reference one)."""
 
 

@@ -17,15 +17,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from segment_anything.modeling import PromptEncoder
 from torch import nn
 from torch.nn import functional as F
-from segment_anything.modeling import PromptEncoder
 
 from ..errors import InputError
 from .decoder import FUSION_MODES, HFSAMDecoder
 from .families import get_family
 from .lora import is_lora_parameter
 from .registry import PIXEL_NORMS, BackboneInfo, get_backbone_info
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -37,7 +38,7 @@ class ModelSpec:
     low_level_blocks: tuple[int, ...] | None = None  # None: the backbone's default taps
     pixel_norm: str | None = None  # None: the backbone's own (registry.PIXEL_NORMS)
 
-    def resolved(self) -> "ModelSpec":
+    def resolved(self) -> ModelSpec:
         """Validate and fill defaults; raises InputError on impossible values."""
         info = get_backbone_info(self.backbone)
         info.check_img_size(self.img_size)
@@ -49,13 +50,22 @@ class ModelSpec:
             raise InputError(f"--fusion must be one of {', '.join(FUSION_MODES)}, not {self.fusion!r}")
         blocks = tuple(self.low_level_blocks) if self.low_level_blocks else info.default_taps
         if any(b not in info.low_level_taps for b in blocks):
-            raise InputError(f"low-level taps {list(blocks)} are not offered by the {self.backbone} encoder "
-                             f"(choose from {list(info.low_level_taps)})")
+            raise InputError(
+                f"low-level taps {list(blocks)} are not offered by the {self.backbone} encoder "
+                f"(choose from {list(info.low_level_taps)})"
+            )
         norm = self.pixel_norm or info.pixel_norm
         if norm not in PIXEL_NORMS:
             raise InputError(f"pixel normalisation must be one of {', '.join(PIXEL_NORMS)}, not {norm!r}")
-        return ModelSpec(self.backbone, int(self.img_size), int(self.num_classes), int(self.rank), self.fusion,
-                         tuple(int(b) for b in blocks), norm)
+        return ModelSpec(
+            self.backbone,
+            int(self.img_size),
+            int(self.num_classes),
+            int(self.rank),
+            self.fusion,
+            tuple(int(b) for b in blocks),
+            norm,
+        )
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -101,7 +111,7 @@ class HFSAM(nn.Module):
         self.freeze_base()
 
     # -- parameters -----------------------------------------------------------
-    def train(self, mode: bool = True) -> "HFSAM":
+    def train(self, mode: bool = True) -> HFSAM:
         super().train(mode)
         self.family.keep_frozen(self.image_encoder)  # e.g. BatchNorm statistics are not an adapter's
         return self
@@ -129,8 +139,11 @@ class HFSAM(nn.Module):
         unexpected = sorted(set(tensors) - set(expected))
         wrong = sorted(n for n in set(expected) & set(tensors) if tensors[n].shape != expected[n].shape)
         if missing or unexpected or wrong:
-            parts = [f"{len(v)} {k} ({', '.join(v[:3])})" for k, v in
-                     (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if v]
+            parts = [
+                f"{len(v)} {k} ({', '.join(v[:3])})"
+                for k, v in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+                if v
+            ]
             raise InputError("the adapter's tensors do not fit the model: " + "; ".join(parts))
         with torch.no_grad():
             for n, p in expected.items():

@@ -121,9 +121,11 @@ def segment_image(
                     logits = model(x)
                 timer.stop("model")
                 if not bool(torch.isfinite(logits).all()):
-                    raise InputError(f"the model's output is NaN or infinite on slices {start}..{stop - 1}: its "
-                                     "weights are broken (an adapter trained with too high a learning rate?); "
-                                     "train the adapter again")
+                    raise InputError(
+                        f"the model's output is NaN or infinite on slices {start}..{stop - 1}: its "
+                        "weights are broken (an adapter trained with too high a learning rate?); "
+                        "train the adapter again"
+                    )
                 out[start:stop] = logits_to_labels(logits, (h, w)).cpu().numpy()
                 timer.stop("postprocess")
             except (RuntimeError, MemoryError) as exc:
@@ -142,7 +144,7 @@ def segment_image(
     timer.start()
     if class_values is not None and list(class_values) != list(range(1, len(class_values) + 1)):
         lut = np.zeros(256, dtype=np.uint8)
-        lut[1:len(class_values) + 1] = class_values
+        lut[1 : len(class_values) + 1] = class_values
         out = lut[out]
     labels = sitk.GetImageFromArray(view.from_slices(out))
     labels.CopyInformation(image)

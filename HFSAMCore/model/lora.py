@@ -47,7 +47,7 @@ class LoRAQKV(nn.Linear):
             nn.init.zeros_(b.weight)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, *, interleaved_heads: int | None = None) -> "LoRAQKV":
+    def from_linear(cls, linear: nn.Linear, rank: int, *, interleaved_heads: int | None = None) -> LoRAQKV:
         dim = linear.in_features
         module = cls(dim, rank, bias=linear.bias is not None, interleaved_heads=interleaved_heads)
         module = module.to(linear.weight.device, linear.weight.dtype)
@@ -64,7 +64,7 @@ class LoRAQKV(nn.Linear):
         """Row indices of q and of v in the fused output (what the tests check LoRA touches)."""
         rows = torch.arange(3 * self.dim)
         if self.interleaved_heads is None:
-            return rows[: self.dim], rows[2 * self.dim:]
+            return rows[: self.dim], rows[2 * self.dim :]
         per_head = rows.view(self.interleaved_heads, 3, -1)
         return per_head[:, 0].flatten(), per_head[:, 2].flatten()
 

@@ -21,8 +21,8 @@ blocks for a ViT, stages (``layers[i]``) for TinyViT; the adapter field
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from ..errors import InputError
 
@@ -145,18 +145,42 @@ class BackboneInfo:
         """A ViT takes any multiple of 16 (its position tables are resized); TinyViT only its own size."""
         if self.family == "sam_vit":
             if img_size % 16 or not 64 <= img_size <= 2048:
-                raise InputError(f"--img-size {img_size} is not supported by {self.name}: use "
-                                 f"{' or '.join(map(str, self.img_sizes))} (any multiple of 16 from 64 to 2048 works)")
+                raise InputError(
+                    f"--img-size {img_size} is not supported by {self.name}: use "
+                    f"{' or '.join(map(str, self.img_sizes))} (any multiple of 16 from 64 to 2048 works)"
+                )
         elif img_size not in self.img_sizes:
-            raise InputError(f"--img-size {img_size} is not supported by {self.name}: it was trained at "
-                             f"{self.default_img_size} px only; use --img-size {self.default_img_size}")
+            raise InputError(
+                f"--img-size {img_size} is not supported by {self.name}: it was trained at "
+                f"{self.default_img_size} px only; use --img-size {self.default_img_size}"
+            )
 
 
-def _vit(name: str, title: str, arch: ViTArch, checkpoint: str | None, *, decoder: DecoderArch = DecoderArch(),
-         test_only: bool = False, img_sizes: tuple[int, ...] = (512, 224),
-         recipe: FewShotRecipe = FewShotRecipe(1000)) -> BackboneInfo:
-    return BackboneInfo(name, "sam_vit", title, img_sizes, "imagenet", checkpoint, tuple(range(arch.depth)),
-                        arch.global_attn_indexes[:1], arch, decoder, test_only, recipe)
+def _vit(
+    name: str,
+    title: str,
+    arch: ViTArch,
+    checkpoint: str | None,
+    *,
+    decoder: DecoderArch = DecoderArch(),
+    test_only: bool = False,
+    img_sizes: tuple[int, ...] = (512, 224),
+    recipe: FewShotRecipe = FewShotRecipe(1000),
+) -> BackboneInfo:
+    return BackboneInfo(
+        name,
+        "sam_vit",
+        title,
+        img_sizes,
+        "imagenet",
+        checkpoint,
+        tuple(range(arch.depth)),
+        arch.global_attn_indexes[:1],
+        arch,
+        decoder,
+        test_only,
+        recipe,
+    )
 
 
 # LiteMedSAM: 300 steps on cached features (decoder, AWFFMs, low-level conv). Measured on the CPU
@@ -164,18 +188,42 @@ def _vit(name: str, title: str, arch: ViTArch, checkpoint: str | None, *, decode
 # 3.6 GB, and did not raise the Dice, so LoRA trains only when asked (--cached-steps below --steps).
 LITE_STEPS, LITE_CACHED = 300, 300
 
-BACKBONES: dict[str, BackboneInfo] = {b.name: b for b in (
-    BackboneInfo("lite_medsam", "tinyvit", "LiteMedSAM (TinyViT, medical images, 9.8 M, runs on a laptop CPU)",
-                 (256,), "unit", "lite_medsam", (1, 2, 3), (1,), TinyViTArch(),
-                 recipe=FewShotRecipe(steps=LITE_STEPS, cached_steps=LITE_CACHED)),
-    _vit("vit_b", "SAM ViT-B (Meta AI, 91 M; the paper's backbone, GPU)", ViTArch(768, 12, 12, (2, 5, 8, 11)),
-         "vit_b"),
-    _vit("vit_l", "SAM ViT-L (Meta AI, 308 M, GPU)", ViTArch(1024, 24, 16, (5, 11, 17, 23)), "vit_l"),
-    _vit("vit_h", "SAM ViT-H (Meta AI, 636 M, GPU)", ViTArch(1280, 32, 16, (7, 15, 23, 31)), "vit_h"),
-    # For CPU tests and CI: the same architecture, a few hundred thousand parameters.
-    _vit("tiny", "tiny ViT, random weights (tests only)", ViTArch(64, 4, 2, (1, 3), window_size=7), None,
-         decoder=DecoderArch(64, 1, 128, 2), test_only=True, img_sizes=(224,), recipe=FewShotRecipe(300)),
-)}
+BACKBONES: dict[str, BackboneInfo] = {
+    b.name: b
+    for b in (
+        BackboneInfo(
+            "lite_medsam",
+            "tinyvit",
+            "LiteMedSAM (TinyViT, medical images, 9.8 M, runs on a laptop CPU)",
+            (256,),
+            "unit",
+            "lite_medsam",
+            (1, 2, 3),
+            (1,),
+            TinyViTArch(),
+            recipe=FewShotRecipe(steps=LITE_STEPS, cached_steps=LITE_CACHED),
+        ),
+        _vit(
+            "vit_b",
+            "SAM ViT-B (Meta AI, 91 M; the paper's backbone, GPU)",
+            ViTArch(768, 12, 12, (2, 5, 8, 11)),
+            "vit_b",
+        ),
+        _vit("vit_l", "SAM ViT-L (Meta AI, 308 M, GPU)", ViTArch(1024, 24, 16, (5, 11, 17, 23)), "vit_l"),
+        _vit("vit_h", "SAM ViT-H (Meta AI, 636 M, GPU)", ViTArch(1280, 32, 16, (7, 15, 23, 31)), "vit_h"),
+        # For CPU tests and CI: the same architecture, a few hundred thousand parameters.
+        _vit(
+            "tiny",
+            "tiny ViT, random weights (tests only)",
+            ViTArch(64, 4, 2, (1, 3), window_size=7),
+            None,
+            decoder=DecoderArch(64, 1, 128, 2),
+            test_only=True,
+            img_sizes=(224,),
+            recipe=FewShotRecipe(300),
+        ),
+    )
+}
 
 #: The paper's backbone, for users with Meta's checkpoint and a GPU.
 PAPER_BACKBONE = "vit_b"

@@ -15,9 +15,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 from torch.nn import functional as F
-from segment_anything.modeling import ImageEncoderViT
 
 from ..errors import InputError
 from .attention import use_fast_encoder
@@ -54,8 +54,14 @@ UNUSED_CHECKPOINT_PREFIXES = (
     "mask_decoder.iou_prediction_head.",
 )
 # Parameters HF-SAM adds to SAM: never expected in a SAM checkpoint.
-NEW_PARAMETER_MARKERS = (".lora_", "low_level_proj.", "awffm", "mask_decoder.mask_tokens.",
-                         "mask_decoder.output_hypernetworks_mlps.", "mask_decoder.hf_token.")
+NEW_PARAMETER_MARKERS = (
+    ".lora_",
+    "low_level_proj.",
+    "awffm",
+    "mask_decoder.mask_tokens.",
+    "mask_decoder.output_hypernetworks_mlps.",
+    "mask_decoder.hf_token.",
+)
 
 
 def load_tensor_file(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
@@ -69,14 +75,15 @@ def load_tensor_file(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only load failed" in str(exc).lower():  # torch's wording when it refuses an object
-            raise InputError(f"{path} is not a loadable {what}: it holds objects other than tensors, "
-                             "which could run code when loaded, so it was refused; use an official file") from None
+            raise InputError(
+                f"{path} is not a loadable {what}: it holds objects other than tensors, "
+                "which could run code when loaded, so it was refused; use an official file"
+            ) from None
         raise InputError(f"{path} is not a loadable {what} (damaged or another format)") from None
     except Exception as exc:  # a damaged file fails in many ways (OSError, RuntimeError, EOFError, KeyError...)
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours some messages
         first = text.splitlines()[0][:120] if text else type(exc).__name__
-        raise InputError(f"{path} is not a loadable {what} (damaged, truncated or another format: "
-                         f"{first})") from None
+        raise InputError(f"{path} is not a loadable {what} (damaged, truncated or another format: {first})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -87,8 +94,10 @@ def load_tensor_file(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
 def read_sam_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"checkpoint not found: {path}; download it with `hfsam models download vit_b` "
-                         "or pass --checkpoint none --backbone tiny for a random test model")
+        raise InputError(
+            f"checkpoint not found: {path}; download it with `hfsam models download vit_b` "
+            "or pass --checkpoint none --backbone tiny for a random test model"
+        )
     state = load_tensor_file(path, what="SAM checkpoint")
     if "image_encoder.patch_embed.proj.weight" not in state:
         raise InputError(f"{path} is not a SAM checkpoint: it has no image_encoder weights")
@@ -105,8 +114,9 @@ def _resize_pos_embed(pos: torch.Tensor, tokens: int) -> torch.Tensor:
 def _resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
     if table.shape[0] == length:
         return table
-    resized = F.interpolate(table[None, None].float(), size=(length, table.shape[1]), mode="bilinear",
-                            align_corners=False)
+    resized = F.interpolate(
+        table[None, None].float(), size=(length, table.shape[1]), mode="bilinear", align_corners=False
+    )
     return resized[0, 0]
 
 
@@ -132,17 +142,23 @@ def load_sam_weights(model: nn.Module, state: dict[str, torch.Tensor], info: Bac
     """
     width = state["image_encoder.patch_embed.proj.weight"].shape[0]
     if width != info.arch.embed_dim:
-        guess = next((n for n, b in BACKBONES.items()
-                      if b.family == "sam_vit" and b.arch.embed_dim == width), f"width {width}")
-        raise InputError(f"the checkpoint is a {guess} SAM model but the backbone is width {info.arch.embed_dim}; "
-                         f"pass --backbone {guess} or the matching checkpoint")
+        guess = next(
+            (n for n, b in BACKBONES.items() if b.family == "sam_vit" and b.arch.embed_dim == width), f"width {width}"
+        )
+        raise InputError(
+            f"the checkpoint is a {guess} SAM model but the backbone is width {info.arch.embed_dim}; "
+            f"pass --backbone {guess} or the matching checkpoint"
+        )
     state = adapt_sam_state_dict(state, info, img_size)
     target = model.state_dict()
     skipped = [k for k in state if k.startswith(UNUSED_CHECKPOINT_PREFIXES)]
     usable = {k: v for k, v in state.items() if not k.startswith(UNUSED_CHECKPOINT_PREFIXES)}
     unexpected = sorted(k for k in usable if k not in target)
-    mis_shaped = sorted(f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
-                        for k, v in usable.items() if k in target and v.shape != target[k].shape)
+    mis_shaped = sorted(
+        f"{k} {tuple(v.shape)} vs {tuple(target[k].shape)}"
+        for k, v in usable.items()
+        if k in target and v.shape != target[k].shape
+    )
     missing = sorted(k for k in target if k not in usable and not any(m in k for m in NEW_PARAMETER_MARKERS))
     problems = []
     for label, keys in (("unexpected", unexpected), ("missing", missing), ("wrong shape", mis_shaped)):

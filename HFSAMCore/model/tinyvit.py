@@ -25,6 +25,7 @@ merging halves it to 128 x 128 (128 ch), stage 1's to 64 x 64 (160 ch); stage 2'
 from __future__ import annotations
 
 import itertools
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -147,7 +148,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.norm = nn.LayerNorm(dim)
         self.qkv: nn.Linear = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -249,13 +250,16 @@ class TinyViT(nn.Module):
         self.arch, self.img_size = arch, img_size
         dims = arch.embed_dims
         self.patch_embed = PatchEmbed(3, dims[0])
-        self.layers = nn.ModuleList([ConvLayer(dims[0], dims[1], arch.depths[0], arch.mbconv_expand_ratio,
-                                               merge_stride(arch, 0))])
+        self.layers = nn.ModuleList(
+            [ConvLayer(dims[0], dims[1], arch.depths[0], arch.mbconv_expand_ratio, merge_stride(arch, 0))]
+        )
         self.layers.extend(BasicLayer(arch, i) for i in range(1, len(dims)))
         out = out_chans
         self.neck = nn.Sequential(
-            nn.Conv2d(dims[-1], out, 1, bias=False), _ChannelNorm(out),
-            nn.Conv2d(out, out, 3, padding=1, bias=False), _ChannelNorm(out),
+            nn.Conv2d(dims[-1], out, 1, bias=False),
+            _ChannelNorm(out),
+            nn.Conv2d(out, out, 3, padding=1, bias=False),
+            _ChannelNorm(out),
         )
 
     def forward_features(self, images: torch.Tensor, taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, list]:

@@ -13,7 +13,6 @@ from ..errors import is_out_of_memory as _is_out_of_memory
 from ..model.registry import PRECISIONS
 
 
-
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

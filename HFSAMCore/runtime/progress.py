@@ -148,4 +148,3 @@ class Progress:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
-

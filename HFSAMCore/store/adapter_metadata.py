@@ -1,5 +1,4 @@
-"""An adapter's metadata: the schema (see adapters.py), validated field by field, and compatibility checks.
-"""
+"""An adapter's metadata: the schema (see adapters.py), validated field by field, and compatibility checks."""
 
 from __future__ import annotations
 
@@ -7,11 +6,12 @@ import datetime as _dt
 import json
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import InputError
-from ..model.registry import FUSIONS as _FUSIONS
 from ..model.registry import AXES, INTENSITY_PRESETS, PIXEL_NORMS, backbone_names, get_backbone_info
+from ..model.registry import FUSIONS as _FUSIONS
 
 FORMAT = "hfsam-adapter"
 
@@ -32,13 +32,40 @@ FUSIONS = tuple(_FUSIONS)
 
 
 _FIELDS = (
-    "format", "format_version", "hfsam_version", "created", "name", "backbone", "img_size",
-    "rank", "fusion", "low_level_blocks", "pixel_norm", "base_checkpoint", "classes", "intensity_preset",
-    "axis", "training", "metrics", "description", "extra",
+    "format",
+    "format_version",
+    "hfsam_version",
+    "created",
+    "name",
+    "backbone",
+    "img_size",
+    "rank",
+    "fusion",
+    "low_level_blocks",
+    "pixel_norm",
+    "base_checkpoint",
+    "classes",
+    "intensity_preset",
+    "axis",
+    "training",
+    "metrics",
+    "description",
+    "extra",
 )
 
 
-_TRAINING_FIELDS = ("image", "slices", "heldout_slices", "steps", "cached_steps", "seed", "batch_size", "lr", "minutes", "started_from")
+_TRAINING_FIELDS = (
+    "image",
+    "slices",
+    "heldout_slices",
+    "steps",
+    "cached_steps",
+    "seed",
+    "batch_size",
+    "lr",
+    "minutes",
+    "started_from",
+)
 
 
 _CLASS_FIELDS = ("value", "name", "color", "terminology")
@@ -153,7 +180,7 @@ def _base_checkpoint(source: str, value: Any) -> dict | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise _bad(source, "base_checkpoint", "must be {\"name\": ..., \"sha256\": ...} or null")
+        raise _bad(source, "base_checkpoint", 'must be {"name": ..., "sha256": ...} or null')
     unknown = sorted(set(value) - {"name", "sha256", "seed"})
     if unknown:
         raise _bad(source, f"base_checkpoint.{unknown[0]}", "is not a known field")
@@ -274,8 +301,9 @@ def validate_metadata(metadata: Any, *, source: str = "adapter metadata") -> dic
         raise _bad(src, "metrics", "must be an object")
     out["metrics"] = _finite_json(metrics, src, "metrics")
     description = m.get("description")
-    out["description"] = _text(src, "description", "" if description is None else description, 10000,
-                               empty=True, printable=False)
+    out["description"] = _text(
+        src, "description", "" if description is None else description, 10000, empty=True, printable=False
+    )
     extra = m.get("extra", {})
     if not isinstance(extra, Mapping):
         raise _bad(src, "extra", "must be an object")

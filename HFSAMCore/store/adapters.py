@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
 from ..io.atomic import atomic_write
@@ -84,9 +85,11 @@ def _not_adapter(path: Path, why: str) -> InputError:
     except OSError:
         zipped = False
     if zipped:
-        return InputError(f"{path} is not a readable HF-SAM adapter but a PyTorch checkpoint (never unpickled): "
-                          "a base model goes in the library with `hfsam models import-checkpoint FILE`; "
-                          "then train an adapter with `hfsam finetune`")
+        return InputError(
+            f"{path} is not a readable HF-SAM adapter but a PyTorch checkpoint (never unpickled): "
+            "a base model goes in the library with `hfsam models import-checkpoint FILE`; "
+            "then train an adapter with `hfsam finetune`"
+        )
     return InputError(f"{path} is not a readable HF-SAM adapter ({why}); use a .safetensors file written by HF-SAM")
 
 
@@ -117,7 +120,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return validate_metadata(raw, source=str(p))
 
 
-def load_adapter(path: str | os.PathLike, *, device: Any = "cpu") -> tuple[dict[str, "torch.Tensor"], dict]:
+def load_adapter(path: str | os.PathLike, *, device: Any = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and validated metadata of an adapter file (safetensors only: nothing is unpickled)."""
     p = _existing_file(path)
     metadata = read_metadata(p)
@@ -161,8 +164,10 @@ def check_finite_tensors(path: str | os.PathLike) -> None:
 
 
 def _broken(path: Path, key: str) -> InputError:
-    return InputError(f"{path} is a broken adapter: its tensor '{key}' holds NaN or infinite values (its training "
-                      "diverged); train it again with a lower --lr")
+    return InputError(
+        f"{path} is a broken adapter: its tensor '{key}' holds NaN or infinite values (its training "
+        "diverged); train it again with a lower --lr"
+    )
 
 
 def _prepare(tensors: Mapping[str, Any], source: str) -> dict:
@@ -177,8 +182,10 @@ def _prepare(tensors: Mapping[str, Any], source: str) -> dict:
         if not isinstance(value, torch.Tensor):
             raise InputError(f"'{key}' is a {type(value).__name__}, not a tensor ({source})")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise InputError(f"not saving {source}: tensor '{key}' holds NaN or infinite values (the training "
-                             "diverged); try a lower --lr")
+            raise InputError(
+                f"not saving {source}: tensor '{key}' holds NaN or infinite values (the training "
+                "diverged); try a lower --lr"
+            )
         # clone: safetensors refuses tensors that share storage (views, tied weights).
         out[key] = value.detach().to("cpu").contiguous().clone()
     return out
@@ -186,7 +193,7 @@ def _prepare(tensors: Mapping[str, Any], source: str) -> dict:
 
 def save_adapter(
     path: str | os.PathLike,
-    tensors: Mapping[str, "torch.Tensor"],
+    tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, Any],
     *,
     overwrite: bool = False,

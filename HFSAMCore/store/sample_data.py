@@ -119,8 +119,9 @@ def locate_sample(
             paths[key] = folder / item["filename"]
             if not paths[key].is_file():
                 progress.log(f"downloading sample data {item['filename']} from {item['url']}")
-            _download.download(item["url"], paths[key], item["sha256"], size=item.get("size"),
-                               progress=progress, hint=SAMPLE_HINT)
+            _download.download(
+                item["url"], paths[key], item["sha256"], size=item.get("size"), progress=progress, hint=SAMPLE_HINT
+            )
         labels_spec = spec["labels"]
         labels = folder / labels_spec["filename"]
         if not labels.is_file():

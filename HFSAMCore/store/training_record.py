@@ -8,8 +8,9 @@ checks it against the format and fills the defaults.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,15 @@ class TrainedAdapter:
     def metadata(self) -> dict[str, Any]:
         spec = {k: v for k, v in self.spec.as_dict().items() if k != "num_classes"}
         meta: dict[str, Any] = {
-            "name": self.name, **spec, "base_checkpoint": self.base, "classes": list(self.classes),
-            "intensity_preset": self.preset, "axis": self.axis, "training": self.training.as_dict(),
-            "metrics": {k: v for k, v in self.metrics.items() if v is not None}, "description": self.description,
+            "name": self.name,
+            **spec,
+            "base_checkpoint": self.base,
+            "classes": list(self.classes),
+            "intensity_preset": self.preset,
+            "axis": self.axis,
+            "training": self.training.as_dict(),
+            "metrics": {k: v for k, v in self.metrics.items() if v is not None},
+            "description": self.description,
         }
         if self.extra is not None:
             meta["extra"] = dict(self.extra)

@@ -68,9 +68,9 @@ class HsamDraw:
     size: tuple[int, int]  # (H, W) of the stored slice
     angle_deg: int = 0
     crop: tuple[int, int, int, int] = (0, 0, 0, 0)  # row0, col0, rows, cols
-    points: "torch.Tensor | None" = None  # [3, 2] (x, y) before the affine
-    moved: "torch.Tensor | None" = None  # [3, 2] (x, y) after it
-    noise: "torch.Tensor | None" = None  # [2, H, W] uniform in [-1, 1): x then y displacement
+    points: torch.Tensor | None = None  # [3, 2] (x, y) before the affine
+    moved: torch.Tensor | None = None  # [3, 2] (x, y) after it
+    noise: torch.Tensor | None = None  # [2, H, W] uniform in [-1, 1): x then y displacement
 
 
 def draw_hsam(gen: torch.Generator, size: tuple[int, int]) -> HsamDraw:
@@ -160,11 +160,15 @@ def _source_coords(d: HsamDraw, out_size: int, device) -> tuple[torch.Tensor, to
             disp = F.grid_sample(disp[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
         x, y = x + disp[0].double(), y + disp[1].double()
         inside = (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)  # map_coordinates, mode 'constant'
-        inverse = torch.linalg.inv(torch.cat((affine_from_points(d.points, d.moved),
-                                              torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64))))
+        inverse = torch.linalg.inv(
+            torch.cat((affine_from_points(d.points, d.moved), torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)))
+        )
         inverse = inverse.to(device)
-        return (inverse[0, 0] * x + inverse[0, 1] * y + inverse[0, 2],
-                inverse[1, 0] * x + inverse[1, 1] * y + inverse[1, 2], inside)
+        return (
+            inverse[0, 0] * x + inverse[0, 1] * y + inverse[0, 2],
+            inverse[1, 0] * x + inverse[1, 1] * y + inverse[1, 2],
+            inside,
+        )
     return x, y, None
 
 
@@ -182,16 +186,26 @@ def apply_hsam(d: HsamDraw, image: torch.Tensor, label: torch.Tensor) -> tuple[t
     image_mode = {"rotate": "nearest", "crop": "bicubic", "elastic": "bilinear"}[d.kind]
     padding = {"rotate": "zeros", "crop": "border", "elastic": "reflection"}[d.kind]
     out = F.grid_sample(image, grid, mode=image_mode, padding_mode=padding, align_corners=False)
-    lab = F.grid_sample(label[:, None].to(image.dtype), grid, mode="nearest", padding_mode=padding,
-                        align_corners=False)[:, 0].round().long()
+    lab = (
+        F.grid_sample(label[:, None].to(image.dtype), grid, mode="nearest", padding_mode=padding, align_corners=False)[
+            :, 0
+        ]
+        .round()
+        .long()
+    )
     if inside is not None:
         out = out * inside.to(out.dtype)
         lab = lab * inside.long()
     return out, lab
 
 
-def augment_sample(kind: str, image: torch.Tensor, label: torch.Tensor, gen: torch.Generator,
-                   source_size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_sample(
+    kind: str,
+    image: torch.Tensor,
+    label: torch.Tensor,
+    gen: torch.Generator,
+    source_size: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment one sample (image [1,C,S,S], label [1,S,S]) by the recipe ``kind`` (AUGMENTATIONS).
 
     ``source_size``: the (H, W) of the slice as stored, before it was resized to S (default S x S);
@@ -200,7 +214,6 @@ def augment_sample(kind: str, image: torch.Tensor, label: torch.Tensor, gen: tor
     if kind == "hsam":
         return apply_hsam(draw_hsam(gen, source_size or tuple(image.shape[-2:])), image, label)
     if kind == "independent":
-
         return augment(image, label, gen)
     if kind == "none":
         return image, label

@@ -1,5 +1,4 @@
-"""Training checkpoints: safetensors with a JSON header (epoch, step, optimizer), nothing pickled.
-"""
+"""Training checkpoints: safetensors with a JSON header (epoch, step, optimizer), nothing pickled."""
 
 from __future__ import annotations
 
@@ -33,8 +32,9 @@ def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(path: Path, model, optimizer, *, epoch: int, step: int, digest: str, base: dict,
-                    scaler=None) -> Path:
+def save_checkpoint(
+    path: Path, model, optimizer, *, epoch: int, step: int, digest: str, base: dict, scaler=None
+) -> Path:
     """Trainable tensors + AdamW state as safetensors, position, hyper-parameters and the fp16
     GradScaler's state (``scaler``, if any) as JSON; atomic."""
     from safetensors.torch import save
@@ -52,9 +52,18 @@ def save_checkpoint(path: Path, model, optimizer, *, epoch: int, step: int, dige
             else:
                 extra_state.setdefault(str(index), {})[key] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
-    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "epoch": epoch, "step": step,
-            "config_digest": digest, "base_checkpoint": base, "parameters": names, "param_groups": groups,
-            "extra_state": extra_state, "grad_scaler": scaler.state_dict() if scaler is not None else None}
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "epoch": epoch,
+        "step": step,
+        "config_digest": digest,
+        "base_checkpoint": base,
+        "parameters": names,
+        "param_groups": groups,
+        "extra_state": extra_state,
+        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+    }
     data = save(tensors, metadata={"hfsam_checkpoint": json.dumps(meta)})
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda fh: fh.write(data), overwrite=True)
@@ -82,15 +91,18 @@ def load_checkpoint(path: Path, model, optimizer, *, digest: str, base: dict, sc
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
         raise DamagedCheckpoint(f"{path} is not an hfsam train checkpoint of version {CHECKPOINT_VERSION}")
     if meta.get("config_digest") != digest:
-        raise InputError(f"{path} belongs to another configuration than {CONFIG_FILE}; "
-                         "do not mix run folders (start a new --output)")
+        raise InputError(
+            f"{path} belongs to another configuration than {CONFIG_FILE}; do not mix run folders (start a new --output)"
+        )
     if (meta.get("base_checkpoint") or {}).get("sha256") != base.get("sha256"):
-        raise InputError(f"{path} was trained on base {meta.get('base_checkpoint')}, not on {base}; "
-                         "pass the same --checkpoint file as the first run")
+        raise InputError(
+            f"{path} was trained on base {meta.get('base_checkpoint')}, not on {base}; "
+            "pass the same --checkpoint file as the first run"
+        )
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if meta["parameters"] != names:
         raise InputError(f"{path} holds other trainable tensors than this model; it is from another build")
-    model.load_trainable_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    model.load_trainable_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):

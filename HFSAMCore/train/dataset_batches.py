@@ -1,5 +1,4 @@
-"""Dataset slices as torch batches: a DataLoader dataset, collation, and per-sample augmentation seeds.
-"""
+"""Dataset slices as torch batches: a DataLoader dataset, collation, and per-sample augmentation seeds."""
 
 from __future__ import annotations
 
@@ -62,6 +61,8 @@ def augment_samples(kind: str, x, y, seeds: list[int], sizes: list[tuple[int, in
 
     from .augmentation import augment_sample
 
-    out = [augment_sample(kind, x[i:i + 1], y[i:i + 1], torch.Generator().manual_seed(s), sizes[i])
-           for i, s in enumerate(seeds)]
+    out = [
+        augment_sample(kind, x[i : i + 1], y[i : i + 1], torch.Generator().manual_seed(s), sizes[i])
+        for i, s in enumerate(seeds)
+    ]
     return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])

@@ -1,5 +1,4 @@
-"""The configuration of a dataset training run: the paper's presets, checks, and the slices drawn.
-"""
+"""The configuration of a dataset training run: the paper's presets, checks, and the slices drawn."""
 
 from __future__ import annotations
 
@@ -40,9 +39,20 @@ CHECKPOINT_DIR = "checkpoints"
 #: The decoder is the paper's two-step fusion; --fusion released is the authors' released network.
 #: ACDC: the same recipe is assumed (the authors released only the Synapse trainer).
 _PAPER_RECIPE: dict[str, Any] = {
-    "backbone": "vit_b", "img_size": 512, "rank": 5, "fusion": "two_step", "pixel_norm": "unit",
-    "batch_size": 16, "lr": 0.0025, "lr_schedule": "hsam", "weight_decay": 0.1, "warmup": 250, "epochs": 300,
-    "save_every": 25, "augment": "hsam", "precision": "fp32",
+    "backbone": "vit_b",
+    "img_size": 512,
+    "rank": 5,
+    "fusion": "two_step",
+    "pixel_norm": "unit",
+    "batch_size": 16,
+    "lr": 0.0025,
+    "lr_schedule": "hsam",
+    "weight_decay": 0.1,
+    "warmup": 250,
+    "epochs": 300,
+    "save_every": 25,
+    "augment": "hsam",
+    "precision": "fp32",
 }
 
 
@@ -50,8 +60,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "hfsam-synapse": dict(_PAPER_RECIPE),
     "hfsam-acdc": dict(_PAPER_RECIPE),
     # CPU smoke tests and CI: the paper's recipe on a random tiny model, a handful of steps.
-    "tiny": {**_PAPER_RECIPE, "backbone": "tiny", "img_size": 64, "rank": 2, "batch_size": 2, "warmup": 2,
-             "epochs": 2, "save_every": 1},
+    "tiny": {
+        **_PAPER_RECIPE,
+        "backbone": "tiny",
+        "img_size": 64,
+        "rank": 2,
+        "batch_size": 2,
+        "warmup": 2,
+        "epochs": 2,
+        "save_every": 1,
+    },
 }
 
 
@@ -122,8 +140,11 @@ class DatasetTrainConfig:
 
 
 # The options a user may set; everything else in DatasetTrainConfig is derived.
-TRAINING_OPTIONS = tuple(f.name for f in dataclasses.fields(DatasetTrainConfig)
-                         if f.name not in ("world_size", "hfsam_version", "train_list_sha256"))
+TRAINING_OPTIONS = tuple(
+    f.name
+    for f in dataclasses.fields(DatasetTrainConfig)
+    if f.name not in ("world_size", "hfsam_version", "train_list_sha256")
+)
 
 
 def make_config(dataset: str, root: str | os.PathLike, *, preset: str | None = None, **options) -> DatasetTrainConfig:
@@ -141,8 +162,10 @@ def make_config(dataset: str, root: str | os.PathLike, *, preset: str | None = N
     values = {**PRESETS[preset], **{k: v for k, v in options.items() if v is not None}}
     if values.get("classes") is None:
         if dataset not in DEFAULT_CLASSES:
-            raise InputError("name the classes of a NIfTI dataset in label order: --classes 'liver,spleen' "
-                             "or a preset (synapse, acdc)")
+            raise InputError(
+                "name the classes of a NIfTI dataset in label order: --classes 'liver,spleen' "
+                "or a preset (synapse, acdc)"
+            )
         values["classes"] = DEFAULT_CLASSES[dataset]
     for key in ("list", "train_list", "checkpoint"):
         if values.get(key) is not None and values[key] != "none":
@@ -151,13 +174,16 @@ def make_config(dataset: str, root: str | os.PathLike, *, preset: str | None = N
         from ..store.download import sha256_file
 
         if not Path(values["train_list"]).is_file():
-            raise InputError(f"--train-list {values['train_list']} does not exist; pass the file of slice names "
-                             "to train on (e.g. the authors' lists/lists_Synapse/train.txt)")
+            raise InputError(
+                f"--train-list {values['train_list']} does not exist; pass the file of slice names "
+                "to train on (e.g. the authors' lists/lists_Synapse/train.txt)"
+            )
         values["train_list_sha256"] = sha256_file(values["train_list"])
     from .. import __version__
 
-    cfg = DatasetTrainConfig(dataset=dataset, root=str(Path(root).expanduser().resolve()), preset=preset,
-                             hfsam_version=__version__, **values)
+    cfg = DatasetTrainConfig(
+        dataset=dataset, root=str(Path(root).expanduser().resolve()), preset=preset, hfsam_version=__version__, **values
+    )
     check_config(cfg)
     return cfg
 
@@ -169,17 +195,22 @@ def check_config(cfg: DatasetTrainConfig) -> None:
     if cfg.fraction is not None and cfg.patients is not None:
         raise InputError("give either --fraction (a share of the slices) or --patients (K labeled patients), not both")
     if cfg.train_list is not None:
-        others = [flag for flag, value in (("--list", cfg.list), ("--fraction", cfg.fraction),
-                                           ("--patients", cfg.patients)) if value is not None]
+        others = [
+            flag
+            for flag, value in (("--list", cfg.list), ("--fraction", cfg.fraction), ("--patients", cfg.patients))
+            if value is not None
+        ]
         if others:
             raise InputError(f"--train-list names exactly the slices to train on; drop {', '.join(others)}")
-    for key, value, choices in (("augment", cfg.augment, AUGMENTATIONS), ("lr_schedule", cfg.lr_schedule, LR_SCHEDULES),
-                                ("pixel_norm", cfg.pixel_norm, (*PIXEL_NORMS, None))):
+    for key, value, choices in (
+        ("augment", cfg.augment, AUGMENTATIONS),
+        ("lr_schedule", cfg.lr_schedule, LR_SCHEDULES),
+        ("pixel_norm", cfg.pixel_norm, (*PIXEL_NORMS, None)),
+    ):
         if value not in choices:
             names = ", ".join(c for c in choices if c is not None)
             raise InputError(f"--{key.replace('_', '-')} must be one of {names}, not {value!r}")
-    positive = {"batch_size": cfg.batch_size, "epochs": cfg.epochs, "save_every": cfg.save_every,
-                "warmup": cfg.warmup}
+    positive = {"batch_size": cfg.batch_size, "epochs": cfg.epochs, "save_every": cfg.save_every, "warmup": cfg.warmup}
     for key, value in positive.items():
         if not isinstance(value, int) or value < 1:
             raise InputError(f"--{key.replace('_', '-')} must be a whole number of at least 1, not {value}")

@@ -1,5 +1,4 @@
-"""Slice and case lists, and the few-shot draws the literature makes from them.
-"""
+"""Slice and case lists, and the few-shot draws the literature makes from them."""
 
 from __future__ import annotations
 

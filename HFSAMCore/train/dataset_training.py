@@ -62,11 +62,11 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .dataset_batches import (
-    torch_dataset_class,
     augment_samples,
     collate_slices,
     sample_seed,
     to_model_batch,
+    torch_dataset_class,
 )
 from .dataset_config import (
     ADAPTER_FILE,
@@ -102,8 +102,9 @@ class RunResult:
         return d
 
 
-def _prepare_folder(cfg: DatasetTrainConfig | None, output: Path, *, resume: bool, world: int, library,
-                    progress: Progress) -> None:
+def _prepare_folder(
+    cfg: DatasetTrainConfig | None, output: Path, *, resume: bool, world: int, library, progress: Progress
+) -> None:
     """Rank 0: check everything, draw the slices, then write config.json and the list (nothing writes first)."""
     from ..io.write import write_json
     from ..model.classes import resolve_classes
@@ -114,9 +115,11 @@ def _prepare_folder(cfg: DatasetTrainConfig | None, output: Path, *, resume: boo
     if resume:
         saved = load_config(output)
         if saved.world_size != world:
-            raise InputError(f"this run was trained with {saved.world_size} process(es) (global batch "
-                             f"{saved.batch_size}); resume it with the same number "
-                             f"(torchrun --nproc_per_node {saved.world_size})")
+            raise InputError(
+                f"this run was trained with {saved.world_size} process(es) (global batch "
+                f"{saved.batch_size}); resume it with the same number "
+                f"(torchrun --nproc_per_node {saved.world_size})"
+            )
         if not (output / SELECTED_FILE).is_file():
             raise InputError(f"{output / SELECTED_FILE} is missing; the run folder is incomplete")
         return
@@ -128,8 +131,10 @@ def _prepare_folder(cfg: DatasetTrainConfig | None, output: Path, *, resume: boo
         raise InputError(f"{output} is a file; --output must be a folder")
     # Fail before writing anything on what would fail later: the base checkpoint, the classes, the draw.
     if cfg.batch_size % world:
-        raise InputError(f"the global batch {cfg.batch_size} does not split evenly over {world} processes; "
-                         f"pass a --batch-size that is a multiple of {world} (the authors': 16)")
+        raise InputError(
+            f"the global batch {cfg.batch_size} does not split evenly over {world} processes; "
+            f"pass a --batch-size that is a multiple of {world} (the authors': 16)"
+        )
     resolve_checkpoint(cfg.checkpoint, cfg.backbone, library if library is not None else ModelLibrary())
     resolve_classes(cfg.classes)
     cfg = dataclasses.replace(cfg, world_size=world)
@@ -137,8 +142,10 @@ def _prepare_folder(cfg: DatasetTrainConfig | None, output: Path, *, resume: boo
     selected = draw_slices(cfg, reader)
     missing = reader.missing_slices(selected)
     if missing:
-        raise InputError(f"{len(missing)} of the {len(selected)} training slices are not in {cfg.root} (first: "
-                         f"{missing[0]}); check --root and the list")
+        raise InputError(
+            f"{len(missing)} of the {len(selected)} training slices are not in {cfg.root} (first: "
+            f"{missing[0]}); check --root and the list"
+        )
     if cfg.train_list_sha256 == AUTHORS_SYNAPSE_LIST_SHA256:
         progress.log("--train-list is the authors' list (HF-SAM's lists_Synapse/train.txt = H-SAM's train_220.txt)")
     if len(selected) < cfg.batch_size:
@@ -149,9 +156,16 @@ def _prepare_folder(cfg: DatasetTrainConfig | None, output: Path, *, resume: boo
     progress.log(f"training on {len(selected)} slice(s) of {cfg.dataset} ({output / SELECTED_FILE})")
 
 
-def train_on_dataset(cfg: DatasetTrainConfig | None, output: str | os.PathLike, *, resume: bool = False,
-                     device: str = "auto", num_workers: int = 0, library=None,
-                     progress: Progress | None = None) -> RunResult:
+def train_on_dataset(
+    cfg: DatasetTrainConfig | None,
+    output: str | os.PathLike,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    num_workers: int = 0,
+    library=None,
+    progress: Progress | None = None,
+) -> RunResult:
     """Train (or, with ``resume``, continue) the run in ``output``; see the module docstring.
 
     Under torchrun every process calls this; rank 0 alone writes files and
@@ -172,8 +186,16 @@ def train_on_dataset(cfg: DatasetTrainConfig | None, output: str | os.PathLike, 
             if failed is not None:
                 raise failed
             raise InputError("the run folder could not be prepared (see the first process's message)")
-        return _train(load_config(output), output, ctx, num_workers=num_workers, library=library,
-                      progress=report, cancel=progress, resumed=resume)
+        return _train(
+            load_config(output),
+            output,
+            ctx,
+            num_workers=num_workers,
+            library=library,
+            progress=report,
+            cancel=progress,
+            resumed=resume,
+        )
     finally:
         shutdown_distributed(ctx)
 
@@ -181,9 +203,17 @@ def train_on_dataset(cfg: DatasetTrainConfig | None, output: str | os.PathLike, 
 def _load_base_model(cfg: DatasetTrainConfig, library, progress: Progress):
     from ..model.loading import load_model
 
-    lm = load_model(checkpoint=cfg.checkpoint, backbone=cfg.backbone, img_size=cfg.img_size, rank=cfg.rank,
-                    fusion=cfg.fusion, pixel_norm=cfg.pixel_norm, classes=cfg.classes, library=library,
-                    progress=progress)
+    lm = load_model(
+        checkpoint=cfg.checkpoint,
+        backbone=cfg.backbone,
+        img_size=cfg.img_size,
+        rank=cfg.rank,
+        fusion=cfg.fusion,
+        pixel_norm=cfg.pixel_norm,
+        classes=cfg.classes,
+        library=library,
+        progress=progress,
+    )
     if lm.base.get("sha256"):
         progress.log(f"base: {lm.base['name']} (sha256 {lm.base['sha256'][:12]}...)")
     values = [c["value"] for c in lm.classes]
@@ -192,8 +222,17 @@ def _load_base_model(cfg: DatasetTrainConfig, library, progress: Progress):
     return lm
 
 
-def _train(cfg: DatasetTrainConfig, output: Path, ctx: DistContext, *, num_workers: int, library,
-           progress: Progress, cancel: Progress, resumed: bool) -> RunResult:
+def _train(
+    cfg: DatasetTrainConfig,
+    output: Path,
+    ctx: DistContext,
+    *,
+    num_workers: int,
+    library,
+    progress: Progress,
+    cancel: Progress,
+    resumed: bool,
+) -> RunResult:
     from torch.utils.data import DataLoader, DistributedSampler
 
     from ..runtime.device import is_out_of_memory, resolve_precision
@@ -229,13 +268,21 @@ def _train(cfg: DatasetTrainConfig, output: Path, ctx: DistContext, *, num_worke
 
     dataset = torch_dataset_class()(reader, selected)
     sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(dataset, batch_size=per_process, sampler=sampler, num_workers=num_workers,
-                        collate_fn=collate_slices, persistent_workers=num_workers > 0)
+    loader = DataLoader(
+        dataset,
+        batch_size=per_process,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_slices,
+        persistent_workers=num_workers > 0,
+    )
     steps_per_epoch = len(loader)
     total = cfg.epochs * steps_per_epoch
     if cfg.warmup >= total:
-        progress.warn(f"the warm-up ({cfg.warmup} steps) is as long as the whole run ({total} steps): "
-                      "the learning rate never reaches its base value; lower --warmup")
+        progress.warn(
+            f"the warm-up ({cfg.warmup} steps) is as long as the whole run ({total} steps): "
+            "the learning rate never reaches its base value; lower --warmup"
+        )
     train_model = model
     if ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -243,11 +290,13 @@ def _train(cfg: DatasetTrainConfig, output: Path, ctx: DistContext, *, num_worke
         train_model = DistributedDataParallel(model, device_ids=[ctx.local_rank] if device.type == "cuda" else None)
     reduce = global_sum if ctx.world > 1 else None
 
-    progress.log(f"{len(selected)} slices, {ctx.world} process(es) x batch {per_process} = global batch "
-                 f"{cfg.batch_size}, {steps_per_epoch} steps/epoch, {cfg.epochs} epochs ({total} steps), "
-                 f"lr {cfg.lr:g} ({cfg.lr_schedule} schedule), augmentation {cfg.augment}, pixel normalisation "
-                 f"{model.spec.pixel_norm}, device {device}, {str(dtype).replace('torch.', '')}"
-                 f"{' with loss scaling' if scaler is not None else ''}")
+    progress.log(
+        f"{len(selected)} slices, {ctx.world} process(es) x batch {per_process} = global batch "
+        f"{cfg.batch_size}, {steps_per_epoch} steps/epoch, {cfg.epochs} epochs ({total} steps), "
+        f"lr {cfg.lr:g} ({cfg.lr_schedule} schedule), augmentation {cfg.augment}, pixel normalisation "
+        f"{model.spec.pixel_norm}, device {device}, {str(dtype).replace('torch.', '')}"
+        f"{' with loss scaling' if scaler is not None else ''}"
+    )
     losses: list[float] = []
     start = time.monotonic()
     for epoch in range(start_epoch, cfg.epochs):
@@ -260,33 +309,55 @@ def _train(cfg: DatasetTrainConfig, output: Path, ctx: DistContext, *, num_worke
             x, y = to_model_batch(batch, cfg.img_size, device)
             top = int(y.max())
             if top > num_classes:
-                raise InputError(f"a training slice holds label {top} but the model has {num_classes} classes; "
-                                 "check --classes")
+                raise InputError(
+                    f"a training slice holds label {top} but the model has {num_classes} classes; check --classes"
+                )
             if cfg.augment != "none":
-                x, y = augment_samples(cfg.augment, x, y, [sample_seed(cfg.seed, epoch, i) for i, _, _ in batch],
-                                       [image.shape[-2:] for _, image, _ in batch])
+                x, y = augment_samples(
+                    cfg.augment,
+                    x,
+                    y,
+                    [sample_seed(cfg.seed, epoch, i) for i, _, _ in batch],
+                    [image.shape[-2:] for _, image, _ in batch],
+                )
             lr = cfg.lr * lr_factor_for(cfg.lr_schedule, step, total, cfg.warmup)
             try:
-                loss = ctx.mean(train_step(train_model, optimizer, x, y, lr=lr, precision=dtype, loss_reduce=reduce,
-                                           scaler=scaler))
+                loss = ctx.mean(
+                    train_step(train_model, optimizer, x, y, lr=lr, precision=dtype, loss_reduce=reduce, scaler=scaler)
+                )
             except RuntimeError as exc:
                 if not is_out_of_memory(exc):
                     raise
-                raise HFSAMError(f"out of memory at {per_process} slices of {cfg.img_size} px per process on "
-                                 f"{device}: spread the global batch over more GPUs (torchrun --nproc_per_node N) "
-                                 "or lower --batch-size (then the run differs from the authors' 16)") from None
+                raise HFSAMError(
+                    f"out of memory at {per_process} slices of {cfg.img_size} px per process on "
+                    f"{device}: spread the global batch over more GPUs (torchrun --nproc_per_node N) "
+                    "or lower --batch-size (then the run differs from the authors' 16)"
+                ) from None
             if not math.isfinite(loss):
                 raise InputError(f"training diverged: the loss became {loss} at step {step + 1}; try a lower --lr")
             step += 1
             losses.append(loss)
             progress.progress("train", step, total, epoch=epoch + 1, loss=round(loss, 4), lr=lr)
         done = epoch + 1
-        progress.metric(epoch=done, step=step, loss=round(float(np.mean(losses[-steps_per_epoch:])), 5),
-                        lr=lr, epoch_seconds=round(time.monotonic() - epoch_start, 2))
+        progress.metric(
+            epoch=done,
+            step=step,
+            loss=round(float(np.mean(losses[-steps_per_epoch:])), 5),
+            lr=lr,
+            epoch_seconds=round(time.monotonic() - epoch_start, 2),
+        )
         if done % cfg.save_every == 0 or done == cfg.epochs:
             if ctx.is_main:
-                path = save_checkpoint(checkpoint_path(output, done), model, optimizer, epoch=done, step=step,
-                                       digest=cfg.digest(), base=lm.base, scaler=scaler)
+                path = save_checkpoint(
+                    checkpoint_path(output, done),
+                    model,
+                    optimizer,
+                    epoch=done,
+                    step=step,
+                    digest=cfg.digest(),
+                    base=lm.base,
+                    scaler=scaler,
+                )
                 progress.emit("checkpoint", epoch=done, step=step, path=str(path))
                 progress.log(f"checkpoint {path.name} (epoch {done}/{cfg.epochs})")
             ctx.barrier()
@@ -295,30 +366,85 @@ def _train(cfg: DatasetTrainConfig, output: Path, ctx: DistContext, *, num_worke
     final_loss = float(np.mean(losses[-10:])) if losses else float("nan")
     adapter = None
     if ctx.is_main:
-        adapter = str(_save_final_adapter(cfg, output, model, lm, preset=reader.intensity_preset, step=step,
-                                          final_loss=final_loss, seconds=seconds, n_slices=len(selected),
-                                          world=ctx.world))
+        adapter = str(
+            _save_final_adapter(
+                cfg,
+                output,
+                model,
+                lm,
+                preset=reader.intensity_preset,
+                step=step,
+                final_loss=final_loss,
+                seconds=seconds,
+                n_slices=len(selected),
+                world=ctx.world,
+            )
+        )
         progress.log(f"wrote {adapter}")
     ctx.barrier()
-    return RunResult(str(output), adapter, cfg.epochs, step, resumed_from, len(selected), ctx.world,
-                     cfg.batch_size, final_loss, seconds, losses)
+    return RunResult(
+        str(output),
+        adapter,
+        cfg.epochs,
+        step,
+        resumed_from,
+        len(selected),
+        ctx.world,
+        cfg.batch_size,
+        final_loss,
+        seconds,
+        losses,
+    )
 
 
-def _save_final_adapter(cfg: DatasetTrainConfig, output: Path, model, lm, *, preset: str, step: int,
-                        final_loss: float, seconds: float, n_slices: int, world: int) -> Path:
+def _save_final_adapter(
+    cfg: DatasetTrainConfig,
+    output: Path,
+    model,
+    lm,
+    *,
+    preset: str,
+    step: int,
+    final_loss: float,
+    seconds: float,
+    n_slices: int,
+    world: int,
+) -> Path:
     from ..store.adapters import save_adapter
     from ..store.training_record import TrainedAdapter, TrainingRecord
 
-    regime = ("the --train-list" if cfg.train_list is not None
-              else f"{cfg.fraction:g} of the slices" if cfg.fraction is not None
-              else f"{cfg.patients} patients" if cfg.patients is not None else "all listed slices")
+    regime = (
+        "the --train-list"
+        if cfg.train_list is not None
+        else f"{cfg.fraction:g} of the slices"
+        if cfg.fraction is not None
+        else f"{cfg.patients} patients"
+        if cfg.patients is not None
+        else "all listed slices"
+    )
     record = TrainingRecord(image=str(cfg.root), steps=step, seed=cfg.seed, batch_size=cfg.batch_size, lr=cfg.lr)
-    description = cfg.description or (f"HF-SAM trained on {cfg.dataset} ({regime}, {n_slices} slices, "
-                                      f"{cfg.epochs} epochs, preset {cfg.preset})")
+    description = cfg.description or (
+        f"HF-SAM trained on {cfg.dataset} ({regime}, {n_slices} slices, {cfg.epochs} epochs, preset {cfg.preset})"
+    )
     metadata = TrainedAdapter(
-        name=cfg.name or output.name, spec=model.spec, base=lm.base, classes=lm.classes, preset=preset, axis=cfg.axis,
-        training=record, metrics={"final_loss": final_loss, "seconds": seconds}, description=description,
-        extra={"dataset_training": {"dataset": cfg.dataset, "selected_list": SELECTED_FILE, "n_slices": n_slices,
-                                    "world_size": world, "config": cfg.as_dict()}},
-        hfsam_version=cfg.hfsam_version).metadata()
+        name=cfg.name or output.name,
+        spec=model.spec,
+        base=lm.base,
+        classes=lm.classes,
+        preset=preset,
+        axis=cfg.axis,
+        training=record,
+        metrics={"final_loss": final_loss, "seconds": seconds},
+        description=description,
+        extra={
+            "dataset_training": {
+                "dataset": cfg.dataset,
+                "selected_list": SELECTED_FILE,
+                "n_slices": n_slices,
+                "world_size": world,
+                "config": cfg.as_dict(),
+            }
+        },
+        hfsam_version=cfg.hfsam_version,
+    ).metadata()
     return save_adapter(output / ADAPTER_FILE, model.trainable_state_dict(), metadata, overwrite=True)

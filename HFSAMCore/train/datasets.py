@@ -85,8 +85,10 @@ def _as_unit_image(image: np.ndarray, where: str, what: str) -> np.ndarray:
         raise InputError(f"{where}: the image contains NaN or infinite values")
     lo, hi = (float(image.min()), float(image.max())) if image.size else (0.0, 0.0)
     if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
-        raise InputError(f"{where}: image values span {lo:.4g}..{hi:.4g}, but this format must already be "
-                         "scaled to [0, 1]; use the preprocessed release or --dataset nifti for raw volumes")
+        raise InputError(
+            f"{where}: image values span {lo:.4g}..{hi:.4g}, but this format must already be "
+            "scaled to [0, 1]; use the preprocessed release or --dataset nifti for raw volumes"
+        )
     return np.clip(image, 0.0, 1.0)
 
 
@@ -108,8 +110,9 @@ def _as_labels(label: np.ndarray, where: str) -> np.ndarray:
 
 def _check_pair(image: np.ndarray, label: np.ndarray, where: str, ndim: int) -> None:
     if image.ndim != ndim or label.shape != image.shape:
-        raise InputError(f"{where}: expected image and label of the same {ndim}D shape, got "
-                         f"{image.shape} and {label.shape}")
+        raise InputError(
+            f"{where}: expected image and label of the same {ndim}D shape, got {image.shape} and {label.shape}"
+        )
 
 
 def _read_h5(path: Path, ndim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,5 +1,4 @@
-"""One code path for one process or many: torchrun's world, a differentiable all-reduce.
-"""
+"""One code path for one process or many: torchrun's world, a differentiable all-reduce."""
 
 from __future__ import annotations
 

@@ -28,9 +28,19 @@ class FeatureCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model, images: torch.Tensor, labels: torch.Tensor, *, copies: int, augment,
-              gen: torch.Generator, precision: torch.dtype, batch_size: int = 4, check_cancelled=None
-              ) -> "FeatureCache":
+    def build(
+        cls,
+        model,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        copies: int,
+        augment,
+        gen: torch.Generator,
+        precision: torch.dtype,
+        batch_size: int = 4,
+        check_cancelled=None,
+    ) -> FeatureCache:
         """``augment(images, labels, gen)`` draws copies 1..copies-1 (None: copy 0 only)."""
         xs, ys = [images], [labels]
         for _ in range(1, copies if augment is not None else 1):
@@ -45,7 +55,7 @@ class FeatureCache:
             if check_cancelled is not None:
                 check_cancelled()
             with autocast(x_all.device, precision):
-                e, t = model.encoder_features(x_all[i:i + batch_size])
+                e, t = model.encoder_features(x_all[i : i + batch_size])
             embeddings.append(e)
             taps.append(t)
         model.train(was_training)

@@ -81,8 +81,9 @@ class TrainReport:
         return d
 
 
-def recipe_config(backbone: str, *, steps: int | None = None, minutes: float | None = None,
-                  cached_steps: int | None = None, **kwargs) -> TrainConfig:
+def recipe_config(
+    backbone: str, *, steps: int | None = None, minutes: float | None = None, cached_steps: int | None = None, **kwargs
+) -> TrainConfig:
     """The backbone's few-shot recipe (registry.FewShotRecipe) with what the user chose.
 
     ``steps`` given: the recipe's share of cached steps is kept (unless ``cached_steps`` is given);
@@ -176,11 +177,20 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
     lora = [p for n, p in model.named_parameters() if p.requires_grad and is_lora_parameter(n)]
     if cached_steps:
         after = "LoRA trains after them" if cached_steps < total else "LoRA does not train in this run"
-        progress.log(f"encoding {len(train_idx)} slice(s) x {cfg.pool} augmented copies once for the first "
-                     f"{cached_steps} steps ({after})")
-        cache = FeatureCache.build(model, train_images, train_labels, copies=cfg.pool,
-                                   augment=augment if cfg.augment else None, gen=gen, precision=cfg.precision,
-                                   check_cancelled=progress.check_cancelled)
+        progress.log(
+            f"encoding {len(train_idx)} slice(s) x {cfg.pool} augmented copies once for the first "
+            f"{cached_steps} steps ({after})"
+        )
+        cache = FeatureCache.build(
+            model,
+            train_images,
+            train_labels,
+            copies=cfg.pool,
+            augment=augment if cfg.augment else None,
+            gen=gen,
+            precision=cfg.precision,
+            check_cancelled=progress.check_cancelled,
+        )
         for p in lora:
             p.requires_grad_(False)  # AdamW skips them (no gradient) until the cache is done
     phase_start, live_steps = time.monotonic(), 0  # the phase's start: the cached phase's, then the live one's
@@ -204,8 +214,11 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
                 elif step == 3 and cache is not None:  # a first estimate, corrected after 3 live steps
                     per = (time.monotonic() - phase_start) / 3
                     cached_left = (cached_steps - step) * per
-                    budget = (step + int(left / per) if left <= cached_left else
-                              cached_steps + int((left - cached_left) / (per * LIVE_STEP_COST)))
+                    budget = (
+                        step + int(left / per)
+                        if left <= cached_left
+                        else cached_steps + int((left - cached_left) / (per * LIVE_STEP_COST))
+                    )
                 if budget is not None:
                     budget = max(step + 1, budget)
                     total = budget if cfg.steps is None else min(cfg.steps, budget)
@@ -215,8 +228,16 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
                 if cache is not None:
                     pick = torch.randint(len(cache), (batch_size,), generator=gen).to(device)
                     features, y = cache.batch(pick)
-                    loss = train_step(lambda f: model.decode(*f), optimizer, features, y, lr=lr,
-                                      precision=cfg.precision, scaler=scaler, device=device)
+                    loss = train_step(
+                        lambda f: model.decode(*f),
+                        optimizer,
+                        features,
+                        y,
+                        lr=lr,
+                        precision=cfg.precision,
+                        scaler=scaler,
+                        device=device,
+                    )
                 else:
                     pick = torch.randint(len(train_idx), (batch_size,), generator=gen).to(device)
                     x, y = train_images[pick], train_labels[pick]
@@ -238,8 +259,10 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
             step += 1
             value = float(loss.detach())
             if not math.isfinite(value):
-                raise InputError(f"training diverged: the loss became {value} at step {step}; try a lower --lr "
-                                 f"(this run: {cfg.lr:g})")
+                raise InputError(
+                    f"training diverged: the loss became {value} at step {step}; try a lower --lr "
+                    f"(this run: {cfg.lr:g})"
+                )
             report.losses.append(value)
             shown_total = total if total < 10**9 else step + 1
             progress.progress("finetune", step, shown_total, loss=round(value, 4))
@@ -254,8 +277,10 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
             p.requires_grad_(True)
 
     if step == 0:
-        raise InputError(f"the time budget (--minutes {cfg.minutes:g}) ended before the first training step: "
-                         "give more time, or --steps")
+        raise InputError(
+            f"the time budget (--minutes {cfg.minutes:g}) ended before the first training step: "
+            "give more time, or --steps"
+        )
     check_trained(model, train_images, train_labels, cfg, batch_size)
     report.steps = step
     report.cached_steps = min(step, cached_steps)

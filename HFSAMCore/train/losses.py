@@ -1,5 +1,4 @@
-"""HF-SAM's loss: 0.1 cross-entropy + 0.9 soft Dice on the H/4 logits.
-"""
+"""HF-SAM's loss: 0.1 cross-entropy + 0.9 soft Dice on the H/4 logits."""
 
 from __future__ import annotations
 
@@ -14,8 +13,12 @@ CE_WEIGHT, DICE_WEIGHT = 0.1, 0.9
 
 
 # -- loss ---------------------------------------------------------------------
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
-                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def soft_dice_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    smooth: float = 1e-5,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """1 - soft Dice of the softmax, per class over the batch, averaged over all classes (background too).
 
     The Dice pools the whole batch (as H-SAM's DiceLoss does), so it is not a mean
@@ -34,8 +37,9 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return (1 - (2 * inter + smooth) / (denom + smooth)).mean()
 
 
-def hfsam_loss(logits: torch.Tensor, target: torch.Tensor,
-               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def hfsam_loss(
+    logits: torch.Tensor, target: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
     """0.1 CE + 0.9 soft Dice on the H/4 logits; target is resized to them (nearest).
 
     ``reduce``: see ``soft_dice_loss`` (distributed training only). The CE is a

@@ -1,5 +1,4 @@
-"""One optimisation step, shared by few-shot and dataset training: AdamW, mixed precision, the loss.
-"""
+"""One optimisation step, shared by few-shot and dataset training: AdamW, mixed precision, the loss."""
 
 from __future__ import annotations
 
@@ -24,9 +23,18 @@ def grad_scaler(precision: torch.dtype, device: torch.device) -> torch.amp.GradS
     return torch.amp.GradScaler(torch.device(device).type) if precision == torch.float16 else None
 
 
-def train_step(model, optimizer, x, y: torch.Tensor, *, lr: float, precision: torch.dtype,
-               loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
-               scaler: torch.amp.GradScaler | None = None, device: torch.device | None = None) -> torch.Tensor:
+def train_step(
+    model,
+    optimizer,
+    x,
+    y: torch.Tensor,
+    *,
+    lr: float,
+    precision: torch.dtype,
+    loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """Set the step's learning rate, then forward, HF-SAM loss, backward, AdamW step; returns the loss.
 
     ``x`` [B,1|3,S,S] and ``y`` [B,S,S] are already on the device and augmented;

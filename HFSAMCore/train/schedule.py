@@ -1,5 +1,4 @@
-"""Learning-rate schedules and the backbones' few-shot recipes.
-"""
+"""Learning-rate schedules and the backbones' few-shot recipes."""
 
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ def lr_factor_for(schedule: str, step: int, total: int, warmup: int) -> float:
     if schedule == "hsam":
         return hsam_lr_factor(step, total, warmup)
     if schedule == "poly":
-
         return lr_factor(step, total, warmup)
     raise InputError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, not {schedule!r}")
 

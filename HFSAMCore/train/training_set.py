@@ -1,5 +1,4 @@
-"""The few-shot training set: a volume's labeled slices as model-ready tensors on the device.
-"""
+"""The few-shot training set: a volume's labeled slices as model-ready tensors on the device."""
 
 from __future__ import annotations
 
@@ -83,14 +82,18 @@ def _classes_of(label_stack: np.ndarray, num_classes: int, label_values: list[in
     top = int(label_stack.max()) if label_stack.size else 0
     if label_values is None:
         if top > num_classes:
-            raise InputError(f"the labels contain class {top} but only {num_classes} class name(s) were given; "
-                             "pass one name per label value with --classes")
+            raise InputError(
+                f"the labels contain class {top} but only {num_classes} class name(s) were given; "
+                "pass one name per label value with --classes"
+            )
         return label_stack
     lut = np.zeros(max(top, max(label_values)) + 1, dtype=np.uint8)
     lut[list(label_values)] = np.arange(1, len(label_values) + 1)
     present = np.flatnonzero(np.bincount(label_stack.ravel(), minlength=1)) if top < 1 << 16 else np.unique(label_stack)
     unknown = [int(v) for v in present if v and v not in set(label_values)]
     if unknown:
-        raise InputError(f"the labels contain value {unknown[-1]}, which no class paints; pass one name per label "
-                         "value with --classes")
+        raise InputError(
+            f"the labels contain value {unknown[-1]}, which no class paints; pass one name per label "
+            "value with --classes"
+        )
     return lut[label_stack]

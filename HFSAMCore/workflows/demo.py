@@ -36,8 +36,9 @@ def spread(labeled: list[int], n: int) -> list[int]:
     return [labeled[p] for p in sorted(set(positions))]
 
 
-def evaluate_held_out(image: sitk.Image, view, ref_stack: np.ndarray, pred_stack: np.ndarray,
-                      trained: list[int], names: dict[int, str]) -> dict:
+def evaluate_held_out(
+    image: sitk.Image, view, ref_stack: np.ndarray, pred_stack: np.ndarray, trained: list[int], names: dict[int, str]
+) -> dict:
     """metrics.evaluate on the slices the model never saw (canonical indices ``trained`` blanked in both)."""
     from ..evaluate.metrics import evaluate
 
@@ -64,8 +65,10 @@ def choose_model(wanted: str, library, device, progress: Progress) -> tuple[str,
         if found is not None and device.type == "cuda":
             return PAPER_BACKBONE, str(found)
         why = "no CUDA GPU" if found is not None else f"no SAM {PAPER_BACKBONE} checkpoint in the library"
-        progress.log(f"{why}: the demo fine-tunes LiteMedSAM (TinyViT distilled from MedSAM, pretrained on "
-                     "medical images; its weights come with the engine)")
+        progress.log(
+            f"{why}: the demo fine-tunes LiteMedSAM (TinyViT distilled from MedSAM, pretrained on "
+            "medical images; its weights come with the engine)"
+        )
         return FALLBACK_BACKBONE, None
     return wanted, None  # load_model takes the library's checkpoint, or says how to get it
 
@@ -78,8 +81,15 @@ def _overlay(gray: np.ndarray, labels: np.ndarray, colors: dict[int, tuple]) -> 
     return rgb.clip(0, 255).astype(np.uint8)
 
 
-def render_figure(image_stack: np.ndarray, ref_stack: np.ndarray, pred_stack: np.ndarray,
-                  slices: list[int], classes: list[dict], preset: str, stats) -> bytes:
+def render_figure(
+    image_stack: np.ndarray,
+    ref_stack: np.ndarray,
+    pred_stack: np.ndarray,
+    slices: list[int],
+    classes: list[dict],
+    preset: str,
+    stats,
+) -> bytes:
     """A PNG: rows are held-out slices; columns image, reference, prediction."""
     from PIL import Image, ImageDraw
 
@@ -88,9 +98,12 @@ def render_figure(image_stack: np.ndarray, ref_stack: np.ndarray, pred_stack: np
     colors = {c["value"]: tuple(c["color"]) for c in classes}
     rows = []
     for s in slices:
-        gray = (normalize(image_stack[s:s + 1], preset, stats=stats)[0] * 255).astype(np.uint8)
-        tiles = [np.repeat(gray[..., None], 3, axis=2), _overlay(gray, ref_stack[s], colors),
-                 _overlay(gray, pred_stack[s], colors)]
+        gray = (normalize(image_stack[s : s + 1], preset, stats=stats)[0] * 255).astype(np.uint8)
+        tiles = [
+            np.repeat(gray[..., None], 3, axis=2),
+            _overlay(gray, ref_stack[s], colors),
+            _overlay(gray, pred_stack[s], colors),
+        ]
         rows.append(np.concatenate(tiles, axis=1))
     grid = np.concatenate(rows, axis=0)
     scale = max(1, 600 // grid.shape[1] + 1)
@@ -116,8 +129,9 @@ class DemoOptions:
     overwrite: bool = False  # replace the results of an earlier demo
 
 
-def run_demo(output: str | os.PathLike = "demo_output", options: DemoOptions = DemoOptions(),
-             progress: Progress | None = None) -> dict[str, Any]:
+def run_demo(
+    output: str | os.PathLike = "demo_output", options: DemoOptions = DemoOptions(), progress: Progress | None = None
+) -> dict[str, Any]:
     """Fine-tune on a few labeled slices of the sample CT, segment every slice, score the others,
     and write the results into the folder ``output``. Returns the scores and the run's setup, with
     ``summary``, the Dice table as text."""
@@ -159,8 +173,9 @@ def _run_demo(options: DemoOptions, progress: Progress, out: Path) -> dict[str, 
         return _demo(options, progress, out, paths, sample, writes)
 
 
-def _demo(options: DemoOptions, progress: Progress, out: Path, paths: dict[str, Path], sample: dict,
-          writes) -> dict[str, Any]:
+def _demo(
+    options: DemoOptions, progress: Progress, out: Path, paths: dict[str, Path], sample: dict, writes
+) -> dict[str, Any]:
     import torch
 
     from ..evaluate.metrics import format_table
@@ -174,8 +189,8 @@ def _demo(options: DemoOptions, progress: Progress, out: Path, paths: dict[str, 
     from ..model.loading import load_model
     from ..runtime.device import resolve_device, resolve_precision
     from ..store.adapters import save_adapter
-    from ..store.training_record import TrainedAdapter, TrainingRecord
     from ..store.library import ModelLibrary
+    from ..store.training_record import TrainedAdapter, TrainingRecord
     from ..train.fewshot import recipe_config, train
     from ..train.training_set import prepare_training_set
 
@@ -196,54 +211,100 @@ def _demo(options: DemoOptions, progress: Progress, out: Path, paths: dict[str, 
     labeled = labeled_slices(ref_stack)
     train_canonical = spread(labeled, options.labeled_slices)
     train_slices = [view.original_index(s) for s in train_canonical]
-    progress.log(f"sample CT {sample['image']} ({view.n_slices} slices, source: {sample['source']}); "
-                 f"'painted' slices: {train_slices}; model: {backbone}, {steps} steps on {device}")
+    progress.log(
+        f"sample CT {sample['image']} ({view.n_slices} slices, source: {sample['source']}); "
+        f"'painted' slices: {train_slices}; model: {backbone}, {steps} steps on {device}"
+    )
 
     torch.manual_seed(0)
     size = backbone_info.default_img_size
-    lm = load_model(checkpoint=checkpoint, backbone=backbone, img_size=size, classes="synapse", library=library,
-                    progress=progress)
-    data = prepare_training_set(image, reference, num_classes=len(classes), img_size=size, slices=train_slices,
-                                device=device)
+    lm = load_model(
+        checkpoint=checkpoint, backbone=backbone, img_size=size, classes="synapse", library=library, progress=progress
+    )
+    data = prepare_training_set(
+        image, reference, num_classes=len(classes), img_size=size, slices=train_slices, device=device
+    )
     report = train(lm.model, data, cfg, progress)
 
-    record = TrainingRecord(image=str(sample["image"]), slices=report.slices, steps=report.steps,
-                            cached_steps=report.cached_steps, seed=0, batch_size=report.batch_size, lr=0.0025)
-    metadata = TrainedAdapter(name="demo", spec=lm.spec, base=lm.base, classes=classes, preset=data.preset,
-                              axis="axial", training=record,
-                              description="hfsam demo on the TotalSegmentator sample CT").metadata()
+    record = TrainingRecord(
+        image=str(sample["image"]),
+        slices=report.slices,
+        steps=report.steps,
+        cached_steps=report.cached_steps,
+        seed=0,
+        batch_size=report.batch_size,
+        lr=0.0025,
+    )
+    metadata = TrainedAdapter(
+        name="demo",
+        spec=lm.spec,
+        base=lm.base,
+        classes=classes,
+        preset=data.preset,
+        axis="axial",
+        training=record,
+        description="hfsam demo on the TotalSegmentator sample CT",
+    ).metadata()
 
-    prediction, info = segment_image(image, lm.model, preset=data.preset, device=device, dtype=dtype,
-                                     progress=progress)
+    prediction, info = segment_image(image, lm.model, preset=data.preset, device=device, dtype=dtype, progress=progress)
 
     # Score only the slices the model never saw.
     pred_stack = view.to_slices(sitk.GetArrayViewFromImage(prediction))
     names = {c["value"]: c["name"] for c in classes}
     result = evaluate_held_out(image, view, ref_stack, pred_stack, train_canonical, names)
-    result["setup"] = {"backbone": backbone, "checkpoint": lm.base.get("name"), "steps": report.steps,
-                       "train_slices": train_slices, "evaluated_slices": result["evaluated_slices"],
-                       "train_seconds": report.seconds, "device": str(device)}
+    result["setup"] = {
+        "backbone": backbone,
+        "checkpoint": lm.base.get("name"),
+        "steps": report.steps,
+        "train_slices": train_slices,
+        "evaluated_slices": result["evaluated_slices"],
+        "train_seconds": report.seconds,
+        "device": str(device),
+    }
     table = format_table(result)
-    banner = (f"> Model: HF-SAM on {backbone_info.title}.\n\n" if not backbone_info.test_only else
-              "> Tiny random-init configuration (no pretrained weights): shows the pipeline, not HF-SAM's "
-              "quality.\n\n")
-    dice_md = (f"# hfsam demo: Dice on the {result['evaluated_slices']} held-out slices\n\n"
-               f"{banner}Trained on slices {train_slices} ({report.steps} steps, {backbone}, "
-               f"{report.seconds:.0f} s on {device}).\n\n{table}\n")
+    banner = (
+        f"> Model: HF-SAM on {backbone_info.title}.\n\n"
+        if not backbone_info.test_only
+        else "> Tiny random-init configuration (no pretrained weights): shows the pipeline, not HF-SAM's quality.\n\n"
+    )
+    dice_md = (
+        f"# hfsam demo: Dice on the {result['evaluated_slices']} held-out slices\n\n"
+        f"{banner}Trained on slices {train_slices} ({report.steps} steps, {backbone}, "
+        f"{report.seconds:.0f} s on {device}).\n\n{table}\n"
+    )
     held = [s for s in range(view.n_slices) if s not in train_canonical and ref_stack[s].any()]
     show = [held[int(i)] for i in np.linspace(0, len(held) - 1, min(3, len(held)))] if held else []
-    figure = render_figure(view.to_slices(sitk.GetArrayViewFromImage(image)), ref_stack, pred_stack, show, classes,
-                           data.preset, volume_stats(sitk.GetArrayViewFromImage(image), data.preset))
+    figure = render_figure(
+        view.to_slices(sitk.GetArrayViewFromImage(image)),
+        ref_stack,
+        pred_stack,
+        show,
+        classes,
+        data.preset,
+        volume_stats(sitk.GetArrayViewFromImage(image), data.preset),
+    )
 
     progress.check_cancelled()  # up to here nothing was written; from here on everything is
     writes.replacing(*paths.values())
     overwrite = options.overwrite
     save_adapter(paths["adapter.safetensors"], lm.model.trainable_state_dict(), metadata, overwrite=overwrite)
-    write_image(prediction, paths["segmentation.nrrd"], overwrite=overwrite,
-                sidecar={"output": "segmentation.nrrd", "classes": classes, "model": lm.describe(),
-                         "input": str(sample["image"]), "run": info})
-    for name, data_ in (("dice.md", dice_md.encode()), ("dice.json", json.dumps(result, indent=2).encode()),
-                        ("figure.png", figure)):
+    write_image(
+        prediction,
+        paths["segmentation.nrrd"],
+        overwrite=overwrite,
+        sidecar={
+            "output": "segmentation.nrrd",
+            "classes": classes,
+            "model": lm.describe(),
+            "input": str(sample["image"]),
+            "run": info,
+        },
+    )
+    for name, data_ in (
+        ("dice.md", dice_md.encode()),
+        ("dice.json", json.dumps(result, indent=2).encode()),
+        ("figure.png", figure),
+    ):
         atomic_write(paths[name], lambda fh, d=data_: fh.write(d), overwrite=overwrite)
 
     progress.log(f"results in {out}/: segmentation.nrrd, adapter.safetensors, dice.md, figure.png")

@@ -14,8 +14,13 @@ from typing import Any
 from ..runtime.progress import Progress
 
 
-def evaluate_files(reference: str | os.PathLike, prediction: str | os.PathLike, *, classes: str | None = None,
-                   progress: Progress | None = None) -> dict[str, Any]:
+def evaluate_files(
+    reference: str | os.PathLike,
+    prediction: str | os.PathLike,
+    *,
+    classes: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Dice and HD95 (mm) per class and their means. Class names: ``classes`` (a preset or names),
     else the prediction's sidecar, else the label values."""
     from ..evaluate.metrics import evaluate
@@ -26,12 +31,20 @@ def evaluate_files(reference: str | os.PathLike, prediction: str | os.PathLike, 
     progress = progress or Progress("none")
     ref = read_labels(reference, warn=progress.warn)
     pred = read_labels(prediction, warn=progress.warn)
-    outside, total = warn_outside(progress, ref, pred, "the reference", "the prediction's grid",
-                                  "the scores cover only the part of the reference the prediction covers")
+    outside, total = warn_outside(
+        progress,
+        ref,
+        pred,
+        "the reference",
+        "the prediction's grid",
+        "the scores cover only the part of the reference the prediction covers",
+    )
     ref_values, pred_values = label_values(ref), label_values(pred)
     if ref_values and pred_values and not set(ref_values) & set(pred_values):
-        progress.warn(f"the reference (values {_few(ref_values)}) and the prediction (values {_few(pred_values)}) "
-                      "share no label value: are they labelled alike? Every class scores 0")
+        progress.warn(
+            f"the reference (values {_few(ref_values)}) and the prediction (values {_few(pred_values)}) "
+            "share no label value: are they labelled alike? Every class scores 0"
+        )
     if classes:
         from ..model.classes import resolve_classes
 

@@ -10,17 +10,23 @@ a default simply gives way to the adapter's.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import InputError
 
 #: Options an adapter fixes: field -> (the option as typed on the command line, adapter metadata
 #: field). Its architecture (its tensors fit only that model) and everything that changes what the
 #: model sees: slice axis, intensity preset, input size.
-ADAPTER_FIXES = {"backbone": ("--backbone", "backbone"), "img_size": ("--img-size", "img_size"),
-                 "rank": ("--rank", "rank"), "fusion": ("--fusion", "fusion"),
-                 "axis": ("--axis", "axis"), "preset": ("--preset", "intensity_preset")}
+ADAPTER_FIXES = {
+    "backbone": ("--backbone", "backbone"),
+    "img_size": ("--img-size", "img_size"),
+    "rank": ("--rank", "rank"),
+    "fusion": ("--fusion", "fusion"),
+    "axis": ("--axis", "axis"),
+    "preset": ("--preset", "intensity_preset"),
+}
 
 
 @dataclass(frozen=True)
@@ -54,13 +60,15 @@ def with_chosen(options: Any, chosen: frozenset[str] | None = None) -> Any:
     """``options`` with ``chosen`` set: the given names, or, for a Python caller who passed none,
     every field whose value differs from its default."""
     if chosen is None:
-        chosen = frozenset(f.name for f in dataclasses.fields(options) if f.name != "chosen"
-                           and getattr(options, f.name) != f.default)
+        chosen = frozenset(
+            f.name for f in dataclasses.fields(options) if f.name != "chosen" and getattr(options, f.name) != f.default
+        )
     return dataclasses.replace(options, chosen=frozenset(chosen))
 
 
-def fixed_by_adapter(model: ModelOptions, run: RunOptions, meta: Mapping[str, Any],
-                     adapter_name: str) -> tuple[ModelOptions, RunOptions]:
+def fixed_by_adapter(
+    model: ModelOptions, run: RunOptions, meta: Mapping[str, Any], adapter_name: str
+) -> tuple[ModelOptions, RunOptions]:
     """The options with every value the adapter fixes taken from it; a chosen value that
     contradicts the adapter is refused, naming the option."""
     wrong, trained, model_kw, run_kw = [], [], {}, {}
@@ -72,6 +80,8 @@ def fixed_by_adapter(model: ModelOptions, run: RunOptions, meta: Mapping[str, An
             wrong.append(f"{option} {value}")
         kw[name] = meta[key]
     if wrong:
-        raise InputError(f"adapter {adapter_name} was trained for {', '.join(trained)}, not {', '.join(wrong)}: drop the "
-                         "option (an adapter fixes the model and what it sees) or choose an adapter trained for it")
+        raise InputError(
+            f"adapter {adapter_name} was trained for {', '.join(trained)}, not {', '.join(wrong)}: drop the "
+            "option (an adapter fixes the model and what it sees) or choose an adapter trained for it"
+        )
     return dataclasses.replace(model, **model_kw), dataclasses.replace(run, **run_kw)

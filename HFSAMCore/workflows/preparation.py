@@ -6,8 +6,9 @@ of a second with one line (exit code 2 on the command line), and nothing is writ
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import InputError
 from ..runtime.progress import Progress
@@ -25,8 +26,9 @@ def adapter_path(model: ModelOptions, library) -> Path | None:
     return library.resolve_adapter(model.adapter) if model.adapter else None
 
 
-def read_adapter(model: ModelOptions, run: RunOptions, path: Path | None
-                 ) -> tuple[Mapping[str, Any] | None, ModelOptions, RunOptions]:
+def read_adapter(
+    model: ModelOptions, run: RunOptions, path: Path | None
+) -> tuple[Mapping[str, Any] | None, ModelOptions, RunOptions]:
     """The adapter's validated metadata (None without one), read without torch, and the options
     with what the adapter fixes taken from it (``options.fixed_by_adapter``)."""
     if path is None:
@@ -59,8 +61,10 @@ def declare_inputs(claims, model: ModelOptions, adapter: Path | None, images: Ma
             head = fh.read(16)
         # torch.save writes a zip (or, before torch 1.6, a pickle); safetensors starts with a header length.
         if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or head[8:9] == b"{"):
-            raise InputError(f"--checkpoint {path} is not a PyTorch or safetensors checkpoint (its content is neither): "
-                             "use an official SAM checkpoint (.pth)")
+            raise InputError(
+                f"--checkpoint {path} is not a PyTorch or safetensors checkpoint (its content is neither): "
+                "use an official SAM checkpoint (.pth)"
+            )
         claims.inputs("the checkpoint", [path])
 
 
@@ -86,6 +90,14 @@ def load(model: ModelOptions, *, classes: Any, library, progress: Progress):
     """The model the options name (``model/loading.load_model``)."""
     from ..model.loading import load_model
 
-    return load_model(adapter=model.adapter, checkpoint=model.checkpoint, backbone=model.backbone,
-                      img_size=model.img_size, rank=model.rank, fusion=model.fusion, classes=classes,
-                      library=library, progress=progress)
+    return load_model(
+        adapter=model.adapter,
+        checkpoint=model.checkpoint,
+        backbone=model.backbone,
+        img_size=model.img_size,
+        rank=model.rank,
+        fusion=model.fusion,
+        classes=classes,
+        library=library,
+        progress=progress,
+    )

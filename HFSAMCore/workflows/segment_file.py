@@ -16,9 +16,15 @@ from .options import ModelOptions, RunOptions
 from .preparation import adapter_path, declare_inputs, device_and_dtype, load, open_library, read_adapter
 
 
-def segment_file(input: str | os.PathLike, output: str | os.PathLike, *, classes: str | None = None,
-                 model: ModelOptions = ModelOptions(), run: RunOptions = RunOptions(),
-                 progress: Progress | None = None) -> dict[str, Any]:
+def segment_file(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    classes: str | None = None,
+    model: ModelOptions = ModelOptions(),
+    run: RunOptions = RunOptions(),
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Segment every slice of ``input`` and write the label volume ``output`` (.nrrd, .nii.gz, .mha)
     with a sidecar .json of class names and colours beside it. Returns what was written and how."""
     from ..io.outputs import Claims
@@ -34,53 +40,81 @@ def segment_file(input: str | os.PathLike, output: str | os.PathLike, *, classes
     out, sidecar = claims.image_output(output)
     meta, model, run = read_adapter(model, run, adapter)
     if adapter is None and model.checkpoint is None:
-        raise InputError("segment needs an adapter (--adapter NAME or FILE): a base model's class head is "
-                         "untrained, so its labels would mean nothing; train one with `hfsam finetune` "
-                         "(`hfsam models list` shows the library's)")
+        raise InputError(
+            "segment needs an adapter (--adapter NAME or FILE): a base model's class head is "
+            "untrained, so its labels would mean nothing; train one with `hfsam finetune` "
+            "(`hfsam models list` shows the library's)"
+        )
     if classes is not None:
         from ..model.classes import resolve_classes
 
         wanted = [c["name"] for c in resolve_classes(classes)]
         if meta is not None and adapter is not None and wanted != [c["name"] for c in meta["classes"]]:
-            raise InputError(f"adapter {adapter.name} segments {', '.join(c['name'] for c in meta['classes'])}; "
-                             "--classes cannot rename or change them (fine-tune a new adapter instead)")
+            raise InputError(
+                f"adapter {adapter.name} segments {', '.join(c['name'] for c in meta['classes'])}; "
+                "--classes cannot rename or change them (fine-tune a new adapter instead)"
+            )
     image = read_image(input, warn=progress.warn)
     check_can_store(image, out)
     check_slices_are_images(image, run.axis, str(input))
     if meta is not None and "preset" not in run.chosen:
         looks = choose_preset(image)
         if looks != run.preset:
-            progress.warn(f"this image looks like {looks.upper()} but the adapter was trained on {run.preset.upper()}; "
-                          f"using the {run.preset} preset the adapter needs")
+            progress.warn(
+                f"this image looks like {looks.upper()} but the adapter was trained on {run.preset.upper()}; "
+                f"using the {run.preset} preset the adapter needs"
+            )
     with claims.hold() as writes:
         return _segment(input, image, out, sidecar, classes, model, run, library, writes, progress)
 
 
-def _segment(input, image, output, sidecar, classes, model: ModelOptions, run: RunOptions, library, writes,
-             progress: Progress) -> dict[str, Any]:
+def _segment(
+    input, image, output, sidecar, classes, model: ModelOptions, run: RunOptions, library, writes, progress: Progress
+) -> dict[str, Any]:
     from ..io.write import data_files, write_image
     from ..model.inference import segment_image
 
     device, dtype = device_and_dtype(run)
     lm = load(model, classes=classes, library=library, progress=progress)
     if not model.adapter and lm.base.get("sha256"):
-        progress.warn("no adapter given: the class head is untrained, so the result is not meaningful; "
-                      "fine-tune one with `hfsam finetune` or pass --adapter")
-    labels, info = segment_image(image, lm.model, preset=run.preset, axis=run.axis, batch_size=run.batch_size,
-                                 device=device, dtype=dtype, progress=progress,
-                                 class_values=[c["value"] for c in lm.classes])
+        progress.warn(
+            "no adapter given: the class head is untrained, so the result is not meaningful; "
+            "fine-tune one with `hfsam finetune` or pass --adapter"
+        )
+    labels, info = segment_image(
+        image,
+        lm.model,
+        preset=run.preset,
+        axis=run.axis,
+        batch_size=run.batch_size,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        class_values=[c["value"] for c in lm.classes],
+    )
     progress.check_cancelled()  # a cancel that came after the last batch still means "write nothing"
     if info["labeled_voxels"] == 0:
         names = ", ".join(c["name"] for c in lm.classes)
-        progress.warn(f"EVERY VOXEL CAME OUT AS BACKGROUND: none of the {len(lm.classes)} class(es) ({names}) was "
-                      f"found in any of the {info['slices']} slices. Do not read this as 'not present': if the "
-                      "structures are in the scan, this model does not fit it (another modality, body region or "
-                      "slice axis?)")
+        progress.warn(
+            f"EVERY VOXEL CAME OUT AS BACKGROUND: none of the {len(lm.classes)} class(es) ({names}) was "
+            f"found in any of the {info['slices']} slices. Do not read this as 'not present': if the "
+            "structures are in the scan, this model does not fit it (another modality, body region or "
+            "slice axis?)"
+        )
     # One atomic step for both files; the label volume is renamed last, so once it exists
     # under its name its sidecar is complete too.
     writes.replacing(output, sidecar, *data_files(output))
-    write_image(labels, output, overwrite=run.overwrite,
-                sidecar={"output": output.name, "classes": lm.classes, "model": lm.describe(),
-                         "input": str(input), "run": info})
+    write_image(
+        labels,
+        output,
+        overwrite=run.overwrite,
+        sidecar={
+            "output": output.name,
+            "classes": lm.classes,
+            "model": lm.describe(),
+            "input": str(input),
+            "run": info,
+        },
+    )
     progress.log(f"wrote {output} ({info['slices']} slices, {info['device']}, {info['precision']}) and {sidecar.name}")
     return {"output": str(output), "sidecar": str(sidecar), "classes": lm.classes, **info}

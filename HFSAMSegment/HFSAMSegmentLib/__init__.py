@@ -24,9 +24,25 @@ pull in MRML or SimpleITK.
 """
 
 # Leaves first: a module is reloaded after everything it imports.
-RELOAD_ORDER = ("errors", "child_process", "progress_parser", "engine_command", "process_runner", "backbones",
-                "terminology", "mrml_adapter", "jobs", "library_bridge", "installer", "logic", "selftest", "parameters",
-                "library_section", "panel", "slicer_host")
+RELOAD_ORDER = (
+    "errors",
+    "child_process",
+    "progress_parser",
+    "engine_command",
+    "process_runner",
+    "backbones",
+    "terminology",
+    "mrml_adapter",
+    "jobs",
+    "library_bridge",
+    "installer",
+    "logic",
+    "selftest",
+    "parameters",
+    "library_section",
+    "panel",
+    "slicer_host",
+)
 
 
 def reload_all() -> None:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 DEVICES = ("auto", "cuda", "cpu")
 PARENT_WATCH = Path(__file__).resolve().with_name("parent_watch.py")
@@ -57,7 +57,7 @@ class Engine:
     library: Path | None = None  # None: the engine's default library (a per-user folder)
 
     @classmethod
-    def locate(cls, python: str | None = None, library: str | Path | None = None) -> "Engine":
+    def locate(cls, python: str | None = None, library: str | Path | None = None) -> Engine:
         return cls(python or find_python(), find_engine_dir(), Path(library) if library else None)
 
     def argv(self, *args: str, watched: bool = False, job_dir: str | Path | None = None) -> list[str]:

@@ -35,8 +35,9 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import shlex
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable
 
 from packaging.markers import default_environment
 from packaging.requirements import InvalidRequirement, Requirement
@@ -63,7 +64,11 @@ class Missing:
     installed: str | None  # installed version when it is too old, else None
 
     def describe(self) -> str:
-        return f"{self.requirement} (installed: {self.installed})" if self.installed else f"{self.requirement} (not installed)"
+        return (
+            f"{self.requirement} (installed: {self.installed})"
+            if self.installed
+            else f"{self.requirement} (not installed)"
+        )
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,10 @@ class Skipped:
     def describe(self) -> str:
         text = f"{self.requirement} is not installed: it needs {self.marker}, and this Slicer has Python {platform.python_version()}."
         if self.name in BUNDLED_CHECKPOINTS.values():
-            text += (" The LiteMedSAM checkpoint is downloaded through the engine instead "
-                     "(Model library > Download, or `models download lite_medsam`), the first time it is needed.")
+            text += (
+                " The LiteMedSAM checkpoint is downloaded through the engine instead "
+                "(Model library > Download, or `models download lite_medsam`), the first time it is needed."
+            )
         return text
 
 
@@ -95,8 +102,9 @@ def _plain(req: Requirement) -> str:
     return f"{req.name}{extras}{req.specifier}"
 
 
-def skipped_requirements(requirements: Sequence[str] = ENGINE_REQUIREMENTS,
-                         environment: Mapping[str, str] | None = None) -> list[Skipped]:
+def skipped_requirements(
+    requirements: Sequence[str] = ENGINE_REQUIREMENTS, environment: Mapping[str, str] | None = None
+) -> list[Skipped]:
     """Requirements that do not apply to this Python (their marker is false)."""
     env = dict(default_environment(), **(environment or {}))
     out = []
@@ -179,8 +187,9 @@ class InstallPlan:
         return "\n".join(lines)
 
 
-def plan_install(missing: Sequence[Missing], *, torch_utils_available: bool = False,
-                 skipped: Sequence[Skipped] = ()) -> InstallPlan:
+def plan_install(
+    missing: Sequence[Missing], *, torch_utils_available: bool = False, skipped: Sequence[Skipped] = ()
+) -> InstallPlan:
     """The plan for ``missing``; torch goes through PyTorchUtils when the PyTorch extension is installed."""
     missing = list(missing)
     torch_missing = [m for m in missing if m.name.lower() in TORCH_PACKAGES]
@@ -189,19 +198,23 @@ def plan_install(missing: Sequence[Missing], *, torch_utils_available: bool = Fa
     if too_old:
         names = ", ".join(f"{m.name} {m.installed}" for m in too_old)
         wanted = " and ".join(m.requirement for m in torch_missing)
-        blocked = (f"HF-SAM needs {wanted}, but {names} is installed. It is not upgraded here, because other modules may "
-                   "already use it: open the PyTorch Utils module (PyTorch extension), install "
-                   f"{wanted}, restart Slicer, and try again.")
+        blocked = (
+            f"HF-SAM needs {wanted}, but {names} is installed. It is not upgraded here, because other modules may "
+            "already use it: open the PyTorch Utils module (PyTorch extension), install "
+            f"{wanted}, restart Slicer, and try again."
+        )
         return InstallPlan(missing, blocked=blocked, skipped=list(skipped))
     via_utils = bool(torch_missing) and torch_utils_available
     pip_requirements = [m.requirement for m in missing if not (via_utils and m.name.lower() in TORCH_PACKAGES)]
-    return InstallPlan(missing, pip_requirements, via_utils, specs.get("torch"), specs.get("torchvision"),
-                       skipped=list(skipped))
+    return InstallPlan(
+        missing, pip_requirements, via_utils, specs.get("torch"), specs.get("torchvision"), skipped=list(skipped)
+    )
 
 
 def current_plan(torch_utils_available: bool) -> InstallPlan:
-    return plan_install(missing_requirements(), torch_utils_available=torch_utils_available,
-                        skipped=skipped_requirements())
+    return plan_install(
+        missing_requirements(), torch_utils_available=torch_utils_available, skipped=skipped_requirements()
+    )
 
 
 def pytorch_utils_logic():
@@ -246,11 +259,18 @@ def run_install(
         if torch_logic is None:
             torch_logic = pytorch_utils_logic()
         if torch_logic is None:
-            raise RuntimeError("the PyTorch extension is not available any more; install it from the Extensions Manager")
-        log(f"Installing PyTorch (torch{plan.torch_requirement or ''}, torchvision{plan.torchvision_requirement or ''}) "
-            "through the PyTorch extension...")
-        installed = torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=plan.torch_requirement or "",
-                                             torchvisionVersionRequirement=plan.torchvision_requirement or "")
+            raise RuntimeError(
+                "the PyTorch extension is not available any more; install it from the Extensions Manager"
+            )
+        log(
+            f"Installing PyTorch (torch{plan.torch_requirement or ''}, torchvision{plan.torchvision_requirement or ''}) "
+            "through the PyTorch extension..."
+        )
+        installed = torch_logic.installTorch(
+            askConfirmation=False,
+            torchVersionRequirement=plan.torch_requirement or "",
+            torchvisionVersionRequirement=plan.torchvision_requirement or "",
+        )
         if installed is None:
             raise RuntimeError("the PyTorch extension could not install PyTorch; see the Python console for details")
     if plan.pip_requirements:

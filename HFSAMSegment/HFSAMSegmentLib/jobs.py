@@ -25,9 +25,10 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from . import mrml_adapter
 from .engine_command import Engine
@@ -68,8 +69,15 @@ atexit.register(stop_all)
 class _Job:
     """Shared plumbing: temp folder, runner, completion in the caller's thread."""
 
-    def __init__(self, engine: Engine, *, on_event=None, on_log=None, on_done: Callable[[JobOutcome], None] | None = None,
-                 temp_root: str | Path | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        on_event=None,
+        on_log=None,
+        on_done: Callable[[JobOutcome], None] | None = None,
+        temp_root: str | Path | None = None,
+    ):
         self.engine = engine
         self.on_event = on_event
         self.on_log = on_log
@@ -80,14 +88,18 @@ class _Job:
         self.outcome: JobOutcome | None = None
 
     def _start_runner(self, argv: Sequence[str]) -> None:
-        self.runner = ProcessRunner(argv, env=self.engine.env(), on_event=self.on_event, on_log=self.on_log, on_finished=self._finished)
+        self.runner = ProcessRunner(
+            argv, env=self.engine.env(), on_event=self.on_event, on_log=self.on_log, on_finished=self._finished
+        )
         _RUNNING.add(self)
         self.runner.start()
 
     def start(self) -> None:
         if self.temp_root is not None and not self.temp_root.is_dir():
-            raise UserInputError(f"the temporary folder {self.temp_root} does not exist; "
-                                 "choose another one in Slicer's Application Settings (General > Temporary directory)")
+            raise UserInputError(
+                f"the temporary folder {self.temp_root} does not exist; "
+                "choose another one in Slicer's Application Settings (General > Temporary directory)"
+            )
         self.workdir = Path(tempfile.mkdtemp(prefix="hfsam-job-", dir=self.temp_root))
         try:
             self._prepare_and_run()
@@ -186,16 +198,26 @@ class SegmentJob(_Job):
         image = mrml_adapter.export_volume(self.volume_node, self.workdir / "image.nrrd")
         self.output_path = self.workdir / "segmentation.nrrd"
         self._start_runner(
-            self.engine.segment(image, self.output_path, self.model_args, device=self.device, batch_size=self.batch_size,
-                                job_dir=self.workdir)
+            self.engine.segment(
+                image,
+                self.output_path,
+                self.model_args,
+                device=self.device,
+                batch_size=self.batch_size,
+                job_dir=self.workdir,
+            )
         )
 
     def _collect(self, run: RunResult) -> JobOutcome:
         if self.volume_node.GetScene() is not self.scene or (
-                self.output_node is not None and self.output_node.GetScene() is not self.scene):
+            self.output_node is not None and self.output_node.GetScene() is not self.scene
+        ):
             # The scene was closed (or the node deleted) while the engine ran: never import into another scene.
-            return JobOutcome("cancelled", "the input volume or the output segmentation left the scene during the run; "
-                                           "nothing was imported", run)
+            return JobOutcome(
+                "cancelled",
+                "the input volume or the output segmentation left the scene during the run; nothing was imported",
+                run,
+            )
         result = run.result or {}
         output = Path(result.get("output") or self.output_path)
         sidecar = result.get("sidecar") or mrml_adapter.sidecar_path(output)

@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 from . import backbones
 from .child_process import popen_options
@@ -67,8 +68,8 @@ def base_key(backbone: str) -> str:
 
 
 def backbone_of_key(key: str) -> str | None:
-    """"base:lite_medsam" -> "lite_medsam"; None for adapters, files and the test model."""
-    return key[len(BASE_PREFIX):] if key and key.startswith(BASE_PREFIX) else None
+    """ "base:lite_medsam" -> "lite_medsam"; None for adapters, files and the test model."""
+    return key[len(BASE_PREFIX) :] if key and key.startswith(BASE_PREFIX) else None
 
 
 def default_base_key(installed_checkpoint_keys: Iterable[str]) -> str:
@@ -76,13 +77,17 @@ def default_base_key(installed_checkpoint_keys: Iterable[str]) -> str:
     return base_key(backbones.default_backbone(installed_checkpoint_keys))
 
 
-def model_choices(adapters: Sequence[dict], *, for_finetune: bool = False, developer: bool = False) -> list[ModelChoice]:
+def model_choices(
+    adapters: Sequence[dict], *, for_finetune: bool = False, developer: bool = False
+) -> list[ModelChoice]:
     """Selector entries: library adapters (unreadable ones left out), every pretrained backbone for fine-tuning,
     the tiny test model in developer mode."""
     choices: list[ModelChoice] = []
     if for_finetune:
         for info in backbones.pretrained():
-            choices.append(ModelChoice(base_key(info.name), f"{info.title}: new adapter", backbones.model_args(info.name)))
+            choices.append(
+                ModelChoice(base_key(info.name), f"{info.title}: new adapter", backbones.model_args(info.name))
+            )
     for entry in adapters:
         if "error" in entry or not entry.get("name"):
             continue
@@ -151,8 +156,9 @@ class LibraryBridge:
                 return event
         raise EngineError(f"'models {args[0]}' sent no result event; is the engine older than this module?")
 
-    def start(self, *args: str, on_done: Callable[[dict | None, str, str], None], on_event=None,
-              watched: bool = False) -> ProcessRunner:
+    def start(
+        self, *args: str, on_done: Callable[[dict | None, str, str], None], on_event=None, watched: bool = False
+    ) -> ProcessRunner:
         """Start ``models <args>`` in the background; returns the runner (poll it from the GUI thread).
 
         ``on_done(payload, status, message)``: the result event (None unless status is "done"), the
@@ -161,12 +167,15 @@ class LibraryBridge:
 
         def finished(run: RunResult) -> None:
             if run.ok and run.result is None:
-                on_done(None, "error", f"'models {args[0]}' sent no result event; is the engine older than this module?")
+                on_done(
+                    None, "error", f"'models {args[0]}' sent no result event; is the engine older than this module?"
+                )
             else:
                 on_done(run.result if run.ok else None, run.status, run.message)
 
-        runner = ProcessRunner(self.engine.models(*args, watched=watched), env=self.engine.env(), on_event=on_event,
-                               on_finished=finished)
+        runner = ProcessRunner(
+            self.engine.models(*args, watched=watched), env=self.engine.env(), on_event=on_event, on_finished=finished
+        )
         runner.start()
         return runner
 
@@ -197,9 +206,10 @@ class LibraryBridge:
     # -- base checkpoints ---------------------------------------------------------
     def catalog(self) -> dict:
         """The engine's checkpoint catalog ($HFSAM_CATALOG, else Resources/models.json beside HFSAMCore); {} if unreadable."""
-        catalog_file = Path(self.engine.env().get("HFSAM_CATALOG") or (
-            (self.engine.engine_dir or Path(".")) / "Resources" / "models.json"
-        ))
+        catalog_file = Path(
+            self.engine.env().get("HFSAM_CATALOG")
+            or ((self.engine.engine_dir or Path(".")) / "Resources" / "models.json")
+        )
         try:
             stamp = (str(catalog_file), catalog_file.stat().st_mtime_ns)
             if self._catalog is None or self._catalog[0] != stamp:  # the panel asks at every GUI update
@@ -261,7 +271,8 @@ class LibraryBridge:
         return self._start(["import-checkpoint", str(file)], on_event, on_finished)
 
     def _start(self, args: list[str], on_event, on_finished) -> ProcessRunner:
-        runner = ProcessRunner(self.engine.models(*args, watched=True), env=self.engine.env(), on_event=on_event,
-                               on_finished=on_finished)
+        runner = ProcessRunner(
+            self.engine.models(*args, watched=True), env=self.engine.env(), on_event=on_event, on_finished=on_finished
+        )
         runner.start()
         return runner

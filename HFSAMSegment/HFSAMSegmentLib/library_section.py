@@ -73,7 +73,8 @@ class LibrarySection:
         else:
             self.ui.libraryPathLabel.setText(
                 f"The model library cannot be read yet ({self._error or message}). "
-                "Click Segment or Fine-tune to check the Python packages.")
+                "Click Segment or Fine-tune to check the Python packages."
+            )
         self._reading = False
         self.panel.on_library_read()
         if self._refresh_again:
@@ -88,8 +89,12 @@ class LibrarySection:
         table = self.ui.adaptersTable
         table.setRowCount(len(self.adapters))
         for row, entry in enumerate(self.adapters):
-            cells = [entry.get("name", ""), entry.get("backbone", "?"), ", ".join(entry.get("classes", [])),
-                     entry.get("created", "") if "error" not in entry else "unreadable: " + str(entry["error"])]
+            cells = [
+                entry.get("name", ""),
+                entry.get("backbone", "?"),
+                ", ".join(entry.get("classes", [])),
+                entry.get("created", "") if "error" not in entry else "unreadable: " + str(entry["error"]),
+            ]
             for column, text in enumerate(cells):
                 table.setItem(row, column, self.host.table_item(str(text)))
         table.resizeColumnsToContents()
@@ -110,6 +115,7 @@ class LibrarySection:
                 adapter = payload.get("adapter") or {}
                 self.panel.set_status(f"{what}: '{adapter.get('name', '')}' {adapter.get('path', '')}".strip())
             self.refresh()
+
         return on_done
 
     def on_import_adapter(self) -> None:
@@ -136,8 +142,11 @@ class LibrarySection:
         backbone = self.panel.base_backbone()
         info = backbones.info(backbone) if backbone else None
         if info is None or info.checkpoint is None or self.path is None:
-            self.ui.checkpointStatusLabel.setText("Base checkpoint: (the model library has not been read yet)"
-                                                  if self.path is None else "Base checkpoint: none needed")
+            self.ui.checkpointStatusLabel.setText(
+                "Base checkpoint: (the model library has not been read yet)"
+                if self.path is None
+                else "Base checkpoint: none needed"
+            )
             self.ui.downloadCheckpointButton.setEnabled(False)
             return
         path = self.logic.library.checkpoint_file(info.checkpoint, self.path)
@@ -156,8 +165,10 @@ class LibrarySection:
         backbone = self.panel.base_backbone()
         if not backbone or self.download is not None or not self.panel.ensure_dependencies():
             return
-        self._run_checkpoint_task(f"Downloading the {backbone} checkpoint (checked by SHA256)...",
-                                  lambda **cb: self.logic.library.download_checkpoint(backbone, **cb))
+        self._run_checkpoint_task(
+            f"Downloading the {backbone} checkpoint (checked by SHA256)...",
+            lambda **cb: self.logic.library.download_checkpoint(backbone, **cb),
+        )
 
     def on_import_checkpoint(self) -> None:
         path = self.ui.checkpointPathLineEdit.currentPath
@@ -166,8 +177,9 @@ class LibrarySection:
             return
         if self.download is not None or not self.panel.ensure_dependencies():
             return
-        self._run_checkpoint_task(f"Importing {path} (checking its SHA256)...",
-                                  lambda **cb: self.logic.library.import_checkpoint(path, **cb))
+        self._run_checkpoint_task(
+            f"Importing {path} (checking its SHA256)...", lambda **cb: self.logic.library.import_checkpoint(path, **cb)
+        )
 
     def _run_checkpoint_task(self, label, start) -> None:
         def on_event(event):

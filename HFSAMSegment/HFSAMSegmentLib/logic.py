@@ -13,8 +13,8 @@ class directly. From Slicer's Python console::
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .engine_command import Engine
 
@@ -72,17 +72,45 @@ class ModuleLogic:
         """Start a background segmentation; returns the running SegmentJob."""
         from .jobs import SegmentJob
 
-        job = SegmentJob(self.engine, volumeNode.GetScene(), volumeNode, modelArgs, device=device,
-                         output_node=outputNode, terminology=self.terminology(), temp_root=self.temp_root, **callbacks)
+        job = SegmentJob(
+            self.engine,
+            volumeNode.GetScene(),
+            volumeNode,
+            modelArgs,
+            device=device,
+            output_node=outputNode,
+            terminology=self.terminology(),
+            temp_root=self.temp_root,
+            **callbacks,
+        )
         job.start()
         return job
 
-    def startFinetune(self, volumeNode, segmentationNode, segmentIds: Sequence[str], adapterName: str, model_args=(),
-                      steps=None, device="auto", **callbacks):
+    def startFinetune(
+        self,
+        volumeNode,
+        segmentationNode,
+        segmentIds: Sequence[str],
+        adapterName: str,
+        model_args=(),
+        steps=None,
+        device="auto",
+        **callbacks,
+    ):
         """Start background fine-tuning that stores adapter ``adapterName`` in the library; returns the FinetuneJob."""
         from .jobs import FinetuneJob
 
-        job = FinetuneJob(self.engine, volumeNode, segmentationNode, segmentIds, adapterName, model_args=model_args,
-                          steps=steps, device=device, temp_root=self.temp_root, **callbacks)
+        job = FinetuneJob(
+            self.engine,
+            volumeNode,
+            segmentationNode,
+            segmentIds,
+            adapterName,
+            model_args=model_args,
+            steps=steps,
+            device=device,
+            temp_root=self.temp_root,
+            **callbacks,
+        )
         job.start()
         return job

@@ -26,9 +26,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -45,8 +46,14 @@ RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 # Colours for label values the sidecar does not name (0..1 RGB); Slicer's first
 # "GenericAnatomyColors" entries, so unnamed segments look like Slicer's own.
 FALLBACK_COLORS = [
-    (0.50, 0.68, 0.50), (0.94, 0.84, 0.57), (0.69, 0.48, 0.40), (0.44, 0.72, 0.82),
-    (0.85, 0.40, 0.31), (0.87, 0.51, 0.41), (0.56, 0.93, 0.56), (0.87, 0.74, 0.35),
+    (0.50, 0.68, 0.50),
+    (0.94, 0.84, 0.57),
+    (0.69, 0.48, 0.40),
+    (0.44, 0.72, 0.82),
+    (0.85, 0.40, 0.31),
+    (0.87, 0.51, 0.41),
+    (0.56, 0.93, 0.56),
+    (0.87, 0.74, 0.35),
 ]
 
 
@@ -60,7 +67,7 @@ class Geometry:
     directions: np.ndarray  # (3,3) RAS, column j = direction of index axis j
 
     @classmethod
-    def of_node(cls, node) -> "Geometry":
+    def of_node(cls, node) -> Geometry:
         m = vtk.vtkMatrix4x4()
         node.GetIJKToRASDirectionMatrix(m)
         directions = np.array([[m.GetElement(r, c) for c in range(3)] for r in range(3)])
@@ -84,9 +91,13 @@ class Geometry:
         node.SetOrigin(*map(float, self.origin))
 
     @classmethod
-    def of_image(cls, image: sitk.Image) -> "Geometry":
+    def of_image(cls, image: sitk.Image) -> Geometry:
         directions_lps = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
-        return cls(RAS_TO_LPS @ np.array(image.GetOrigin(), dtype=float), np.array(image.GetSpacing(), dtype=float), RAS_TO_LPS @ directions_lps)
+        return cls(
+            RAS_TO_LPS @ np.array(image.GetOrigin(), dtype=float),
+            np.array(image.GetSpacing(), dtype=float),
+            RAS_TO_LPS @ directions_lps,
+        )
 
     def apply_to_image(self, image: sitk.Image) -> None:
         image.SetOrigin(tuple(map(float, RAS_TO_LPS @ self.origin)))
@@ -124,7 +135,9 @@ def set_node_array(node, array: np.ndarray, geometry: Geometry) -> None:
         raise UserInputError(f"expected a 3D image, got {array.ndim} dimensions; use a 3D volume")
     image = vtk.vtkImageData()
     image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
-    vtk_array = numpy_support.numpy_to_vtk(array.ravel(), deep=True, array_type=numpy_support.get_vtk_array_type(array.dtype))
+    vtk_array = numpy_support.numpy_to_vtk(
+        array.ravel(), deep=True, array_type=numpy_support.get_vtk_array_type(array.dtype)
+    )
     image.GetPointData().SetScalars(vtk_array)
     node.SetAndObserveImageData(image)
     geometry.apply_to_node(node)
@@ -243,7 +256,11 @@ def _class_table(classes: Iterable[dict], present: Iterable[int], terminology: T
         }
     for value in present:
         if value > 0 and value not in table:
-            table[value] = {"name": f"Label {value}", "color": FALLBACK_COLORS[(value - 1) % len(FALLBACK_COLORS)], "terminology": None}
+            table[value] = {
+                "name": f"Label {value}",
+                "color": FALLBACK_COLORS[(value - 1) % len(FALLBACK_COLORS)],
+                "terminology": None,
+            }
     return table
 
 
@@ -273,11 +290,17 @@ def import_segmentation(
         raise UserInputError(f"the engine did not write {label_path}; see the log for its error")
     if sidecar is None:
         sidecar = sidecar_path(label_path)
-    info = sidecar if isinstance(sidecar, dict) else (read_sidecar(sidecar) if Path(sidecar).is_file() else {"classes": []})
+    info = (
+        sidecar
+        if isinstance(sidecar, dict)
+        else (read_sidecar(sidecar) if Path(sidecar).is_file() else {"classes": []})
+    )
     array, geometry = image_to_array_and_geometry(sitk.ReadImage(str(label_path)))
     if not np.issubdtype(array.dtype, np.integer):
         if not np.all(np.equal(np.mod(array, 1), 0)):
-            raise UserInputError(f"{label_path} is not a label map (it has fractional values); pick the engine's label output")
+            raise UserInputError(
+                f"{label_path} is not a label map (it has fractional values); pick the engine's label output"
+            )
         array = array.astype(np.int32)
     if array.min(initial=0) < 0:
         raise UserInputError(f"{label_path} has negative label values; pick the engine's label output")
@@ -342,7 +365,9 @@ def _fill_segmentation(scene, segmentation_node, reference_volume, table, array,
     try:
         set_node_array(labelmap, array, geometry)
         labelmap.SetAndObserveTransformNodeID(reference_volume.GetTransformNodeID())
-        if max_value and not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, segment_ids):
+        if max_value and not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+            labelmap, segmentation_node, segment_ids
+        ):
             raise UserInputError(
                 f"Slicer could not import the labels into '{segmentation_node.GetName()}'; "
                 "pick a segmentation whose source representation is binary labelmap, or a new one"
@@ -391,7 +416,9 @@ def segment_names(segmentation_node, segment_ids: Sequence[str]) -> list[str]:
     for segment_id in segment_ids:
         segment = segmentation.GetSegment(segment_id)
         if segment is None:
-            raise UserInputError(f"segment '{segment_id}' is not in '{segmentation_node.GetName()}'; pick the segments again")
+            raise UserInputError(
+                f"segment '{segment_id}' is not in '{segmentation_node.GetName()}'; pick the segments again"
+            )
         names.append(segment.GetName())
     return names
 
@@ -497,7 +524,9 @@ def _slices_on_the_volume_grid(segmentation_node, segment_ids, reference_volume,
         # labelmap voxel index -> volume voxel index: must be the identity plus a whole-voxel shift.
         to_volume = volume_from_ras @ _matrix(image.GetImageToWorldMatrix)
         shift = np.round(to_volume[:3, 3])
-        if not (np.allclose(to_volume[:3, :3], np.eye(3), atol=1e-4) and np.allclose(to_volume[:3, 3], shift, atol=1e-3)):
+        if not (
+            np.allclose(to_volume[:3, :3], np.eye(3), atol=1e-4) and np.allclose(to_volume[:3, 3], shift, atol=1e-3)
+        ):
             return None
         dims = extent[:, 1] - extent[:, 0] + 1
         values = numpy_support.vtk_to_numpy(scalars)
@@ -512,7 +541,7 @@ def _slices_on_the_volume_grid(segmentation_node, segment_ids, reference_volume,
             continue
         start = (lo - shift - extent[:, 0]).astype(int)
         stop = (hi - shift - extent[:, 0] + 1).astype(int)
-        inside = mask[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]]  # numpy order is [k, j, i]
+        inside = mask[start[2] : stop[2], start[1] : stop[1], start[0] : stop[0]]  # numpy order is [k, j, i]
         counts.append(int(np.count_nonzero(inside)))
         axis_np = 2 - axis
         other = tuple(a for a in range(3) if a != axis_np)

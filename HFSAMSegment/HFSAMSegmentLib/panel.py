@@ -148,7 +148,9 @@ class Panel(VTKObservationMixin):
         output = p.outputSegmentation
         self.ui.outputWarningLabel.setText(
             f"Segments of '{output.GetName()}' that have the model's class names will be replaced; other segments are kept."
-            if output else "")
+            if output
+            else ""
+        )
         self.library.update_checkpoint_status()
         self.update_buttons()
 
@@ -158,11 +160,14 @@ class Panel(VTKObservationMixin):
         segmenting = self._job is not None and self._job_kind == "segment"
         training = self._job is not None and self._job_kind == "finetune"
         self.ui.segmentButton.setText("Cancel" if segmenting else "Segment")
-        self.ui.segmentButton.setEnabled(segmenting or (not busy and bool(p and p.inputVolume and self._choices.get(p.model))))
+        self.ui.segmentButton.setEnabled(
+            segmenting or (not busy and bool(p and p.inputVolume and self._choices.get(p.model)))
+        )
         count = len(self._labeled.slices) if self._labeled else 0
         self.ui.finetuneButton.setText("Cancel" if training else f"Fine-tune on these {count} labeled slices")
-        self.ui.finetuneButton.setEnabled(training or (
-            not busy and bool(p and p.inputVolume and count > 0 and p.adapterName.strip())))
+        self.ui.finetuneButton.setEnabled(
+            training or (not busy and bool(p and p.inputVolume and count > 0 and p.adapterName.strip()))
+        )
 
     @staticmethod
     def _select_key(combo, key) -> None:
@@ -306,13 +311,22 @@ class Panel(VTKObservationMixin):
             return
         if p.outputSegmentation and not self.host.confirm(
             f"Write the result into '{p.outputSegmentation.GetName()}'? Its segments named like the model's classes are "
-            "replaced; its other segments are kept.", title="HF-SAM: existing segmentation"):
+            "replaced; its other segments are kept.",
+            title="HF-SAM: existing segmentation",
+        ):
             return
         if not self.ensure_dependencies():
             return
         with self.reported("Could not start the segmentation."):
-            job = self.logic.startSegmentation(p.inputVolume, choice.args, device=p.device, outputNode=p.outputSegmentation,
-                                               on_event=self.on_job_event, on_log=self.log, on_done=self.on_job_done)
+            job = self.logic.startSegmentation(
+                p.inputVolume,
+                choice.args,
+                device=p.device,
+                outputNode=p.outputSegmentation,
+                on_event=self.on_job_event,
+                on_log=self.log,
+                on_done=self.on_job_done,
+            )
             self._start_job("segment", job)
             self.set_status(f"Segmenting {p.inputVolume.GetName()} with {choice.label}...")
 
@@ -333,8 +347,11 @@ class Panel(VTKObservationMixin):
             return
         if self._observed_segmentation is not None:
             for event in PAINT_EVENTS:
-                self.removeObserver(self._observed_segmentation, getattr(self._observed_segmentation, event),
-                                    self.on_training_segmentation_modified)
+                self.removeObserver(
+                    self._observed_segmentation,
+                    getattr(self._observed_segmentation, event),
+                    self.on_training_segmentation_modified,
+                )
         self._observed_segmentation = segmentation
         if segmentation is not None:
             for event in PAINT_EVENTS:
@@ -361,7 +378,9 @@ class Panel(VTKObservationMixin):
         self._labeled = None
         if p and p.inputVolume and p.trainingSegmentation and p.trainingSegmentIDs:
             try:
-                self._labeled = self.logic.labeledSlices(p.trainingSegmentation, list(p.trainingSegmentIDs), p.inputVolume)
+                self._labeled = self.logic.labeledSlices(
+                    p.trainingSegmentation, list(p.trainingSegmentIDs), p.inputVolume
+                )
             except UserInputError as exc:  # e.g. a segment was deleted meanwhile
                 self.ui.labeledSlicesLabel.setText(str(exc))
         if self._labeled is not None:
@@ -377,7 +396,7 @@ class Panel(VTKObservationMixin):
         key = self.p.baseModel if self.p is not None else ""
         backbone = library_bridge.backbone_of_key(key)
         if backbone is None and key.startswith("adapter:"):
-            name = key[len("adapter:"):]
+            name = key[len("adapter:") :]
             backbone = next((a.get("backbone") for a in self.library.adapters if a.get("name") == name), None)
         return backbone
 
@@ -399,15 +418,25 @@ class Panel(VTKObservationMixin):
         library_path = self.library.path
         if backbone and library_path is not None and not self.logic.checkpointAvailable(backbone, library_path):
             info = backbones.info(backbone)
-            self.host.error(f"Fine-tuning from {info.title if info else backbone} needs its checkpoint, which is not in the "
-                            "model library yet. Download it (or import it) in the Model library section first.")
+            self.host.error(
+                f"Fine-tuning from {info.title if info else backbone} needs its checkpoint, which is not in the "
+                "model library yet. Download it (or import it) in the Model library section first."
+            )
             self.ui.libraryCollapsibleButton.setCollapsed(False)
             return
         with self.reported("Could not start fine-tuning."):
-            job = self.logic.startFinetune(p.inputVolume, p.trainingSegmentation, list(p.trainingSegmentIDs),
-                                           p.adapterName.strip(), model_args=base.args if base else (), steps=p.steps,
-                                           device=p.device, on_event=self.on_job_event, on_log=self.log,
-                                           on_done=self.on_job_done)
+            job = self.logic.startFinetune(
+                p.inputVolume,
+                p.trainingSegmentation,
+                list(p.trainingSegmentIDs),
+                p.adapterName.strip(),
+                model_args=base.args if base else (),
+                steps=p.steps,
+                device=p.device,
+                on_event=self.on_job_event,
+                on_log=self.log,
+                on_done=self.on_job_done,
+            )
             self._start_job("finetune", job)
             self.ui.lossLabel.setText("")
             self.set_status(f"Fine-tuning on {len(self._labeled.slices)} labeled slices...")

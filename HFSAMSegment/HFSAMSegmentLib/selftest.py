@@ -120,7 +120,9 @@ def write_engine_output(folder: Path, labels: np.ndarray, geometry, classes: lis
     geometry.apply_to_image(image)
     path = Path(folder) / "engine_output.nrrd"
     sitk.WriteImage(image, str(path), True)
-    mrml_adapter.sidecar_path(path).write_text(json.dumps({"classes": classes, "model": {"name": "test"}, "input": "x"}))
+    mrml_adapter.sidecar_path(path).write_text(
+        json.dumps({"classes": classes, "model": {"name": "test"}, "input": "x"})
+    )
     return path
 
 
@@ -154,7 +156,9 @@ def label_import(scene, folder: str | Path, terminology: Terminology | None = No
     if terminology is not None:
         liver_term = mrml_adapter.segment_terminology(liver)
         assert "10200004" in liver_term, f"liver terminology {liver_term!r}"
-        kidney = mrml_adapter.segment_terminology(segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("right kidney")))
+        kidney = mrml_adapter.segment_terminology(
+            segmentation.GetSegment(segmentation.GetSegmentIdBySegmentName("right kidney"))
+        )
         assert "64033007" in kidney and "24028007" in kidney, f"right kidney terminology {kidney!r}"
     # Reference geometry = the input volume; placed in the volume's study folder.
     reference = node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
@@ -172,7 +176,9 @@ def paint_mask(segmentation_node, segment_id, volume_node, mask: np.ndarray) -> 
     import vtk
 
     holder = slicer.vtkMRMLLabelMapVolumeNode()
-    mrml_adapter.set_node_array(holder, (np.asarray(mask) > 0).astype(np.uint8), mrml_adapter.Geometry.of_node(volume_node))
+    mrml_adapter.set_node_array(
+        holder, (np.asarray(mask) > 0).astype(np.uint8), mrml_adapter.Geometry.of_node(volume_node)
+    )
     oriented = slicer.vtkOrientedImageData()
     oriented.ShallowCopy(holder.GetImageData())
     matrix = vtk.vtkMatrix4x4()
@@ -218,7 +224,9 @@ def labeled_slices(scene, folder: str | Path | None = None) -> dict:
         written = mrml_adapter.export_training_labels(node, [liver, spleen], volume, Path(folder) / "train_labels.nrrd")
         image = sitk.ReadImage(str(written.path))
         array = sitk.GetArrayFromImage(image)
-        assert int((array == 1).sum()) == painted_liver and int((array == 2).sum()) == painted_spleen, "label file counts"
+        assert int((array == 1).sum()) == painted_liver and int((array == 2).sum()) == painted_spleen, (
+            "label file counts"
+        )
         assert sorted(int(k) for k in np.flatnonzero(array.any(axis=(1, 2)))) == [1, 4, 5], "label file slices"
         geometry = mrml_adapter.Geometry.of_image(image)
         _assert_close(geometry.origin, mrml_adapter.Geometry.of_node(volume).origin, "label file origin")
@@ -235,11 +243,20 @@ def tiny_segment_run(scene, engine: Engine | None = None, *, device: str = "cpu"
     engine = engine or Engine.locate()
     volume, _ = make_volume(scene, shape=(3, 40, 48), name="tiny run volume")
     events = []
-    job = SegmentJob(engine, scene, volume, TINY_TEST_ARGS + ("--classes", "synapse"), device=device,
-                     terminology=Terminology.default(), on_event=events.append)
+    job = SegmentJob(
+        engine,
+        scene,
+        volume,
+        TINY_TEST_ARGS + ("--classes", "synapse"),
+        device=device,
+        terminology=Terminology.default(),
+        on_event=events.append,
+    )
     job.start()
     outcome = job.wait(timeout_s)
-    assert outcome.ok, f"segment run ended {outcome.status}: {outcome.message}\n{outcome.run.stderr_tail if outcome.run else ''}"
+    assert outcome.ok, (
+        f"segment run ended {outcome.status}: {outcome.message}\n{outcome.run.stderr_tail if outcome.run else ''}"
+    )
     progress = [e for e in events if e["event"] == "progress" and e["stage"] == "segment"]
     assert progress and progress[-1]["done"] == progress[-1]["total"] == 3, f"progress events {progress}"
     node = outcome.segmentation_node
@@ -268,8 +285,9 @@ def tiny_cancel_run(scene, engine: Engine | None = None, *, timeout_s: float = 3
         if event["event"] == "progress" and event["stage"] == "segment" and event["done"] >= 1:
             job.cancel()
 
-    job = SegmentJob(engine, scene, volume, TINY_TEST_ARGS + ("--classes", "synapse"), device="cpu", batch_size=1,
-                     on_event=on_event)
+    job = SegmentJob(
+        engine, scene, volume, TINY_TEST_ARGS + ("--classes", "synapse"), device="cpu", batch_size=1, on_event=on_event
+    )
     job.start()
     outcome = job.wait(timeout_s)
     assert outcome.status == "cancelled", f"cancelled run ended {outcome.status}: {outcome.message}"
@@ -296,11 +314,23 @@ def tiny_finetune_run(scene, folder: str | Path, engine: Engine | None = None, *
     paint_slices(node, liver, volume, [1, 2, 4], box=(slice(5, 20), slice(6, 25)))
     paint_slices(node, spleen, volume, [2, 4], box=(slice(25, 35), slice(30, 40)))
     events = []
-    job = FinetuneJob(engine, volume, node, [liver, spleen], "selftest_adapter", model_args=TINY_TEST_ARGS, steps=2,
-                      device="cpu", seed=0, on_event=events.append)
+    job = FinetuneJob(
+        engine,
+        volume,
+        node,
+        [liver, spleen],
+        "selftest_adapter",
+        model_args=TINY_TEST_ARGS,
+        steps=2,
+        device="cpu",
+        seed=0,
+        on_event=events.append,
+    )
     job.start()
     outcome = job.wait(timeout_s)
-    assert outcome.ok, f"fine-tune ended {outcome.status}: {outcome.message}\n{outcome.run.stderr_tail if outcome.run else ''}"
+    assert outcome.ok, (
+        f"fine-tune ended {outcome.status}: {outcome.message}\n{outcome.run.stderr_tail if outcome.run else ''}"
+    )
     assert outcome.slices == [1, 2, 4], f"trained on slices {outcome.slices}"
     steps = [e["done"] for e in events if e["event"] == "progress" and e["stage"] == "finetune"]
     assert steps and steps[-1] == 2, f"fine-tune progress {steps}"
@@ -320,18 +350,36 @@ def tiny_finetune_run(scene, folder: str | Path, engine: Engine | None = None, *
 
 #: (title, scenario(scene, folder, engine), needs the engine): what HFSAMSegmentTest runs inside Slicer, in order.
 SCENARIOS = (
-    ("Volume node -> NRRD -> volume node: geometry to 1e-6 mm",
-     lambda scene, folder, engine: geometry_round_trip(scene, folder), False),
-    ("Engine label file + sidecar -> segmentation node next to the volume",
-     lambda scene, folder, engine: label_import(scene, folder), False),
-    ("Painted slices -> labeled slice indices and training label file",
-     lambda scene, folder, engine: labeled_slices(scene, folder), False),
-    ("Segment: a short engine run (random tiny model) through the background runner",
-     lambda scene, folder, engine: tiny_segment_run(scene, engine), True),
-    ("Cancel: a run stopped after its first slice leaves nothing behind",
-     lambda scene, folder, engine: tiny_cancel_run(scene, engine), True),
-    ("Fine-tune: 2 painted segments -> new adapter in a private library -> segment with it",
-     lambda scene, folder, engine: tiny_finetune_run(scene, folder, engine), True),
+    (
+        "Volume node -> NRRD -> volume node: geometry to 1e-6 mm",
+        lambda scene, folder, engine: geometry_round_trip(scene, folder),
+        False,
+    ),
+    (
+        "Engine label file + sidecar -> segmentation node next to the volume",
+        lambda scene, folder, engine: label_import(scene, folder),
+        False,
+    ),
+    (
+        "Painted slices -> labeled slice indices and training label file",
+        lambda scene, folder, engine: labeled_slices(scene, folder),
+        False,
+    ),
+    (
+        "Segment: a short engine run (random tiny model) through the background runner",
+        lambda scene, folder, engine: tiny_segment_run(scene, engine),
+        True,
+    ),
+    (
+        "Cancel: a run stopped after its first slice leaves nothing behind",
+        lambda scene, folder, engine: tiny_cancel_run(scene, engine),
+        True,
+    ),
+    (
+        "Fine-tune: 2 painted segments -> new adapter in a private library -> segment with it",
+        lambda scene, folder, engine: tiny_finetune_run(scene, folder, engine),
+        True,
+    ),
 )
 
 

@@ -17,7 +17,7 @@ from .panel import Panel
 from .terminology import register_terminology
 
 
-def create_panel(widget: "ScriptedLoadableModuleWidget", logic) -> Panel:  # noqa: F821 - Slicer's class, by name
+def create_panel(widget: ScriptedLoadableModuleWidget, logic) -> Panel:  # noqa: F821 - Slicer's class, by name
     """Load the .ui into the module widget (a ScriptedLoadableModuleWidget) and hand it to a set-up Panel."""
     ui_widget = slicer.util.loadUI(widget.resourcePath("UI/HFSAMSegment.ui"))
     widget.layout.addWidget(ui_widget)
@@ -64,8 +64,9 @@ class SlicerHost:
         slicer.util.warningDisplay(text, windowTitle="HF-SAM", parent=self.parent)
 
     def progress_dialog(self, label: str, title: str):
-        return slicer.util.createProgressDialog(parent=self.parent, value=0, maximum=100, labelText=label,
-                                                windowTitle=title)
+        return slicer.util.createProgressDialog(
+            parent=self.parent, value=0, maximum=100, labelText=label, windowTitle=title
+        )
 
     @staticmethod
     @contextlib.contextmanager
@@ -80,8 +81,12 @@ class SlicerHost:
         return qt.QFileDialog.getOpenFileName(self.parent, title, self.documents_folder(), name_filter) or ""
 
     def save_file(self, title: str, file_name: str, name_filter: str) -> str:
-        return qt.QFileDialog.getSaveFileName(self.parent, title, os.path.join(self.documents_folder(), file_name),
-                                              name_filter) or ""
+        return (
+            qt.QFileDialog.getSaveFileName(
+                self.parent, title, os.path.join(self.documents_folder(), file_name), name_filter
+            )
+            or ""
+        )
 
     # -- widgets and views --------------------------------------------------------------------------------
     @staticmethod

@@ -27,7 +27,11 @@ from .engine_command import find_engine_dir
 TERM_FILE_NAME = "HFSAM.term.json"
 EMPTY_CODE = "^^"
 SLICER_GENERAL_ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list"
-ANATOMICAL_STRUCTURE = {"CodingSchemeDesignator": "SCT", "CodeValue": "123037004", "CodeMeaning": "Anatomical Structure"}
+ANATOMICAL_STRUCTURE = {
+    "CodingSchemeDesignator": "SCT",
+    "CodeValue": "123037004",
+    "CodeMeaning": "Anatomical Structure",
+}
 
 
 def find_term_file() -> Path | None:
@@ -91,7 +95,9 @@ def code_string(code: dict | None) -> str:
 
 def serialize(context: str, category: dict, type_: dict, modifier: dict | None = None) -> str:
     """The segment tag string Slicer stores for a terminology entry (no anatomic region)."""
-    return "~".join([context, code_string(category), code_string(type_), code_string(modifier), "", EMPTY_CODE, EMPTY_CODE])
+    return "~".join(
+        [context, code_string(category), code_string(type_), code_string(modifier), "", EMPTY_CODE, EMPTY_CODE]
+    )
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,7 @@ class Terminology:
         self._entries = entries
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "Terminology":
+    def from_file(cls, path: str | Path) -> Terminology:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         context = doc["SegmentationCategoryTypeContextName"]
         entries: dict[str, TermEntry] = {}
@@ -122,7 +128,7 @@ class Terminology:
         return cls(context, entries)
 
     @classmethod
-    def default(cls) -> "Terminology | None":
+    def default(cls) -> Terminology | None:
         path = find_term_file()
         return cls.from_file(path) if path else None
 
@@ -132,7 +138,9 @@ class Terminology:
         rgb = source.get("recommendedDisplayRGBValue") or type_.get("recommendedDisplayRGBValue") or [128, 128, 128]
         label = source.get("3dSlicerLabel") or type_["CodeMeaning"]
         meaning = type_["CodeMeaning"] + (f", {modifier['CodeMeaning']}" if modifier else "")
-        entry = TermEntry(label, meaning, serialize(context, category, type_, modifier), tuple(c / 255.0 for c in rgb[:3]))
+        entry = TermEntry(
+            label, meaning, serialize(context, category, type_, modifier), tuple(c / 255.0 for c in rgb[:3])
+        )
         names = [label, *source.get("hfsamAliases", [])]
         if modifier is None and not type_.get("Modifier"):
             names.append(type_["CodeMeaning"])
