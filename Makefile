@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml requirements-torch.txt
 demo: setup
 	$(BIN)/hfsam demo --output demo_output --overwrite
 
+# Lint, format check and type check first (seconds), then the tests, with the slowest listed.
 test: setup
-	$(BIN)/python -m pytest -q Testing
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q Testing --durations=15
 
 # Benchmarks (not tests): results go to benchmarks/results/, summarised in benchmarks/RESULTS.md.
 bench: setup

@@ -1,4 +1,13 @@
-"""Shared fixtures: the real sample data in ../shared/data (or $HFSAM_DATA)."""
+"""Shared fixtures and the test lanes.
+
+Data: the real sample data in ../shared/data (or $HFSAM_DATA). Where it is absent, the sample
+CT comes from the engine's own fetcher (store/sample_data.locate_sample: the public files,
+SHA256-checked), cached in $HFSAM_TEST_CACHE (default ~/.cache/hfsam-tests); only the DICOM
+series, which has no public download, then skips, saying so.
+
+Lanes, as markers set here from what a test uses (``pytest -m unit`` for a fast loop):
+``data`` (reads the sample volumes), ``process`` (starts engine processes), ``unit`` (neither).
+"""
 
 import os
 import sys
@@ -18,21 +27,53 @@ def repo_root() -> Path:
     return REPO
 
 
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"sample data not found at {DATA} (set HFSAM_DATA)")
-    return DATA
+SAMPLE = "ct_abdomen_3mm"
+CACHE = Path(os.environ.get("HFSAM_TEST_CACHE", Path.home() / ".cache" / "hfsam-tests"))
 
 
 @pytest.fixture(scope="session")
-def ct3mm(data_dir) -> Path:
-    return data_dir / "ct_abdomen_3mm"
+def ct3mm() -> Path:
+    """The folder with image.nii.gz and labels_synapse8.nii.gz of the 3 mm sample CT."""
+    shared = DATA / SAMPLE
+    if (shared / "image.nii.gz").is_file() and (shared / "labels_synapse8.nii.gz").is_file():
+        return shared
+    from HFSAMCore.errors import InputError
+    from HFSAMCore.store.sample_data import locate_sample
+
+    try:
+        found = locate_sample(data_dir=DATA, library_root=CACHE, name=SAMPLE)
+    except InputError as exc:
+        pytest.skip(f"no sample data at {DATA} and the sample fetcher failed: {exc}")
+    return Path(found["image"]).parent
 
 
 @pytest.fixture(scope="session")
-def ctdicom(data_dir) -> Path:
-    return data_dir / "ct_abdomen_dicom"
+def data_dir(ct3mm) -> Path:
+    """The folder holding the sample folders (ct_abdomen_3mm, and ct_abdomen_dicom where it exists)."""
+    return ct3mm.parent
+
+
+@pytest.fixture(scope="session")
+def ctdicom() -> Path:
+    folder = DATA / "ct_abdomen_dicom"
+    if not (folder / "dicom").is_dir():
+        pytest.skip(f"the DICOM sample is not at {folder} (it has no public download; set HFSAM_DATA)")
+    return folder
+
+
+_DATA_FIXTURES = {"ct3mm", "ctdicom", "data_dir"}
+_PROCESS_FIXTURES = {"python_exe", "repo_root"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & _DATA_FIXTURES:
+            item.add_marker(pytest.mark.data)
+        if used & _PROCESS_FIXTURES or "subprocess" in getattr(item.module, "__dict__", {}):
+            item.add_marker(pytest.mark.process)
+        if not used & _DATA_FIXTURES and not item.get_closest_marker("process"):
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

@@ -59,7 +59,7 @@ def write_synapse(
             written[name] = (img, lab)
             names.append(name)
     (lists / "train.txt").write_text("".join(n + "\n" for n in names))
-    for c, case in enumerate(test_cases):
+    for case in test_cases:
         lab = np.stack([draw_labels((size, size), 2, shift=s % 3) for s in range(n_slices)])
         lab[0] = 0  # one empty slice, as at the ends of a real scan
         img = image_for(lab, rng)

@@ -10,12 +10,12 @@ import SimpleITK as sitk
 from test_datasets import write_synapse
 from test_train_dataset import run_cli
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 from HFSAMCore.evaluate.dataset import case_metrics, summarize
 from HFSAMCore.evaluate.metrics import hd95_mm
 from HFSAMCore.train.dataset_config import make_config
 from HFSAMCore.train.dataset_training import train_on_dataset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # --------------------------------------------------------------------------- by hand
 

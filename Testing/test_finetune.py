@@ -202,7 +202,7 @@ def test_labels_are_resized_onto_the_images_pixel_grid(src, dst, plain_is_off):
     """A labeled rectangle and the same rectangle as image intensity land on the same pixels after resizing.
 
     The image is resized as the model sees it (bilinear, segment.to_model_input), the labels with
-    finetune.resize_labels. torch's plain "nearest" is shifted by half a source pixel, which shows
+    train/training_set.resize_labels. torch's plain "nearest" is shifted by half a source pixel, which shows
     as half an output pixel where the sizes allow it (the negative control).
     """
     import torch

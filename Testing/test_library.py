@@ -203,28 +203,50 @@ def test_good_names(name, tmp_path):
 
 
 # -- locking ---------------------------------------------------------------------
-def test_a_live_lock_blocks_and_a_stale_lock_is_cleaned(tmp_path, python_exe):
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from HFSAMCore.store.locks import entry_lock
+    with entry_lock(Path(sys.argv[1]), sys.argv[2]):
+        print("holding", flush=True)
+        time.sleep(120)
+""")
+
+
+def test_a_held_lock_blocks_and_a_killed_holder_leaves_no_lock(tmp_path, python_exe, repo_root):
     lib = ModelLibrary(tmp_path / "lib")
     lib.adapters_dir.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [python_exe, "-c", HOLDER, str(lib.adapters_dir), "liver"], cwd=repo_root, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(InputError, match="library entry 'liver' is being written by another process"):
+            lib.save_adapter("liver", tensors(), meta())
+        assert not lib.adapter_path("liver").exists()
+    finally:
+        holder.kill()
+        holder.wait()
     lock = lib.adapters_dir / ".liver.lock"
-    import socket
-
-    lock.write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live writer (this process)
-    with pytest.raises(InputError, match="library entry 'liver' is being written by another process"):
-        lib.save_adapter("liver", tensors(), meta())
-    assert not lib.adapter_path("liver").exists() and lock.exists()
-
-    dead = subprocess.Popen([python_exe, "-c", "pass"])
-    dead.wait()
-    lock.write_text(f"{dead.pid} {socket.gethostname()}\n")  # its writer is gone
+    assert lock.exists()  # a killed writer cannot clean up, but its OS lock died with it
     lib.save_adapter("liver", tensors(), meta())
     assert load_adapter(lib.adapter_path("liver"))[1]["name"] == "liver5"
-    assert not lock.exists()
+    assert sorted(p.name for p in lib.adapters_dir.iterdir()) == ["liver.safetensors"]  # no lock, no temp file
 
-    # A lock from another computer (shared home folder) is never taken for stale.
-    lock.write_text(f"{dead.pid} some-other-host\n")
-    with pytest.raises(InputError, match="being written"):
-        lib.save_adapter("liver", tensors(), meta(), overwrite=True)
+
+def test_a_lock_file_replaced_under_its_name_is_not_taken_for_the_one_locked(tmp_path):
+    """A waiter that opened the lock file before its holder removed it holds a file no longer at the path:
+    it must notice and lock the path anew (else two writers would both think they hold the lock)."""
+    from HFSAMCore.store.locks import _names_locked_file
+
+    lock = tmp_path / ".x.lock"
+    with open(lock, "w") as opened:  # the waiter's descriptor keeps the removed file (and its inode) alive
+        locked = os.fstat(opened.fileno())
+        assert _names_locked_file(lock, [locked])
+        lock.unlink()
+        assert not _names_locked_file(lock, [locked])
+        lock.write_text("")  # a third process's new lock file under the same name
+        assert not _names_locked_file(lock, [locked])
 
 
 WRITER = textwrap.dedent("""
@@ -330,17 +352,17 @@ def test_models_cli(tmp_path):
 
 
 def test_models_cli_as_a_child_process(tmp_path, python_exe, repo_root):
-    cli = repo_root / "HFSAMCore" / "cli.py"
-    if not cli.exists() or "cli_models" not in cli.read_text():
-        pytest.skip("HFSAMCore/cli.py does not dispatch `models` yet")
     src = save_adapter(tmp_path / "liver5.safetensors", tensors(), meta())
     lib = str(tmp_path / "lib")
-    run = lambda *a: subprocess.run(
-        [python_exe, "-m", "HFSAMCore", "models", *a, "--library", lib],  # noqa: E731
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-    )
+
+    def run(*a):
+        return subprocess.run(
+            [python_exe, "-m", "HFSAMCore", "models", *a, "--library", lib],
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+        )
+
     assert run("import", str(src)).returncode == 0
     listed = run("list", "--json")
     assert listed.returncode == 0 and json.loads(listed.stdout)[0]["name"] == "liver5"

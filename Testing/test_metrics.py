@@ -184,9 +184,9 @@ def test_format_table(dicom_case):
     lines = table.strip().splitlines()
     assert len(lines) == 2 + len(result["classes"]) + 1
     assert lines[0].startswith("| Class | Name | Dice | HD95 (mm)")
-    liver = next(l for l in lines if "| liver |" in l)
+    liver = next(line for line in lines if "| liver |" in line)
     assert "| 1.0000 | 0.00 |" in liver
-    kidney = next(l for l in lines if "kidney" in l)
+    kidney = next(line for line in lines if "kidney" in line)
     assert "right \\| kidney" in kidney and "n/a" in kidney
     assert "**mean** (5 in reference)" in lines[-1]
 

@@ -157,7 +157,7 @@ def _norm(m, x):
     return F.layer_norm(x, x.shape[-1:], m.weight, m.bias, m.eps)
 
 
-def _awffm(m, g, low):  # DESIGN.md's AWFFM equations (= the authors' CIF_block)
+def _awffm(m, g, low):  # docs/design.md's AWFFM equations (= the authors' CIF_block)
     x = F.conv2d(torch.cat((g, low), 1), m.fuse.weight, m.fuse.bias)
     g = g * torch.sigmoid(
         F.conv2d(torch.cat((x.mean(1, keepdim=True), x.amax(1, keepdim=True)), 1), m.spatial.weight, padding=1)
@@ -179,7 +179,7 @@ def _authors_decoder(dec, g, low, pe, dense, *, sam_order=False, hf_token=True):
     q, qpe = tokens, tokens
     for i, blk in enumerate(dec.transformer.layers):
 
-        def self_attention(q):
+        def self_attention(q, i=i, blk=blk):  # defaults bind this iteration's block explicitly
             if i == 0:
                 return _norm(blk.norm1, _attention(blk.self_attn, q, q, q))
             return _norm(blk.norm1, q + _attention(blk.self_attn, q + qpe, q + qpe, q))

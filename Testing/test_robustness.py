@@ -38,18 +38,18 @@ import pytest
 import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "HFSAMSegment"))  # the Slicer module's pure-Python helpers
-
-from test_volume import _copy_dicom_with_series_uid  # noqa: E402
+from test_volume import _copy_dicom_with_series_uid
 
 from HFSAMCore.errors import InputError
 from HFSAMCore.runtime.progress import Progress
 from HFSAMCore.store.adapter_metadata import METADATA_KEY, validate_metadata
 from HFSAMCore.store.adapters import load_adapter, read_metadata, save_adapter
 from HFSAMCore.store.library import ModelLibrary, validate_name
-from HFSAMSegmentLib import progress_parser  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "HFSAMSegment"))  # the Slicer module's pure-Python helpers
+
+from HFSAMSegmentLib import progress_parser  # noqa: E402 - importable only through the sys.path entry above
 
 TINY = ("--checkpoint", "none", "--backbone", "tiny", "--img-size", "64")
 SERIES_A, SERIES_B = "1.2.826.0.1.3680043.8.498.1001", "1.2.826.0.1.3680043.8.498.1002"

@@ -349,7 +349,8 @@ def test_module_code_parses_as_python_3_9():
                 isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) for n in ast.walk(annotation)
             ):
                 assert postponed, (
-                    f"{path.name}:{node.lineno} uses `X | Y` in an annotation without `from __future__ import annotations`"
+                    f"{path.name}:{node.lineno} uses `X | Y` in an annotation "
+                    "without `from __future__ import annotations`"
                 )
 
 

@@ -1,5 +1,5 @@
-"""volume.py against real files: the sample CT (NIfTI, DICOM), files written here with
-SimpleITK, real child processes for the read-only-folder and disk-full cases."""
+"""Reading and writing volumes (io/read, io/write, io/geometry) against real files: the sample CT
+(NIfTI, DICOM), files written here with SimpleITK, real child processes for the read-only-folder and disk-full cases."""
 
 from __future__ import annotations
 
@@ -384,7 +384,8 @@ def test_write_into_read_only_folder_is_refused(repo_root):
         folder.chmod(0o555)
         code = f"""
             import json, os, SimpleITK as sitk
-            from HFSAMCore.io.read import read_image; from HFSAMCore.io.write import write_image, write_json  # import first: the Python install may be unreadable to nobody
+            # import first: the Python install may be unreadable to nobody
+            from HFSAMCore.io.read import read_image; from HFSAMCore.io.write import write_image, write_json
             from HFSAMCore.errors import InputError
             if os.geteuid() == 0:
                 os.setgid(65534); os.setuid(65534)

@@ -22,19 +22,20 @@ import torch
 a = dict(x.split("=", 1) for x in sys.argv[1:])
 torch.set_num_threads(int(a.get("threads", 2)))
 
+# Imported only once torch's thread count is set, before anything else can start a thread pool.
 import SimpleITK as sitk  # noqa: E402
 
-from HFSAMCore.io.geometry import labels_onto_image
-from HFSAMCore.io.read import read_image, read_labels
-from HFSAMCore.io.slices import SliceView, labeled_slices
-from HFSAMCore.model.hfsam import HFSAM
-from HFSAMCore.model.inference import segment_image
-from HFSAMCore.model.loading import load_model
-from HFSAMCore.runtime.progress import Progress
-from HFSAMCore.store.sample_data import repo_data_dir
-from HFSAMCore.train.fewshot import TrainConfig, train
-from HFSAMCore.train.training_set import prepare_training_set
-from HFSAMCore.workflows.demo import evaluate_held_out, spread
+from HFSAMCore.io.geometry import labels_onto_image  # noqa: E402
+from HFSAMCore.io.read import read_image, read_labels  # noqa: E402
+from HFSAMCore.io.slices import SliceView, labeled_slices  # noqa: E402
+from HFSAMCore.model.hfsam import HFSAM  # noqa: E402
+from HFSAMCore.model.inference import segment_image  # noqa: E402
+from HFSAMCore.model.loading import load_model  # noqa: E402
+from HFSAMCore.runtime.progress import Progress  # noqa: E402
+from HFSAMCore.store.sample_data import repo_data_dir  # noqa: E402
+from HFSAMCore.train.fewshot import TrainConfig, train  # noqa: E402
+from HFSAMCore.train.training_set import prepare_training_set  # noqa: E402
+from HFSAMCore.workflows.demo import evaluate_held_out, spread  # noqa: E402
 
 if a.get("init") == "default":
     HFSAM.start_fusion_near_identity = lambda self: None  # the ablation: PyTorch's default init

@@ -1,7 +1,7 @@
 """The baseline a user would otherwise pick: a 2-D U-Net trained from scratch on the same slices.
 
 MONAI's BasicUNet (``pip install monai``, the ``bench`` extra), wrapped so that the few-shot
-training loop (finetune.train: same augmentation, loss and schedule) and ``segment_image``
+training loop (train/fewshot.train: same augmentation, loss and schedule) and ``segment_image``
 run it exactly as they run HF-SAM. Used by ``hfsam bench fewshot`` only.
 """
 

@@ -46,6 +46,7 @@ def _fewshot_model(method: str, backbone: str, checkpoint, library, img_size: in
         progress=Progress("none"),
     )
     cfg = recipe_config(backbone, steps=steps, **common)
+    assert cfg.steps is not None  # no time budget here, so recipe_config fixed the steps
     if method == "hfsam_lora":
         cfg.steps, cfg.cached_steps = cfg.steps + LORA_STEPS, min(cfg.cached_steps, cfg.steps)
     if method == "decoder_only":  # nothing in the encoder trains: every step can use cached features

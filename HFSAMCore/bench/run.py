@@ -36,7 +36,7 @@ class BenchOptions:
 
 def run_bench(options: BenchOptions, progress: Progress, command: str | None = None) -> dict[str, Any]:
     """Run the benchmark; write OUTPUT/<which>_<backbone>_<device>.md and .json. Returns their paths."""
-    from ..io.atomic import atomic_write
+    from ..io.atomic import atomic_write_bytes
     from ..runtime.device import resolve_device
 
     result = run_speed(options, progress) if options.which == "speed" else run_fewshot(options, progress)
@@ -50,6 +50,6 @@ def run_bench(options: BenchOptions, progress: Progress, command: str | None = N
     files = {"json": json.dumps(result, indent=2), "markdown": to_markdown(options.which, result, command)}
     paths = {"json": out / f"{tag}.json", "markdown": out / f"{tag}.md"}
     for kind, text in files.items():  # a benchmark re-run replaces its own results
-        atomic_write(paths[kind], lambda fh, t=text: fh.write(t.encode()), overwrite=True)
+        atomic_write_bytes(paths[kind], text.encode(), overwrite=True)
     progress.log(f"wrote {paths['markdown']} and .json")
     return {kind: str(p) for kind, p in paths.items()}

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from ..runtime.progress import Progress
 from .common import in_fresh_process, machine_info, median_time
@@ -125,7 +126,7 @@ def _package_encoder_worker(checkpoint, device_name, dtype_name, batch, repeats)
     return _time_inference(encoder, torch.rand(batch, 3, 256, 256, device=device), dtype, repeats)
 
 
-def _segment_worker(spec_kw, device_name, dtype_name, volume, batch):
+def _segment_worker(spec_kw: dict[str, Any], device_name: str, dtype_name: str, volume: str, batch: int) -> dict:
     import tempfile
 
     import torch
@@ -166,7 +167,7 @@ def run_speed(args, progress: Progress) -> dict:
     img_size = args.img_size or get_backbone_info(backbone).default_img_size
     spec_kw = {"backbone": backbone, "img_size": img_size, "num_classes": 8, "rank": args.rank, "fusion": args.fusion}
     repeats = 2 if quick else 5
-    result = {"machine": machine_info(device), "spec": spec_kw}
+    result: dict[str, Any] = {"machine": machine_info(device), "spec": spec_kw}
 
     n = 8192 if device.type == "cuda" else 2048
     precisions = ["float32", "bfloat16"] + (["float16"] if device.type == "cuda" else [])

@@ -347,6 +347,6 @@ def cmd_evaluate_dataset(args, progress: Progress) -> int:
 
 
 def add_parser(subparsers) -> None:
-    """Add ``train`` and ``evaluate-dataset`` to cli.py's subparsers."""
+    """Add ``train`` and ``evaluate-dataset`` to cli/app.py's subparsers."""
     add_train_parser(subparsers)
     add_evaluate_parser(subparsers)

@@ -1,6 +1,6 @@
 """``hfsam models ...``: the model library on the command line.
 
-``cli.py`` calls :func:`add_parser` and dispatches to :func:`run_models`. Every
+``cli/app.py`` calls :func:`add_parser` and dispatches to :func:`run_models`. Every
 sub-command is one call into :mod:`HFSAMCore.library`; this file only parses
 arguments and prints. Output goes to ``progress.out`` (stdout): human text, or
 with ``--json`` one JSON document; when the progress mode is ``json`` (the
@@ -136,7 +136,7 @@ def _table(entries: list[dict], library) -> str:
 
 
 def run_models(args: argparse.Namespace, progress: Progress) -> int:
-    """Run one ``models`` sub-command; InputError propagates to cli.py (exit 2)."""
+    """Run one ``models`` sub-command; InputError propagates to cli/app.py (exit 2)."""
     from ..store.library import ModelLibrary
 
     library = ModelLibrary(getattr(args, "library", None))

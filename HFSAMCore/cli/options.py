@@ -60,7 +60,7 @@ class UsageError(InputError):
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints the usage and exits; this raises ``UsageError`` with one line instead, which
-    ``cli.main`` reports like every other bad input (and as a JSON event under --progress json).
+    ``cli/app.main`` reports like every other bad input (and as a JSON event under --progress json).
     ``--help`` and ``--version`` are untouched. Sub-parsers inherit the class."""
 
     def error(self, message: str):

@@ -125,7 +125,7 @@ def model_options(args: argparse.Namespace) -> ModelOptions:
         rank=args.rank,
         fusion=args.fusion,
         library=args.library,
-        chosen=_chosen(args),
+        typed=_chosen(args),
     )
 
 
@@ -137,5 +137,5 @@ def run_options(args: argparse.Namespace) -> RunOptions:
         axis=args.axis,
         preset=args.preset,
         overwrite=args.overwrite,
-        chosen=_chosen(args),
+        typed=_chosen(args),
     )

@@ -143,11 +143,12 @@ def spacing_lookup(raw_dir: str | Path | None = None, spacing_json: str | Path |
         path = Path(spacing_json).expanduser()
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            table = {str(k): tuple(float(x) for x in v) for k, v in data.items()}
+            given = {str(k): tuple(float(x) for x in v) for k, v in data.items()}
         except (OSError, ValueError, TypeError, AttributeError) as exc:
             raise InputError(f"--spacing {path} must be a JSON object case -> [z, y, x] in mm ({exc})") from None
-        if any(len(v) != 3 or min(v) <= 0 for v in table.values()):
+        if any(len(v) != 3 or min(v) <= 0 for v in given.values()):
             raise InputError(f"--spacing {path}: every entry must be three positive numbers [z, y, x]")
+        table = {k: (v[0], v[1], v[2]) for k, v in given.items()}
     files: dict[str, Path] = {}
     if raw_dir is not None:
         root = Path(raw_dir).expanduser()
@@ -335,7 +336,7 @@ def _csv(rows: list[list[Any]]) -> str:
 
 def write_tables(result: dict, output: Path, method: str, class_names: list[str], *, overwrite: bool) -> list[Path]:
     """Write the five result files atomically (see the module docstring)."""
-    from ..io.atomic import atomic_write
+    from ..io.atomic import atomic_write_bytes
 
     s = result["summary"]
     per_class = [["class", "name", "dice_paper", "hd95_paper", "dice", "hd95_mm", "cases_with_class"]]
@@ -374,5 +375,5 @@ def write_tables(result: dict, output: Path, method: str, class_names: list[str]
     written = []
     for name, text in texts.items():
         data = text.encode("utf-8")
-        written.append(atomic_write(output / name, lambda fh, d=data: fh.write(d), overwrite=overwrite))
+        written.append(atomic_write_bytes(output / name, data, overwrite=overwrite))
     return written

@@ -114,7 +114,7 @@ def evaluate(
     names = {int(k): str(v) for k, v in (classes or {}).items()}
     values = sorted(set(names) | set(_present(ref)) | set(_present(pred)))
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for done, value in enumerate(values):
         if progress is not None:
             progress.check_cancelled()
@@ -157,7 +157,8 @@ def format_table(result: dict[str, Any]) -> str:
     for row in result["classes"]:
         lines.append(
             f"| {row['value']} | {_cell(row['name'])} | {_num(row['dice'], 4)} | {_num(row['hd95_mm'], 2)} | "
-            f"{_num(row['dice_paper'], 4)} | {_num(row['hd95_paper'], 2)} | {row['ref_voxels']} | {row['pred_voxels']} |"
+            f"{_num(row['dice_paper'], 4)} | {_num(row['hd95_paper'], 2)} | "
+            f"{row['ref_voxels']} | {row['pred_voxels']} |"
         )
     m = result["mean"]
     lines.append(
@@ -189,8 +190,8 @@ def _crop_to_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
         other = tuple(i for i in range(union.ndim) if i != axis)
         idx = np.flatnonzero(union.any(axis=other))
         box.append(slice(max(idx[0] - 1, 0), min(idx[-1] + 2, union.shape[axis])))
-    box = tuple(box)
-    return a[box], b[box]
+    crop = tuple(box)
+    return a[crop], b[crop]
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

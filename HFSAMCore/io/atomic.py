@@ -71,7 +71,7 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def atomic_write(dest: str | os.PathLike, write: Callable[[BinaryIO], None], *, overwrite: bool = False) -> Path:
+def atomic_write(dest: str | os.PathLike, write: Callable[[BinaryIO], object], *, overwrite: bool = False) -> Path:
     """Write ``dest`` through ``write(fh)`` into a temp file, fsync, then rename into place.
 
     Any failure (including a cancel or a full disk) removes the temp file and
@@ -103,3 +103,8 @@ def atomic_write(dest: str | os.PathLike, write: Callable[[BinaryIO], None], *, 
     except BaseException:
         _unlink(tmp)
         raise
+
+
+def atomic_write_bytes(dest: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
+    """``atomic_write`` of bytes already in memory (no closure over a caller's loop variable)."""
+    return atomic_write(dest, lambda fh: fh.write(data), overwrite=overwrite)

@@ -91,7 +91,6 @@ def check_data_size(path: Path, fmt: str, slice_bytes: int) -> None:
 
 
 def _stream_size(path: Path, offset: int, encoding: str) -> int:
-    opener = {"gzip": gzip.open, "bzip2": bz2.open}.get(encoding)
     with open(path, "rb") as raw:
         raw.seek(offset)
         if encoding == "raw":
@@ -102,7 +101,8 @@ def _stream_size(path: Path, offset: int, encoding: str) -> int:
             while block := raw.read(1 << 22):
                 total += len(inflate.decompress(block))
             return total + len(inflate.flush())
-        with opener(raw, "rb") as fh:
+        assert encoding in ("gzip", "bzip2"), encoding  # what the callers pass
+        with gzip.open(raw, "rb") if encoding == "gzip" else bz2.open(raw, "rb") as fh:
             while block := fh.read(1 << 22):
                 total += len(block)
         return total

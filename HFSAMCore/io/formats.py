@@ -1,4 +1,5 @@
-"""The integrity checks every input volume passes, whatever its format, before anything is computed.
+"""What an input file is (check 1 below), and the list of the integrity checks every input volume
+passes, whatever its format, before anything is computed.
 
 ITK reads many formats and forgives a lot without a word: a NIfTI reader that turns NaN into 0
 and pads a truncated file with zeros, a NRRD or MetaImage reader that ignores data beyond what
@@ -19,7 +20,10 @@ the same way for every format:
    captured, errors become one line naming the problem, warnings are passed on (never dropped).
 5. **DICOM**: every DICOM image file of the folder belongs to the series that was read.
 
-NaN/Inf voxels are refused for every format (volume.py scans the array; for NIfTI the raw bytes,
+Check 1 lives here, 2 in ``data_size.py``, 3 in ``header_geometry.py``, 4 in
+``reader_messages.py``, 5 in ``dicom.py``; ``read.py`` runs them all.
+
+NaN/Inf voxels are refused for every format (io/read.py scans the array; for NIfTI the raw bytes,
 since its reader zeroes them).
 """
 
@@ -207,7 +211,7 @@ def _describe_unknown(path: Path) -> str:
 def input_files(source: str | os.PathLike) -> list[Path]:
     """Every file a read of ``source`` may use: the file; a detached header's data files; for DICOM
     (a folder, ``folder::UID`` or one file of a series) every file of the folder. Outputs are
-    checked against these (outputs.py): an output must never replace any of them."""
+    checked against these (io/outputs.py): an output must never replace any of them."""
     text = os.fspath(source)
     p = Path(text)
     if not p.exists() and "::" in text:

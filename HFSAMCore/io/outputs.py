@@ -15,7 +15,7 @@ rules of "nothing lost" live in one place and hold for every command and every f
 * **The name says what it is** (``.safetensors`` for an adapter, an image ending for a label
   volume), the folder exists and is writable, a folder is never an output, and an existing file
   is replaced only with ``--overwrite``: all before the model is loaded, so that no work is lost.
-* While the run lasts each output is locked (``.NAME.lock``, see library.entry_lock): a second
+* While the run lasts each output is locked (``.NAME.lock``, see store/locks.entry_lock): a second
   run writing the same file is refused at once.
 * Several outputs are committed together: when a later write fails, the earlier ones are taken
   back (the previous file restored, or the new one removed), so a failed run changes nothing.
@@ -62,7 +62,7 @@ class Claims:
         self.overwrite = overwrite
         self._inputs: list[tuple[str, Path]] = []
         self._outputs: list[tuple[str, Path]] = []
-        self._locks: list[tuple[Path, str, str]] = []  # (folder, lock name, what) for library.entry_lock
+        self._locks: list[tuple[Path, str, str]] = []  # (folder, lock name, what) for store/locks.entry_lock
 
     # -- declaring ----------------------------------------------------------------------
     def inputs(self, what: str, paths: Iterable[str | os.PathLike]) -> None:
@@ -184,7 +184,7 @@ class Claims:
 class Writes:
     """The outputs a run has written so far, with what they replaced, so that they can be taken back."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._done: list[tuple[Path, Path | None]] = []  # (output, hidden copy of what it replaced)
 
     def replacing(self, *paths: Path) -> None:

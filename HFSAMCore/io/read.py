@@ -54,9 +54,9 @@ def read_image(path: str | os.PathLike, *, warn: Warn | None = None) -> sitk.Ima
     A single DICOM file reads the whole series it belongs to. The pixel type
     of the file is kept. For DICOM the modality (0008|0060) is stored as image
     metadata ``hfsam_modality`` so that the intensity preset can be chosen from it.
-    Every file passes the integrity checks of ``integrity.py`` (what it is, complete data,
-    geometry as the header states it); what the reader only warned about goes to ``warn``
-    (default: Python's ``warnings``), never nowhere.
+    Every file passes the integrity checks (``formats``, ``data_size``, ``header_geometry``,
+    ``dicom``: what it is, complete data, geometry as the header states it); what the reader
+    only warned about goes to ``warn`` (default: Python's ``warnings``), never nowhere.
     """
     image = _drop_single_time_point(_read_any(path, warn))
     _check_scalar_3d(image, display_path(path))
@@ -102,7 +102,7 @@ def read_label_volumes(paths: Iterable[str | os.PathLike], *, warn: Warn | None 
     merged: np.ndarray | None = None
     for i, p in enumerate(paths):
         img = read_labels(p, warn=warn)
-        if reference is None:
+        if reference is None or merged is None:  # the first volume: both are set together
             reference = img
             merged = np.zeros(sitk.GetArrayViewFromImage(img).shape, dtype=np.uint16)
         else:
@@ -139,6 +139,7 @@ def _read_any(path: str | os.PathLike, warn: Warn | None) -> sitk.Image:
     captured = "".join(said)
     if error is not None:
         raise read_error(p, fmt, first_line(error), captured) from None
+    assert image is not None  # ReadImage returned
     check_geometry(image, text)
     if fmt == "NIfTI":
         check_nifti_complete(p, image)

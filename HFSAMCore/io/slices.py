@@ -67,7 +67,7 @@ class SliceView:
     spacing: tuple[float, float, float]  # the image's spacing, ITK order (i, j, k)
 
     @classmethod
-    def from_image(cls, image: sitk.Image, axis: str = "axial") -> SliceView:
+    def from_image(cls, image: sitk.Image | sitk.ImageFileReader, axis: str = "axial") -> SliceView:
         if axis not in _CANONICAL:
             raise InputError(f"unknown slice axis {axis!r}: use one of {', '.join(AXES)}")
         if image.GetDimension() != 3:
@@ -86,13 +86,13 @@ class SliceView:
             numpy_axes.append(2 - index_axis)  # sitk arrays are [k, j, i]
             actual_sign = 1 if direction[physical, index_axis] >= 0 else -1
             flips.append(actual_sign != wanted_sign)
-        size = image.GetSize()
+        size, spacing = image.GetSize(), image.GetSpacing()
         return cls(
             axis=axis,
-            numpy_axes=tuple(numpy_axes),
-            flips=tuple(flips),
+            numpy_axes=(numpy_axes[0], numpy_axes[1], numpy_axes[2]),
+            flips=(flips[0], flips[1], flips[2]),
             array_shape=(size[2], size[1], size[0]),
-            spacing=tuple(float(s) for s in image.GetSpacing()),
+            spacing=(float(spacing[0]), float(spacing[1]), float(spacing[2])),
         )
 
     # ------------------------------------------------------------------ arrays
@@ -120,7 +120,8 @@ class SliceView:
 
     @property
     def stack_shape(self) -> tuple[int, int, int]:
-        return tuple(self.array_shape[a] for a in self.numpy_axes)
+        shape, (a, b, c) = self.array_shape, self.numpy_axes
+        return (shape[a], shape[b], shape[c])
 
     @property
     def n_slices(self) -> int:
@@ -208,7 +209,7 @@ def choose_training_slices(view: SliceView, label_stack: np.ndarray, slices) -> 
 def choose_preset(image: sitk.Image) -> Literal["ct", "mr"]:
     """Pick the intensity preset: "ct" or "mr".
 
-    1. DICOM modality kept by ``volume.read_image`` (``hfsam_modality``): CT -> "ct", MR -> "mr".
+    1. DICOM modality kept by ``io/read.read_image`` (``hfsam_modality``): CT -> "ct", MR -> "mr".
     2. Otherwise the values: a CT in Hounsfield units has air near -1000, which no
        MR has (MR values are >= 0, or small after normalisation). Rule: "ct" when
        at least 0.1 % of the voxels lie in the air range [-1100, -500] HU and the

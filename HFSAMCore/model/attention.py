@@ -23,7 +23,7 @@ of the output's magnitude (float32 rounding of a different summation order).
 from __future__ import annotations
 
 import torch
-from segment_anything.modeling.image_encoder import Attention, Block, get_rel_pos
+from segment_anything.modeling.image_encoder import Attention, Block, ImageEncoderViT, get_rel_pos
 from torch.nn import functional as F
 
 # Scores per chunk of the CPU path: about 1 MiB keeps q', k', v and the scores of a chunk
@@ -119,7 +119,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     return out.view(b, heads, n, -1)
 
 
-def use_fast_encoder(image_encoder: torch.nn.Module, enabled: bool = True) -> None:
+def use_fast_encoder(image_encoder: ImageEncoderViT, enabled: bool = True) -> None:
     """Switch every encoder block between SAM's own computation and this module's (no new state)."""
     for block in image_encoder.blocks:
         block.__class__ = FastBlock if enabled else Block

@@ -1,4 +1,4 @@
-"""AWFFM: the adaptive weighted feature-fusion module of HF-SAM (DESIGN.md).
+"""AWFFM: the adaptive weighted feature-fusion module of HF-SAM (docs/design.md).
 
 Given a high-level map G (SAM's image embedding, or the decoder's output) and a
 low-level map L (an early global-attention block, compressed to the same width):
@@ -15,6 +15,8 @@ The spatial gate decides *where* the high-level map is trusted, the channel gate
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 from torch import nn
@@ -41,6 +43,7 @@ class AWFFM(nn.Module):
         weights: with the usual random init S is about 0.5 with random spatial structure, and
         the pretrained transformer first sees a damaged embedding. Training moves away from this
         start (Adam's steps do not shrink with sigmoid's small slope)."""
+        assert self.fuse.bias is not None  # built with a bias in __init__
         self.fuse.weight.zero_()
         self.fuse.bias.fill_(logit / 2)
         self.spatial.weight.zero_()
@@ -64,7 +67,8 @@ class AWFFM(nn.Module):
         x = F.linear(high, weight[:, :c], self.fuse.bias) + F.linear(low, weight[:, c:])
         stats = torch.stack((x.mean(-1), x.amax(-1)), dim=1).unflatten(-1, (h, w))  # [B, 2, h, w]
         high = high * torch.sigmoid(self.spatial(stats)).flatten(1).unsqueeze(-1)
-        down, up = self.channel_mlp[0].weight.flatten(1), self.channel_mlp[2].weight.flatten(1)
+        down_conv, up_conv = cast(nn.Conv2d, self.channel_mlp[0]), cast(nn.Conv2d, self.channel_mlp[2])
+        down, up = down_conv.weight.flatten(1), up_conv.weight.flatten(1)
 
         def mlp(v: torch.Tensor) -> torch.Tensor:
             return F.linear(F.relu(F.linear(v, down)), up)

@@ -22,6 +22,7 @@ import colorsys
 import copy
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import HFSAMError, InputError
@@ -100,7 +101,7 @@ MAX_CLASS_VALUE = 255  # an adapter's classes, and so HF-SAM's label volumes (UI
 
 
 def classes_for_labels(
-    spec: str | None, values: list[int], *, adapter: dict | None = None, source: str = "the label map"
+    spec: str | None, values: list[int], *, adapter: Mapping[str, Any] | None = None, source: str = "the label map"
 ) -> tuple[list[dict[str, Any]], list[int], str | None]:
     """The classes a fine-tune trains, the label-map value that paints each (in class order), and a
     note to show when the label map was read other than value = class.
@@ -299,4 +300,5 @@ def _generated_color(seed: int, used: list) -> list[int]:
             return rgb
         if gap > best_gap:
             best, best_gap = rgb, gap
+    assert best is not None  # the first step always beats best_gap = -1
     return best

@@ -47,6 +47,8 @@ fusion="none" (an ablation: SAM's decoder with K+1 class tokens, no low-level fe
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP
@@ -158,13 +160,16 @@ class HFSAMDecoder(nn.Module):
         src = _tokens(image_embedding)
         low = _tokens(low_level) if low_level is not None else None
         if self.fusion == "two_step":
+            assert low is not None  # a fusing model always has low-level taps (HFSAM.taps)
             src = self.awffm_1.forward_tokens(src, low, h, w)
         src = src + _tokens(dense_embedding)
         # SAM's transformer takes NCHW maps and flattens them back: views of the token layout.
         hs, src = self.transformer(_as_map(src, h, w), image_pe, tokens)
         if self.fusion == "two_step":
+            assert low is not None
             src = self.awffm_2.forward_tokens(src, low, h, w)
         elif self.fusion == "released":
+            assert low is not None
             src = self.awffm.forward_tokens(src, low, h, w)
 
         upscaled = self.upscale(src, h, w)  # [B, 4h*4w, C/8]
@@ -177,7 +182,9 @@ class HFSAMDecoder(nn.Module):
 
     def upscale(self, src: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """SAM's x4 output upscaling (2x2 stride-2 transposed convolutions, LayerNorm2d, GELU) on tokens."""
-        up1, norm, _, up2, _ = self.output_upscaling
+        layers = self.output_upscaling  # built in __init__: deconv, LayerNorm2d, GELU, deconv, GELU
+        up1, up2 = cast(nn.ConvTranspose2d, layers[0]), cast(nn.ConvTranspose2d, layers[3])
+        norm = cast(LayerNorm2d, layers[1])
         x = F.gelu(F.layer_norm(_deconv2x2(src, up1, h, w), (norm.weight.shape[0],), norm.weight, norm.bias, norm.eps))
         return F.gelu(_deconv2x2(x, up2, 2 * h, 2 * w))
 
@@ -201,4 +208,5 @@ def _deconv2x2(x: torch.Tensor, conv: nn.ConvTranspose2d, h: int, w: int) -> tor
     y = F.linear(x, conv.weight.flatten(1).t())  # [B, hw, Cout*2*2], ordered (cout, dy, dx)
     b = y.shape[0]
     y = y.view(b, h, w, cout, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(b, 4 * h * w, cout)
+    assert conv.bias is not None  # SAM's upscaling deconvolutions have a bias
     return y + conv.bias

@@ -74,9 +74,13 @@ class ModelSpec:
 
 
 class HFSAM(nn.Module):
+    pixel_mean: torch.Tensor  # buffers, registered in __init__
+    pixel_std: torch.Tensor
+
     def __init__(self, spec: ModelSpec, *, fast_encoder: bool = True):
         super().__init__()
         spec = spec.resolved()
+        assert spec.low_level_blocks is not None and spec.pixel_norm is not None  # resolved() fills both
         info: BackboneInfo = get_backbone_info(spec.backbone)
         self.spec, self.info = spec, info
         self.family = get_family(info)
@@ -161,6 +165,7 @@ class HFSAM(nn.Module):
         every AWFFM passes the embedding through (AWFFM.start_near_identity), so that the first step
         starts from what the pretrained decoder computes; what the low-level feature adds is learned."""
         for proj in self.low_level_proj:
+            assert isinstance(proj, nn.Conv2d) and proj.bias is not None  # built so in __init__
             proj.weight.zero_()
             proj.bias.zero_()
         for module in self.mask_decoder.awffms():

@@ -50,7 +50,8 @@ class StageTimer:
     """Wall time per stage, for the benchmark; a no-op unless asked for."""
 
     def __init__(self, device: torch.device, enabled: bool):
-        self.device, self.enabled, self.seconds = device, enabled, {}
+        self.device, self.enabled = device, enabled
+        self.seconds: dict[str, float] = {}
         self._t = 0.0
 
     def start(self) -> None:

@@ -12,20 +12,23 @@ Its checkpoint holds three parts, and HF-SAM takes them like this:
   to segment; only the IoU prediction head (HF-SAM has no IoU output) is left out.
 
 The checkpoint file itself is found, verified and registered by the model library
-(``library.py``; catalog entry ``lite_medsam`` in ``Resources/models.json``).
+(``store/library.py``; catalog entry ``lite_medsam`` in ``Resources/models.json``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from ..errors import InputError
-from .registry import BackboneInfo
+from .registry import BackboneInfo, TinyViTArch
 from .sam_vit import NEW_PARAMETER_MARKERS, load_tensor_file
 from .tinyvit import TinyViT, add_tinyvit_lora, freeze_batchnorm, use_fast_tinyvit
+
+if TYPE_CHECKING:
+    from .hfsam import HFSAM
 
 # The checkpoint's decoder outputs: token 0 (and its MLP) is SAM's single-mask output, the one
 # MedSAM and LiteMedSAM were trained to use with a box prompt.
@@ -34,12 +37,17 @@ SKIPPED_PREFIXES = ("mask_decoder.iou_prediction_head.",)
 EXPANDED_PREFIXES = ("mask_decoder.mask_tokens.", "mask_decoder.output_hypernetworks_mlps.")
 
 
+def _tinyvit_arch(info: BackboneInfo) -> TinyViTArch:
+    assert isinstance(info.arch, TinyViTArch), info.name  # the registry pairs family "tinyvit" with TinyViTArch
+    return info.arch
+
+
 class LiteMedSAMFamily:
     def build_encoder(self, info: BackboneInfo, img_size: int) -> TinyViT:
-        return TinyViT(info.arch, img_size, out_chans=info.decoder.dim)
+        return TinyViT(_tinyvit_arch(info), img_size, out_chans=info.decoder.dim)
 
     def tap_channels(self, info: BackboneInfo, tap: int) -> int:
-        dims = info.arch.embed_dims
+        dims = _tinyvit_arch(info).embed_dims
         return dims[min(tap + 1, len(dims) - 1)]
 
     def encode(self, encoder: TinyViT, images: torch.Tensor, taps: tuple[int, ...]):
@@ -57,7 +65,7 @@ class LiteMedSAMFamily:
             )
         return state
 
-    def load_checkpoint(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+    def load_checkpoint(self, model: HFSAM, state: dict[str, torch.Tensor]) -> dict:
         target = model.state_dict()
         skipped = [k for k in state if k.startswith(SKIPPED_PREFIXES)]
         usable = {k: v for k, v in state.items() if not k.startswith(SKIPPED_PREFIXES + EXPANDED_PREFIXES)}

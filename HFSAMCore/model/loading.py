@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,12 +26,15 @@ from ..errors import InputError
 from ..runtime.progress import Progress
 from .registry import checkpoint_keys, default_backbone, get_backbone_info
 
+if TYPE_CHECKING:
+    from .hfsam import HFSAM
+
 RANDOM_BASE_SEED = 0
 
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: HFSAM
     classes: list[dict]
     base: dict  # {"name", "sha256"} or the random-init record
     adapter_path: Path | None = None

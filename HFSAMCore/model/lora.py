@@ -13,10 +13,14 @@ checkpoints load into it unchanged; the low-rank factors are extra parameters.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from segment_anything.modeling.image_encoder import ImageEncoderViT
 
 
 class LoRAQKV(nn.Linear):
@@ -92,7 +96,7 @@ class LoRAQKV(nn.Linear):
         return qkv + self._full_width(self.lora_B_q(self.lora_A_q(x)), self.lora_B_v(self.lora_A_v(x)))
 
 
-def add_lora(image_encoder: nn.Module, rank: int) -> int:
+def add_lora(image_encoder: ImageEncoderViT, rank: int) -> int:
     """Replace every block's ``attn.qkv`` by a LoRAQKV of the given rank; return #LoRA parameters."""
     if rank <= 0:
         return 0

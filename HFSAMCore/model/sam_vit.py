@@ -13,6 +13,7 @@ import re
 import warnings
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from segment_anything.modeling import ImageEncoderViT
@@ -22,13 +23,22 @@ from torch.nn import functional as F
 from ..errors import InputError
 from .attention import use_fast_encoder
 from .lora import add_lora
-from .registry import BACKBONES, BackboneInfo
+from .registry import BACKBONES, BackboneInfo, ViTArch
+
+if TYPE_CHECKING:
+    from .hfsam import HFSAM
 
 SAM_IMG_SIZE = 1024
 
 
+def vit_arch(info: BackboneInfo) -> ViTArch:
+    """The architecture of a backbone of this family (the registry pairs family "sam_vit" with ViTArch)."""
+    assert isinstance(info.arch, ViTArch), info.name
+    return info.arch
+
+
 def build_image_encoder(info: BackboneInfo, img_size: int) -> ImageEncoderViT:
-    arch = info.arch
+    arch = vit_arch(info)
     return ImageEncoderViT(
         img_size=img_size,
         patch_size=arch.patch_size,
@@ -80,7 +90,7 @@ def load_tensor_file(path: str | Path, *, what: str) -> dict[str, torch.Tensor]:
                 "which could run code when loaded, so it was refused; use an official file"
             ) from None
         raise InputError(f"{path} is not a loadable {what} (damaged or another format)") from None
-    except Exception as exc:  # a damaged file fails in many ways (OSError, RuntimeError, EOFError, KeyError...)
+    except Exception as exc:  # noqa: BLE001 - a damaged file fails in many ways (OSError, RuntimeError, EOFError...)
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours some messages
         first = text.splitlines()[0][:120] if text else type(exc).__name__
         raise InputError(f"{path} is not a loadable {what} (damaged, truncated or another format: {first})") from None
@@ -125,7 +135,7 @@ def adapt_sam_state_dict(state: dict[str, torch.Tensor], info: BackboneInfo, img
     state = dict(state)
     tokens = info.embedding_size(img_size)
     state["image_encoder.pos_embed"] = _resize_pos_embed(state["image_encoder.pos_embed"], tokens)
-    for i in info.arch.global_attn_indexes:
+    for i in vit_arch(info).global_attn_indexes:
         for axis in ("h", "w"):
             key = f"image_encoder.blocks.{i}.attn.rel_pos_{axis}"
             if key in state:
@@ -141,12 +151,13 @@ def load_sam_weights(model: nn.Module, state: dict[str, torch.Tensor], info: Bac
     mis-shaped keys, e.g. a vit_l checkpoint given for a vit_b model.
     """
     width = state["image_encoder.patch_embed.proj.weight"].shape[0]
-    if width != info.arch.embed_dim:
+    if width != vit_arch(info).embed_dim:
         guess = next(
-            (n for n, b in BACKBONES.items() if b.family == "sam_vit" and b.arch.embed_dim == width), f"width {width}"
+            (n for n, b in BACKBONES.items() if b.family == "sam_vit" and vit_arch(b).embed_dim == width),
+            f"width {width}",
         )
         raise InputError(
-            f"the checkpoint is a {guess} SAM model but the backbone is width {info.arch.embed_dim}; "
+            f"the checkpoint is a {guess} SAM model but the backbone is width {vit_arch(info).embed_dim}; "
             f"pass --backbone {guess} or the matching checkpoint"
         )
     state = adapt_sam_state_dict(state, info, img_size)
@@ -179,7 +190,7 @@ class SamViTFamily:
         return build_image_encoder(info, img_size)
 
     def tap_channels(self, info: BackboneInfo, tap: int) -> int:
-        return info.arch.embed_dim
+        return vit_arch(info).embed_dim
 
     def encode(self, encoder: ImageEncoderViT, images: torch.Tensor, taps: tuple[int, ...]):
         x = encoder.patch_embed(images)
@@ -198,7 +209,7 @@ class SamViTFamily:
     def read_checkpoint(self, path: Path) -> dict[str, torch.Tensor]:
         return read_sam_state_dict(path)
 
-    def load_checkpoint(self, model: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+    def load_checkpoint(self, model: HFSAM, state: dict[str, torch.Tensor]) -> dict:
         return load_sam_weights(model, state, model.info, model.spec.img_size)
 
     def keep_frozen(self, encoder: ImageEncoderViT) -> None:

@@ -25,6 +25,7 @@ merging halves it to 128 x 128 (128 ch), stage 1's to 64 x 64 (160 ch); stage 2'
 from __future__ import annotations
 
 import itertools
+from typing import cast
 
 import torch
 from torch import nn
@@ -62,6 +63,7 @@ class ConvBN(nn.Sequential):
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         bn = self.bn
+        assert bn.running_var is not None and bn.running_mean is not None  # tracked: BatchNorm2d's default
         scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
         return self.c.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale
 
@@ -143,6 +145,8 @@ class Attention(nn.Module):
     The fused ``qkv`` lays its rows out head by head (q, k, v of head 0, then of head 1, ...),
     which is why LoRA addresses q and v by row index (``LoRAQKV(..., interleaved_heads=h)``).
     """
+
+    attention_bias_idxs: torch.Tensor  # a buffer, registered in __init__
 
     def __init__(self, dim: int, num_heads: int, window: int):
         super().__init__()
@@ -244,6 +248,8 @@ class BasicLayer(nn.Module):
 
 
 class TinyViT(nn.Module):
+    fast_inference: bool  # set by use_fast_tinyvit
+
     def __init__(self, arch: TinyViTArch | None = None, img_size: int = 256, out_chans: int = 256):
         super().__init__()
         arch = arch or TinyViTArch()
@@ -277,8 +283,9 @@ class TinyViT(nn.Module):
             if i in taps:
                 taken[i] = x.permute(0, 3, 1, 2)
         neck = self.neck
-        y = F.conv2d(x.permute(0, 3, 1, 2), neck[0].weight)
-        y = neck[3](F.conv2d(neck[1](y), neck[2].weight, padding=1))
+        conv1, conv2 = cast(nn.Conv2d, neck[0]), cast(nn.Conv2d, neck[2])
+        y = F.conv2d(x.permute(0, 3, 1, 2), conv1.weight)
+        y = neck[3](F.conv2d(neck[1](y), conv2.weight, padding=1))
         return y, [taken[t] for t in taps]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -304,9 +311,9 @@ def add_tinyvit_lora(encoder: TinyViT, rank: int) -> int:
     if rank <= 0:
         return 0
     count = 0
-    for layer in encoder.layers[1:]:
-        for block in layer.blocks:
-            attn = block.attn
+    for layer in encoder.layers[1:]:  # BasicLayers, built so by TinyViT
+        for block in cast(BasicLayer, layer).blocks:
+            attn = cast(TinyViTBlock, block).attn
             attn.qkv = LoRAQKV.from_linear(attn.qkv, rank, interleaved_heads=attn.num_heads)
             count += attn.qkv.lora_parameter_count()
     return count

@@ -2,7 +2,7 @@
 
 Two audiences read progress: a person at a terminal (a bar on stderr) and a parent
 process such as the Slicer module (one JSON object per line on stdout, see
-DESIGN.md "Progress protocol"). Human-readable logs always go to stderr so that
+docs/design.md, "Progress protocol"). Human-readable logs always go to stderr so that
 stdout stays machine-readable in JSON mode.
 
 Cancellation is cooperative: SIGINT/SIGTERM set a flag, and long loops call

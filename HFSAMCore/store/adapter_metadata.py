@@ -1,4 +1,4 @@
-"""An adapter's metadata: the schema (see adapters.py), validated field by field, and compatibility checks."""
+"""An adapter's metadata: the schema (see store/adapters.py), validated field by field, and compatibility checks."""
 
 from __future__ import annotations
 
@@ -190,7 +190,7 @@ def _base_checkpoint(source: str, value: Any) -> dict | None:
         if not isinstance(sha, str) or not _SHA256.fullmatch(sha.lower()):
             raise _bad(source, "base_checkpoint.sha256", "must be 64 hexadecimal digits or null")
         sha = sha.lower()
-    out = {"name": name, "sha256": sha}
+    out: dict[str, Any] = {"name": name, "sha256": sha}
     if value.get("seed") is not None:
         out["seed"] = _int(source, "base_checkpoint.seed", value["seed"], -(1 << 63), (1 << 64) - 1)
     return out
@@ -284,7 +284,7 @@ def validate_metadata(metadata: Any, *, source: str = "adapter metadata") -> dic
     out["name"] = _text(src, "name", m.get("name"), 128)
     out["backbone"] = _choice(src, "backbone", m.get("backbone"), BACKBONES)
     img = m.get("img_size")
-    if not _is_int(img) or not 16 <= img <= 2048 or img % 16:
+    if not isinstance(img, int) or isinstance(img, bool) or not 16 <= img <= 2048 or img % 16:  # as _is_int
         raise _bad(src, "img_size", f"must be a multiple of 16 in 16..2048 (224 or 512), not {img!r:.40}")
     out["img_size"] = img
     out["rank"] = _int(src, "rank", m.get("rank"), 0, 256)

@@ -34,8 +34,9 @@ Metadata schema, ``format_version`` 1 (R = required, others get the default show
 ``intensity_preset`` "ct" | "mr" (default "ct")
 ``axis``           "axial" | "coronal" | "sagittal" (default "axial")
 ``training``       null or {"image": str, "slices": [int], "heldout_slices": [int], "steps": int,
-                   "cached_steps": int (of the steps, those on cached encoder features), "seed": int|null, "batch_size": int, "lr": float, "minutes": float|null,
-                   "started_from": str|null}; missing keys become null ([] for the lists)
+                   "cached_steps": int (of the steps, those on cached encoder features), "seed": int|null,
+                   "batch_size": int, "lr": float, "minutes": float|null, "started_from": str|null};
+                   missing keys become null ([] for the lists)
 ``metrics``        dict, free-form JSON (numbers, nested dicts/lists); non-finite
                    floats are stored as null because the header must be strict JSON
 ``description``    str (default ""; null is stored as "")
@@ -105,7 +106,7 @@ def read_metadata(path: str | os.PathLike) -> dict:
     try:
         with safe_open(str(p), framework="numpy") as fh:
             header = fh.metadata() or {}
-    except Exception as exc:  # SafetensorError, OSError, UnicodeDecodeError...: all mean "not an adapter"
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, UnicodeDecodeError...: all "not an adapter"
         raise _not_adapter(p, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
     text = header.get(METADATA_KEY)
     if text is None:

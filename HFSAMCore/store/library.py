@@ -18,13 +18,12 @@ so a name is always one plain file name inside the library: it can never reach
 outside it, never collide with the hidden temp and lock files (which start
 with '.'), and is portable to Windows.
 
-Two processes writing the same entry: each holds ``.<name>.lock`` (created
-with O_CREAT|O_EXCL, holding "pid host") while it writes; the second gets a
-clear InputError, or waits for the first where both would write the same
-bytes (a bundled checkpoint registered on first use). A lock whose process
-is gone (same host) is stale and is removed. Writes themselves are atomic (temp file + rename), so even in the rare
-race where two processes both clear the same stale lock, the entry is always
-one whole file, and without ``overwrite`` the second rename fails cleanly.
+Two processes writing the same entry: each holds ``.<name>.lock`` (an OS file
+lock, store/locks.py) while it writes; the second gets a clear InputError, or
+waits for the first where both would write the same bytes (a bundled
+checkpoint registered on first use). A writer that dies releases its lock
+with it. Writes themselves are atomic (temp file + rename), so the entry is
+always one whole file, and without ``overwrite`` a second rename fails cleanly.
 """
 
 from __future__ import annotations

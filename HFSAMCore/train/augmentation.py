@@ -23,7 +23,7 @@
                  All sizes are in pixels of the slice as stored (before resizing to the model input),
                  as H-SAM draws them; the warp is applied once, to the resized slice.
 
-``independent``  the few-shot fine-tuner's own, milder recipe (``finetune.augment``): rotation (p 0.5),
+``independent``  the few-shot fine-tuner's own, milder recipe (``augment`` below): rotation (p 0.5),
                  crop (p 0.3, 20-80 % of the AREA) and a coarse elastic warp (p 0.3), drawn
                  independently, so a quarter of the samples get none.
 ``none``         no augmentation.
@@ -35,7 +35,7 @@ H-SAM interpolates twice in the elastic branch (affine, then displacement) where
 pixel-centre conventions (align_corners=False) where scipy's zoom aligns corners. No flips, as H-SAM.
 
 Randomness comes from a ``torch.Generator`` per sample, so a sample is warped alike on any
-number of processes (see train_dataset.py); H-SAM's own draws are unseeded.
+number of processes (see dataset_training.py); H-SAM's own draws are unseeded.
 """
 
 from __future__ import annotations
@@ -154,6 +154,7 @@ def _source_coords(d: HsamDraw, out_size: int, device) -> tuple[torch.Tensor, to
         dy, dx = y - cy, x - cx
         return cx - s * dy + c * dx, cy + c * dy + s * dx, None
     if d.kind == "elastic":
+        assert d.noise is not None and d.points is not None and d.moved is not None  # draw_hsam sets all three
         disp = gaussian_smooth(d.noise.to(device), HSAM_ELASTIC_SIGMA * w) * (HSAM_ELASTIC_ALPHA * w)  # [2, H, W]
         if (h, w) != (out_size, out_size):  # the field is smooth (sigma = 0.08 W): bilinear is exact enough
             grid = torch.stack(((x + 0.5) * 2 / w - 1, (y + 0.5) * 2 / h - 1), dim=-1)[None].to(disp.dtype)
@@ -212,7 +213,7 @@ def augment_sample(
     H-SAM's sizes are relative to it.
     """
     if kind == "hsam":
-        return apply_hsam(draw_hsam(gen, source_size or tuple(image.shape[-2:])), image, label)
+        return apply_hsam(draw_hsam(gen, source_size or (image.shape[-2], image.shape[-1])), image, label)
     if kind == "independent":
         return augment(image, label, gen)
     if kind == "none":

@@ -35,7 +35,7 @@ def collate_slices(batch):
 
 
 def to_model_batch(batch, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images [B,1,S,S] (bilinear, as segment.to_model_input) and labels [B,S,S] (nearest) on the device."""
+    """Images [B,1,S,S] (bilinear, as model/inference.to_model_input) and labels [B,S,S] (nearest) on the device."""
     import torch
 
     from ..model.inference import to_model_input

@@ -35,7 +35,7 @@ CHECKPOINT_DIR = "checkpoints"
 #: --base_lr 0.0025 on 2 GPUs); docs/reproduce.md lists every setting with its source, row by row.
 #: SAM fed the [0, 1] slice unchanged (pixel_mean 0, pixel_std 1), global batch 16 (8 per GPU x 2),
 #: AdamW lr 0.0025, H-SAM's schedule (250 warm-up steps, poly(0.9) over all steps), 300 epochs, H-SAM's
-#: augmentation, fp32 (the authors used no autocast); loss 0.1 CE + 0.9 Dice (finetune.hfsam_loss).
+#: augmentation, fp32 (the authors used no autocast); loss 0.1 CE + 0.9 Dice (losses.hfsam_loss).
 #: The decoder is the paper's two-step fusion; --fusion released is the authors' released network.
 #: ACDC: the same recipe is assumed (the authors released only the Synapse trainer).
 _PAPER_RECIPE: dict[str, Any] = {
@@ -77,7 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: "hsam"  SAMed's trainer, kept by H-SAM and HF-SAM: step s uses s/W during the warm-up (step 0: 1/W),
 #:         then (1 - (s - 1 - W) / T) ** 0.9 with T ALL steps, so it ends near ((W + 2) / T) ** 0.9
 #:         (8 % for T = 4200, W = 250) instead of 0;
-#: "poly"  the few-shot trainer's (finetune.lr_factor): warm-up to 1, then poly(0.9) down to 0 at T.
+#: "poly"  the few-shot trainer's (schedule.lr_factor): warm-up to 1, then poly(0.9) down to 0 at T.
 LR_SCHEDULES = ("hsam", "poly")
 
 
@@ -211,9 +211,9 @@ def check_config(cfg: DatasetTrainConfig) -> None:
             names = ", ".join(c for c in choices if c is not None)
             raise InputError(f"--{key.replace('_', '-')} must be one of {names}, not {value!r}")
     positive = {"batch_size": cfg.batch_size, "epochs": cfg.epochs, "save_every": cfg.save_every, "warmup": cfg.warmup}
-    for key, value in positive.items():
-        if not isinstance(value, int) or value < 1:
-            raise InputError(f"--{key.replace('_', '-')} must be a whole number of at least 1, not {value}")
+    for key, number in positive.items():
+        if not isinstance(number, int) or number < 1:
+            raise InputError(f"--{key.replace('_', '-')} must be a whole number of at least 1, not {number}")
     if not (isinstance(cfg.lr, (int, float)) and cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise InputError(f"--lr must be a positive number, not {cfg.lr}")
     if cfg.seed < 0:

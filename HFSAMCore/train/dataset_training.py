@@ -3,7 +3,7 @@
 One code path for the CPU, one GPU and many GPUs: PyTorch's own
 DistributedDataParallel, launched by ``torchrun`` (which sets RANK/WORLD_SIZE).
 A plain ``hfsam train`` is simply a world of one process. The optimisation step
-itself (loss, AdamW) is the few-shot trainer's, ``finetune.train_step``; the
+itself (loss, AdamW) is the few-shot trainer's, ``optim.train_step``; the
 augmentation is a recipe of ``augmentation.py`` and the learning-rate schedule
 one of ``LR_SCHEDULES``; this module adds what a dataset needs: streaming slices
 with a DataLoader, the few-shot draw, epochs, checkpoints and resuming.
@@ -267,7 +267,9 @@ def _train(
             progress.log("no checkpoint yet: starting from the beginning")
 
     dataset = torch_dataset_class()(reader, selected)
-    sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=cfg.seed
+    )
     loader = DataLoader(
         dataset,
         batch_size=per_process,

@@ -16,7 +16,7 @@ Three layouts, as the community distributes them (the project ships none of the 
 ``nifti``    nnU-Net style folders: ``imagesTr/CASE_0000.nii.gz`` (or ``CASE.nii.gz``)
              with ``labelsTr/CASE.nii.gz``; ``imagesTs``/``labelsTs`` for testing.
              Raw intensities: they go through the engine's own slicing and intensity
-             presets (``slices.py``), exactly as ``hfsam finetune``/``segment`` do,
+             presets (``io/slices.py``), exactly as ``hfsam finetune``/``segment`` do,
              so an adapter trained here works on any CT/MR file.
 
 The preprocessed formats are already normalised: they are NOT re-windowed here
@@ -352,7 +352,10 @@ class NiftiData:
         wanted: dict[str, list[int]] = {}
         for name in names:
             if name not in self._store:
-                wanted.setdefault(self.patient_of(name), []).append(int(_SLICE_NAME.match(name)["index"]))
+                case = self.patient_of(name)  # refuses a name that is no CASE_sliceNNN
+                match = _SLICE_NAME.match(name)
+                assert match is not None
+                wanted.setdefault(case, []).append(int(match["index"]))
         for case, indices in wanted.items():
             stack, lab, _, _ = self._stacks(case)
             for k in indices:

@@ -1,6 +1,6 @@
 """Few-shot training of an HF-SAM adapter on the labeled slices of one volume.
 
-DESIGN.md fixes the recipe: loss 0.1 cross-entropy + 0.9 soft Dice on the H/4
+docs/design.md gives the recipe: loss 0.1 cross-entropy + 0.9 soft Dice on the H/4
 logits against nearest-resized labels; AdamW (0.9, 0.999, weight decay 0.1),
 base lr 0.0025, linear warm-up then poly(0.9) decay; augmentation with H-SAM's
 three transforms (rotation within +-20 deg, random crop resized back, elastic),
@@ -107,7 +107,7 @@ def slice_dice(model, images: torch.Tensor, labels: torch.Tensor, dtype: torch.d
     model.eval()
     with autocast(images.device, dtype):
         logits = model(images)
-    pred = logits_to_labels(logits, labels.shape[-2:])
+    pred = logits_to_labels(logits, (labels.shape[-2], labels.shape[-1]))
     model.train(was_training)
     scores = []
     for c in labels.unique().tolist():

@@ -10,7 +10,7 @@ from ..runtime.device import autocast
 from .losses import hfsam_loss
 
 
-# -- one optimisation step (shared with dataset training, train_dataset.py) ----
+# -- one optimisation step (shared with dataset training, dataset_training.py) ----
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW (0.9, 0.999) over the trainable parameters only, in the model's parameter order."""
     params = [p for p in model.parameters() if p.requires_grad]

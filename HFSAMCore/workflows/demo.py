@@ -39,7 +39,7 @@ def spread(labeled: list[int], n: int) -> list[int]:
 def evaluate_held_out(
     image: sitk.Image, view, ref_stack: np.ndarray, pred_stack: np.ndarray, trained: list[int], names: dict[int, str]
 ) -> dict:
-    """metrics.evaluate on the slices the model never saw (canonical indices ``trained`` blanked in both)."""
+    """evaluate/metrics.evaluate on the slices the model never saw (canonical indices ``trained`` blanked in both)."""
     from ..evaluate.metrics import evaluate
 
     held = np.ones(view.n_slices, bool)
@@ -107,7 +107,9 @@ def render_figure(
         rows.append(np.concatenate(tiles, axis=1))
     grid = np.concatenate(rows, axis=0)
     scale = max(1, 600 // grid.shape[1] + 1)
-    img = Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    size = (grid.shape[1] * scale, grid.shape[0] * scale)
+    # Pillow defines Image.NEAREST by setattr, unseen by mypy; Image.Resampling would need Pillow 9.1 (we allow 9.0).
+    img = Image.fromarray(grid).resize(size, Image.NEAREST)  # type: ignore[attr-defined]
     canvas = Image.new("RGB", (img.width, img.height + 18), "white")
     canvas.paste(img, (0, 18))
     draw = ImageDraw.Draw(canvas)
@@ -179,7 +181,7 @@ def _demo(
     import torch
 
     from ..evaluate.metrics import format_table
-    from ..io.atomic import atomic_write
+    from ..io.atomic import atomic_write_bytes
     from ..io.geometry import labels_onto_image
     from ..io.read import read_image, read_labels
     from ..io.slices import SliceView, labeled_slices, volume_stats
@@ -305,7 +307,7 @@ def _demo(
         ("dice.json", json.dumps(result, indent=2).encode()),
         ("figure.png", figure),
     ):
-        atomic_write(paths[name], lambda fh, d=data_: fh.write(d), overwrite=overwrite)
+        atomic_write_bytes(paths[name], data_, overwrite=overwrite)
 
     progress.log(f"results in {out}/: segmentation.nrrd, adapter.safetensors, dice.md, figure.png")
     return {"output": str(out), "mean_dice": result["mean"]["dice"], **result["setup"], "summary": banner + table}

@@ -45,6 +45,7 @@ def evaluate_files(
             f"the reference (values {_few(ref_values)}) and the prediction (values {_few(pred_values)}) "
             "share no label value: are they labelled alike? Every class scores 0"
         )
+    names: dict[int, str] | None
     if classes:
         from ..model.classes import resolve_classes
 

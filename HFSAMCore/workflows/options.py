@@ -4,7 +4,8 @@ The command line fills these from its flags (``cli/run_args.py``), the Slicer mo
 process through the command line, and a Python user directly. ``chosen`` names the fields the
 caller chose rather than left at their default: an adapter fixes its architecture and what its
 model sees (``ADAPTER_FIXES``), so a chosen value that contradicts the adapter is refused while
-a default simply gives way to the adapter's.
+a default simply gives way to the adapter's. The command line says which options were typed
+(``typed``); for a Python caller, a value other than the default counts as chosen.
 """
 
 from __future__ import annotations
@@ -29,8 +30,22 @@ ADAPTER_FIXES = {
 }
 
 
+class _Choices:
+    """``chosen``: the fields given as ``typed`` (the command line's typed options), or, where a
+    Python caller gave none, every field whose value differs from its default."""
+
+    typed: frozenset[str] | None
+
+    @property
+    def chosen(self) -> frozenset[str]:
+        if self.typed is not None:
+            return self.typed
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]  # every subclass is a dataclass
+        return frozenset(f.name for f in fields if f.name != "typed" and getattr(self, f.name) != f.default)
+
+
 @dataclass(frozen=True)
-class ModelOptions:
+class ModelOptions(_Choices):
     """Which model: an adapter (library name or file) on a base checkpoint, or a new one."""
 
     adapter: str | None = None
@@ -40,11 +55,11 @@ class ModelOptions:
     rank: int = 5
     fusion: str = "two_step"
     library: str | None = None  # default: $HFSAM_HOME or ~/.hfsam
-    chosen: frozenset[str] = field(default=frozenset(), compare=False)
+    typed: frozenset[str] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
-class RunOptions:
+class RunOptions(_Choices):
     """How to run it: where, in which precision, and what the model sees."""
 
     device: str = "auto"
@@ -53,17 +68,7 @@ class RunOptions:
     axis: str = "axial"
     preset: str = "auto"
     overwrite: bool = False
-    chosen: frozenset[str] = field(default=frozenset(), compare=False)
-
-
-def with_chosen(options: Any, chosen: frozenset[str] | None = None) -> Any:
-    """``options`` with ``chosen`` set: the given names, or, for a Python caller who passed none,
-    every field whose value differs from its default."""
-    if chosen is None:
-        chosen = frozenset(
-            f.name for f in dataclasses.fields(options) if f.name != "chosen" and getattr(options, f.name) != f.default
-        )
-    return dataclasses.replace(options, chosen=frozenset(chosen))
+    typed: frozenset[str] | None = field(default=None, compare=False)
 
 
 def fixed_by_adapter(
@@ -71,7 +76,10 @@ def fixed_by_adapter(
 ) -> tuple[ModelOptions, RunOptions]:
     """The options with every value the adapter fixes taken from it; a chosen value that
     contradicts the adapter is refused, naming the option."""
-    wrong, trained, model_kw, run_kw = [], [], {}, {}
+    wrong: list[str] = []
+    trained: list[str] = []
+    model_kw: dict[str, Any] = {}
+    run_kw: dict[str, Any] = {}
     for name, (option, key) in ADAPTER_FIXES.items():
         options, kw = (model, model_kw) if hasattr(model, name) else (run, run_kw)
         value = getattr(options, name)
@@ -84,4 +92,8 @@ def fixed_by_adapter(
             f"adapter {adapter_name} was trained for {', '.join(trained)}, not {', '.join(wrong)}: drop the "
             "option (an adapter fixes the model and what it sees) or choose an adapter trained for it"
         )
-    return dataclasses.replace(model, **model_kw), dataclasses.replace(run, **run_kw)
+    # What was chosen is settled before the adapter's values come in: they are not the caller's choice.
+    return (
+        dataclasses.replace(model, typed=model.chosen, **model_kw),
+        dataclasses.replace(run, typed=run.chosen, **run_kw),
+    )

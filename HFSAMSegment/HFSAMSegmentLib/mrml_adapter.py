@@ -118,7 +118,8 @@ def node_array(node) -> np.ndarray:
         raise UserInputError(f"volume '{name}' has no voxels; load or pick a volume that has image data")
     if image.GetNumberOfScalarComponents() != 1:
         raise UserInputError(
-            f"volume '{name}' has {image.GetNumberOfScalarComponents()} components per voxel; pick a grey-level (scalar) volume"
+            f"volume '{name}' has {image.GetNumberOfScalarComponents()} components per voxel; "
+            "pick a grey-level (scalar) volume"
         )
     dims = image.GetDimensions()
     if min(dims) < 1:
@@ -448,7 +449,7 @@ def merged_labels(segmentation_node, segment_ids: Sequence[str], reference_volum
     values = numpy_support.vtk_to_numpy(scalars).reshape(dims)
     # Copy the overlap of the merged extent and the reference extent (both in the reference IJK frame).
     src, dst = [], []
-    for axis_np, axis_ijk in zip(range(3), (2, 1, 0)):
+    for axis_ijk in (2, 1, 0):  # numpy axes 0, 1, 2 are IJK's k, j, i
         lo = max(ext[2 * axis_ijk], ref_ext[2 * axis_ijk])
         hi = min(ext[2 * axis_ijk + 1], ref_ext[2 * axis_ijk + 1])
         if hi < lo:
@@ -559,7 +560,8 @@ def export_training_labels(
     empty = [name for name, count in zip(names, counts) if count == 0]
     if empty:
         raise UserInputError(
-            f"segment(s) {', '.join(repr(n) for n in empty)} have no painted voxels on this volume; paint them on a few slices or untick them"
+            f"segment(s) {', '.join(repr(n) for n in empty)} have no painted voxels on this volume; "
+            "paint them on a few slices or untick them"
         )
     image = sitk.GetImageFromArray(labels)
     Geometry.of_node(reference_volume).apply_to_image(image)

@@ -147,7 +147,10 @@ class Panel(VTKObservationMixin):
             self._slices_timer.start()  # chosen from Python or a reopened scene: count soon
         output = p.outputSegmentation
         self.ui.outputWarningLabel.setText(
-            f"Segments of '{output.GetName()}' that have the model's class names will be replaced; other segments are kept."
+            (
+                f"Segments of '{output.GetName()}' that have the model's class names will be replaced; "
+                "other segments are kept."
+            )
             if output
             else ""
         )
@@ -310,8 +313,8 @@ class Panel(VTKObservationMixin):
         if choice is None or not p.inputVolume or self._job is not None:
             return
         if p.outputSegmentation and not self.host.confirm(
-            f"Write the result into '{p.outputSegmentation.GetName()}'? Its segments named like the model's classes are "
-            "replaced; its other segments are kept.",
+            f"Write the result into '{p.outputSegmentation.GetName()}'? "
+            "Its segments named like the model's classes are replaced; its other segments are kept.",
             title="HF-SAM: existing segmentation",
         ):
             return

@@ -1,6 +1,6 @@
 """Run the engine as a child process: progress events in, Cancel out.
 
-Why a child process and not a thread (DESIGN.md): the GUI stays responsive,
+Why a child process and not a thread (docs/design.md): the GUI stays responsive,
 Cancel can kill the whole process tree, a CUDA out-of-memory or a crash cannot
 take Slicer down, and GPU memory is returned after each run.
 
@@ -40,7 +40,7 @@ from typing import Callable
 from .child_process import popen_options
 from .progress_parser import parse_line
 
-# Exit codes of the engine's command line (DESIGN.md).
+# Exit codes of the engine's command line (docs/design.md).
 STATUS_BY_EXIT_CODE = {0: "done", 2: "bad_input", 130: "cancelled"}
 STATUSES = ("done", "bad_input", "cancelled", "error")
 

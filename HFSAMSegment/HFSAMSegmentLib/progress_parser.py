@@ -1,7 +1,7 @@
 """One line of the engine's stdout -> one event dict, or None.
 
 The engine (``python -m HFSAMCore ... --progress json``) writes one JSON object
-per line on stdout (DESIGN.md, "Progress protocol"). The panel reads those lines
+per line on stdout (docs/design.md, "Progress protocol"). The panel reads those lines
 while the child runs, so this parser sits between an untrusted byte stream and
 the GUI: it must never raise, whatever arrives (a torch warning printed to
 stdout, a truncated line, binary garbage, a JSON bomb). Anything that is not a

@@ -63,7 +63,10 @@ def slicer_sh(scene):
 
 
 def put_in_study(scene, volume_node) -> int:
-    """Move the volume into a new patient/study folder of the subject hierarchy (as DICOM loading does); return the study item."""
+    """Move the volume into a new patient/study folder of the subject hierarchy, as DICOM loading does.
+
+    Returns the study item.
+    """
     sh = slicer_sh(scene)
     patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "HFSAM test patient")
     study = sh.CreateStudyItem(patient, "HFSAM test study")
@@ -88,7 +91,10 @@ def _assert_close(actual, expected, what):
 
 # -- scenarios ---------------------------------------------------------------------------------
 def geometry_round_trip(scene, folder: str | Path) -> dict:
-    """Volume node (oblique, anisotropic) -> NRRD -> SimpleITK (LPS) -> volume node: geometry to 1e-6 mm, voxels equal."""
+    """Volume node (oblique, anisotropic) -> NRRD -> SimpleITK (LPS) -> volume node.
+
+    Geometry to 1e-6 mm, voxels equal.
+    """
     folder = Path(folder)
     geometry = oblique_geometry()
     node, array = make_volume(scene, geometry=geometry)
@@ -127,7 +133,10 @@ def write_engine_output(folder: Path, labels: np.ndarray, geometry, classes: lis
 
 
 def label_import(scene, folder: str | Path, terminology: Terminology | None = None) -> dict:
-    """Label file + sidecar -> segmentation node: names, colours (0..255 -> 0..1), terminology, voxel counts, geometry."""
+    """Label file + sidecar -> segmentation node.
+
+    Checks names, colours (0..255 -> 0..1), terminology, voxel counts and geometry.
+    """
     terminology = terminology or Terminology.default()
     volume, _ = make_volume(scene, shape=(6, 16, 18))
     labels = np.zeros((6, 16, 18), np.uint8)
