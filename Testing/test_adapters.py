@@ -325,7 +325,7 @@ def test_check_compatible_lists_every_mismatch():
 
 
 def test_what_the_training_command_writes_is_accepted(tmp_path):
-    """The shape cli.py's finetune writes: a random test base with its seed, held-out slices, no description."""
+    """The shape `hfsam finetune` writes: a random test base with its seed, held-out slices, no description."""
     meta = good_meta(
         backbone="tiny",
         img_size=64,

@@ -447,3 +447,12 @@ def test_models_download_as_a_child_process(server, tmp_path, python_exe, repo_r
     error = json.loads(offline.stdout.splitlines()[-1])
     assert error["event"] == "error" and error["exit_code"] == 2
     assert "offline" in error["message"] and "import-checkpoint" in error["message"]
+
+
+def test_the_shared_data_folder_is_found_beside_the_repository(monkeypatch, repo_root):
+    """Without $HFSAM_DATA the demo and the benchmarks look in ../shared/data next to the checkout
+    (whatever folder of the engine the lookup lives in), before they would download anything."""
+    from HFSAMCore.store.sample_data import repo_data_dir
+
+    monkeypatch.delenv("HFSAM_DATA", raising=False)
+    assert repo_data_dir() == repo_root.parent / "shared" / "data"

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -234,19 +235,61 @@ def test_a_held_lock_blocks_and_a_killed_holder_leaves_no_lock(tmp_path, python_
     assert sorted(p.name for p in lib.adapters_dir.iterdir()) == ["liver.safetensors"]  # no lock, no temp file
 
 
-def test_a_lock_file_replaced_under_its_name_is_not_taken_for_the_one_locked(tmp_path):
-    """A waiter that opened the lock file before its holder removed it holds a file no longer at the path:
-    it must notice and lock the path anew (else two writers would both think they hold the lock)."""
-    from HFSAMCore.store.locks import _names_locked_file
+TRY_LOCK = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from HFSAMCore.errors import InputError
+    from HFSAMCore.store.locks import entry_lock
+    try:
+        with entry_lock(Path(sys.argv[1]), sys.argv[2]):
+            print("took it")
+    except InputError as exc:
+        print(exc)
+""")
 
-    lock = tmp_path / ".x.lock"
-    with open(lock, "w") as opened:  # the waiter's descriptor keeps the removed file (and its inode) alive
-        locked = os.fstat(opened.fileno())
-        assert _names_locked_file(lock, [locked])
-        lock.unlink()
-        assert not _names_locked_file(lock, [locked])
-        lock.write_text("")  # a third process's new lock file under the same name
-        assert not _names_locked_file(lock, [locked])
+
+def test_a_lock_whose_file_changed_while_it_was_taken_is_taken_again(tmp_path, monkeypatch, python_exe, repo_root):
+    """A waiter that opened the lock file just before its holder removed it holds a file no longer at the path
+    (and a third process may hold the one that is): it must notice, let go without removing anything, and
+    lock the path anew. Simulated by making the path's file look different right after the first acquire."""
+    from HFSAMCore.store import locks
+
+    real, calls = locks._stat, []
+
+    def stat(path):
+        calls.append(path)
+        return os.stat(tmp_path) if len(calls) == 2 else real(path)  # "another file" after the first try
+
+    monkeypatch.setattr(locks, "_stat", stat)
+    with locks.entry_lock(tmp_path, "x") as lock:
+        assert len(calls) == 4 and lock.exists()  # two tries: the first let go, the second holds
+        other = subprocess.run(
+            [python_exe, "-c", TRY_LOCK, str(tmp_path), "x"], cwd=repo_root, capture_output=True, text=True, check=True
+        )
+        assert "library entry 'x' is being written by another process" in other.stdout  # really held
+    assert not lock.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="flock is the Unix lock")
+def test_a_file_system_without_flock_gets_a_lock_file_instead(tmp_path, monkeypatch):
+    """Some network and FUSE mounts answer flock with ENOSYS: the lock is then an exclusively created
+    file (which a killed writer would leave, and the message names), never an error or no lock at all."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    from HFSAMCore.store.locks import entry_lock
+
+    with entry_lock(tmp_path, "x") as lock:
+        assert lock.exists()
+        monkeypatch.setattr("HFSAMCore.store.locks._HELD", set())  # as if another process asked
+        with pytest.raises(InputError, match=r"being written by another process.*delete .*\.x\.lock"):
+            with entry_lock(tmp_path, "x"):
+                pass
+    assert not lock.exists()
 
 
 WRITER = textwrap.dedent("""

@@ -269,8 +269,6 @@ def test_find_spec_does_not_import_the_package(monkeypatch):
 
 def test_without_a_sam_checkpoint_everything_starts_from_lite_medsam(tmp_path):
     """The demo, finetune (load_model's auto), bench and the panel all read one default."""
-    import argparse
-
     from HFSAMCore.model.loading import default_backbone_in
     from HFSAMCore.runtime.progress import Progress
     from HFSAMCore.workflows.demo import choose_model
@@ -278,9 +276,8 @@ def test_without_a_sam_checkpoint_everything_starts_from_lite_medsam(tmp_path):
     library = ModelLibrary(tmp_path / "lib")
     assert default_backbone_in(library) == "lite_medsam"
     for device in ("cpu", "cuda"):  # no vit_b checkpoint: LiteMedSAM even with a GPU
-        args = argparse.Namespace(backbone="auto")
-        assert choose_model(args, library, torch.device(device), Progress("none")) == ("lite_medsam", None)
-    assert choose_model(argparse.Namespace(backbone="tiny"), library, torch.device("cpu"), Progress("none")) == (
+        assert choose_model("auto", library, torch.device(device), Progress("none")) == ("lite_medsam", None)
+    assert choose_model("tiny", library, torch.device("cpu"), Progress("none")) == (
         "tiny",
         "none",
     )

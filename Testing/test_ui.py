@@ -379,8 +379,8 @@ def test_extension_cmakelists_and_s4ext_agree():
     top = (REPO / "CMakeLists.txt").read_text()
     assert "add_subdirectory(HFSAMSegment)" in top
     for needle in (
+        "file(GLOB_RECURSE HFSAMCORE_PYTHON_SCRIPTS",  # every engine module, in every stage folder
         "HFSAMCore/*.py",
-        "HFSAMCore/model/*.py",
         "Resources/*.json",
         "ctkMacroCompilePythonScript(",
         "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}",

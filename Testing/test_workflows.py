@@ -95,6 +95,13 @@ def test_finetune_segment_evaluate_through_the_api(ct3mm, tmp_path):
     assert not (tmp_path / "other.nrrd").exists()
 
 
+def test_the_command_line_parser_loads_no_torch(repo_root):
+    """Bad input is refused before torch loads: building every command's parser must not import it."""
+    code = "import sys; from HFSAMCore.cli.app import build_parser; build_parser(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
 def test_importing_the_api_loads_neither_torch_nor_simpleitk(repo_root):
     code = (
         "import sys, HFSAMCore.workflows; print(sorted(m for m in ('torch', 'SimpleITK', 'numpy') if m in sys.modules))"

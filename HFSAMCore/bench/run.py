@@ -47,8 +47,8 @@ def run_bench(options: BenchOptions, progress: Progress, command: str | None = N
     backbone = result.get("backbone") or result["spec"]["backbone"]
     tag = f"{options.which}_{backbone}_{device.type}"
     result["command"] = command
-    files = {"json": json.dumps(result, indent=2), "markdown": to_markdown(options.which, result, command)}
-    paths = {"json": out / f"{tag}.json", "markdown": out / f"{tag}.md"}
+    files = {"markdown": to_markdown(options.which, result, command), "json": json.dumps(result, indent=2)}
+    paths = {"markdown": out / f"{tag}.md", "json": out / f"{tag}.json"}
     for kind, text in files.items():  # a benchmark re-run replaces its own results
         atomic_write_bytes(paths[kind], text.encode(), overwrite=True)
     progress.log(f"wrote {paths['markdown']} and .json")

@@ -46,5 +46,6 @@ def run(args, progress: Progress) -> int:
     summary = result.pop("summary")
     if progress.mode != "json":
         print(summary)
+    progress.log(f"results in {result['output']}/: segmentation.nrrd, adapter.safetensors, dice.md, figure.png")
     progress.result(**result)
     return 0

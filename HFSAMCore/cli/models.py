@@ -1,7 +1,7 @@
 """``hfsam models ...``: the model library on the command line.
 
 ``cli/app.py`` calls :func:`add_parser` and dispatches to :func:`run_models`. Every
-sub-command is one call into :mod:`HFSAMCore.library`; this file only parses
+sub-command is one call into :mod:`HFSAMCore.store.library`; this file only parses
 arguments and prints. Output goes to ``progress.out`` (stdout): human text, or
 with ``--json`` one JSON document; when the progress mode is ``json`` (the
 Slicer module's protocol) the same payload is sent as the ``result`` event

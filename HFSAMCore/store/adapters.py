@@ -47,7 +47,7 @@ Unknown keys are refused (at the top level, in ``training`` and in classes) so
 that a typo such as ``intesity_preset`` fails loudly instead of silently taking
 the default.
 
-Files are written through :mod:`HFSAMCore.atomic`, so a crash or a cancel never
+Files are written through :mod:`HFSAMCore.io.atomic`, so a crash or a cancel never
 leaves a half-written adapter under its final name.
 """
 

@@ -38,7 +38,8 @@ SAMPLE_HINT = (
 def repo_data_dir() -> Path:
     """``$HFSAM_DATA`` or ``../shared/data`` relative to the repository root."""
     env = os.environ.get("HFSAM_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    repo = Path(__file__).resolve().parents[2]  # <repo>/HFSAMCore/store/sample_data.py
+    return Path(env) if env else repo.parent / "shared" / "data"
 
 
 def load_sample_catalog(path: str | os.PathLike | None = None) -> dict:

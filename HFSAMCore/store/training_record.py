@@ -1,8 +1,8 @@
 """The metadata a newly trained adapter carries, built in one place for every way of training.
 
-Few-shot fine-tuning, the demo and whole-dataset training all describe their adapter with
-``trained_metadata``; ``adapter_metadata.validate_metadata`` (run by ``save_adapter``) then
-checks it against the format and fills the defaults.
+Few-shot fine-tuning, the demo and whole-dataset training all describe their adapter as a
+``TrainedAdapter``; ``adapter_metadata.validate_metadata`` (run by ``save_adapter``) then
+checks its ``metadata()`` against the format and fills the defaults (``hfsam_version`` among them).
 """
 
 from __future__ import annotations

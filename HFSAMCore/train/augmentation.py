@@ -44,9 +44,6 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
-from torch.nn import functional as F
-
 if TYPE_CHECKING:  # torch is imported inside the functions: the CLI reads AUGMENTATIONS without it
     import torch
 
@@ -239,6 +236,9 @@ def augment(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) ->
     H-SAM's (augmentation.py, "hsam"), which suits a handful of slices of one patient; not measured
     against it.
     """
+    import torch
+    from torch.nn import functional as F
+
     b = images.shape[0]
     dev = images.device
 

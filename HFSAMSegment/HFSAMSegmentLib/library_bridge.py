@@ -1,7 +1,7 @@
 """The model library as the panel sees it: list, import, export, remove adapters; base checkpoints.
 
 Choice made here: every operation runs the engine's command line
-(``python -m HFSAMCore models ...``) instead of importing ``HFSAMCore.library``
+(``python -m HFSAMCore models ...``) instead of importing ``HFSAMCore.store.library``
 into Slicer's process. Why:
 
 - the module never imports the engine (docs/design.md): its dependencies
