@@ -184,7 +184,7 @@ def test_finetune_then_segment_learns_the_liver(tmp_path, ct3mm):
         "--img-size",
         "224",
         "--steps",
-        "250",
+        "150",
         "--holdout",
         "0",
         "--progress",

@@ -19,8 +19,9 @@ from HFSAMCore.errors import InputError
 from HFSAMCore.model.hfsam import HFSAM, ModelSpec
 from HFSAMCore.model.lora import LoRAQKV
 from HFSAMCore.model.registry import get_backbone_info
+from HFSAMCore.store.base_checkpoints import packaged_checkpoint
 from HFSAMCore.store.download import catalog_entry
-from HFSAMCore.store.library import ModelLibrary, packaged_checkpoint
+from HFSAMCore.store.library import ModelLibrary
 
 ENTRY = catalog_entry("lite_medsam")
 

@@ -508,10 +508,10 @@ def test_train_list_is_used_as_it_is(synapse, tmp_path):
 
 
 def test_the_global_batch_must_split_over_the_processes(synapse, tmp_path):
-    from HFSAMCore.train.dataset_training import _prepare_folder
+    from HFSAMCore.train.run_folder import prepare_run_folder
 
     with pytest.raises(InputError, match="global batch 3 does not split evenly over 2 processes"):
-        _prepare_folder(
+        prepare_run_folder(
             tiny(synapse, batch_size=3),
             tmp_path / "run",
             resume=False,

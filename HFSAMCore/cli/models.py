@@ -121,8 +121,8 @@ def _table(entries: list[dict], library) -> str:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows]
     lines.append("")
     lines.append("base checkpoints:")
+    from ..store.base_checkpoints import packaged_checkpoint
     from ..store.download import load_catalog
-    from ..store.library import packaged_checkpoint
 
     catalog = load_catalog()
     for backbone in sorted(catalog["checkpoints"]):

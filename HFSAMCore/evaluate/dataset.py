@@ -53,23 +53,22 @@ def predict_stack(
     """Label map [D,H,W] (uint8) of a stack of slices [D,H,W] already in [0, 1]."""
     import torch
 
-    from ..model.inference import logits_to_labels, to_model_input
-    from ..runtime.device import autocast
+    from ..model.inference import predict_batches, to_model_input
 
-    dtype = dtype or torch.float32
     device = torch.device(device)
     d, h, w = stack.shape
-    out = np.zeros((d, h, w), dtype=np.uint8)
     size = model.spec.img_size
     model.eval().to(device)
-    with torch.inference_mode():
-        for start in range(0, d, batch_size):
-            if progress is not None:
-                progress.check_cancelled()
-            x = to_model_input(stack[start : start + batch_size], size, device)
-            with autocast(device, dtype):
-                logits = model(x)
-            out[start : start + batch_size] = logits_to_labels(logits, (h, w)).cpu().numpy()
+    out, _ = predict_batches(
+        model,
+        d,
+        lambda a, b: to_model_input(stack[a:b], size, device),
+        (h, w),
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype or torch.float32,
+        progress=progress or Progress("none"),
+    )
     return out
 
 

@@ -9,6 +9,7 @@ input and back (logits, then argmax) is done on whole batches on the device.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -102,45 +103,26 @@ def segment_image(
     preset = choose_preset(image) if preset == "auto" else preset
     stats = volume_stats(array, preset)
     n, h, w = stack.shape
-    out = np.zeros((n, h, w), dtype=np.uint8)
     size = model.spec.img_size
     model.eval().to(device)
     reset_peak_memory(device)
     timer.stop("preprocess")
 
-    start = 0
-    progress.progress("segment", 0, n)
-    with torch.inference_mode():
-        while start < n:
-            progress.check_cancelled()
-            stop = min(start + batch_size, n)
-            try:
-                timer.start()
-                x = to_model_input(normalize(stack[start:stop], preset, stats=stats), size, device)
-                timer.stop("preprocess")
-                with autocast(device, dtype):
-                    logits = model(x)
-                timer.stop("model")
-                if not bool(torch.isfinite(logits).all()):
-                    raise InputError(
-                        f"the model's output is NaN or infinite on slices {start}..{stop - 1}: its "
-                        "weights are broken (an adapter trained with too high a learning rate?); "
-                        "train the adapter again"
-                    )
-                out[start:stop] = logits_to_labels(logits, (h, w)).cpu().numpy()
-                timer.stop("postprocess")
-            except (RuntimeError, MemoryError) as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                if batch_size == 1:
-                    raise OutOfMemory(device.type) from exc
-                batch_size = max(1, batch_size // 2)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                progress.warn(f"out of memory: retrying with batch size {batch_size}")
-                continue
-            start = stop
-            progress.progress("segment", start, n)
+    def batch(a: int, b: int) -> torch.Tensor:
+        return to_model_input(normalize(stack[a:b], preset, stats=stats), size, device)
+
+    out, batch_size = predict_batches(
+        model,
+        n,
+        batch,
+        (h, w),
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        timer=timer,
+        stage="segment",
+    )
 
     timer.start()
     if class_values is not None and list(class_values) != list(range(1, len(class_values) + 1)):
@@ -164,3 +146,63 @@ def segment_image(
         "labeled_voxels": int(np.count_nonzero(out)),
     }
     return labels, info
+
+
+def predict_batches(
+    model,
+    n: int,
+    batch: Callable[[int, int], torch.Tensor],
+    out_hw: tuple[int, int],
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: Progress,
+    timer: StageTimer | None = None,
+    stage: str | None = None,
+) -> tuple[np.ndarray, int]:
+    """Labels [n, H, W] (uint8) of n slices through ``model``, ``batch(a, b)`` giving the model input
+    of slices a..b-1; the one loop every inference runs (``segment``, ``evaluate-dataset``).
+
+    Out of memory: the batch is halved and tried again, down to 1, then ``OutOfMemory``. A model
+    whose output is not finite (a broken adapter) is an error, never an empty result. ``stage``
+    names the progress events (None: cancellation is checked, no events). Returns the labels and
+    the batch size that fitted."""
+    timer = timer or StageTimer(device, False)
+    out = np.zeros((n, *out_hw), dtype=np.uint8)
+    start = 0
+    if stage:
+        progress.progress(stage, 0, n)
+    with torch.inference_mode():
+        while start < n:
+            progress.check_cancelled()
+            stop = min(start + batch_size, n)
+            try:
+                timer.start()
+                x = batch(start, stop)
+                timer.stop("preprocess")
+                with autocast(device, dtype):
+                    logits = model(x)
+                timer.stop("model")
+                if not bool(torch.isfinite(logits).all()):
+                    raise InputError(
+                        f"the model's output is NaN or infinite on slices {start}..{stop - 1}: its "
+                        "weights are broken (an adapter trained with too high a learning rate?); "
+                        "train the adapter again"
+                    )
+                out[start:stop] = logits_to_labels(logits, out_hw).cpu().numpy()
+                timer.stop("postprocess")
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                if batch_size == 1:
+                    raise OutOfMemory(device.type) from exc
+                batch_size = max(1, batch_size // 2)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                progress.warn(f"out of memory: retrying with batch size {batch_size}")
+                continue
+            start = stop
+            if stage:
+                progress.progress(stage, start, n)
+    return out, batch_size

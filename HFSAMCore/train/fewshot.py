@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError, OutOfMemory
+from ..evaluate.metrics import dice
 from ..model.inference import logits_to_labels
 from ..model.lora import is_lora_parameter
 from ..model.registry import get_backbone_info
@@ -109,12 +110,8 @@ def slice_dice(model, images: torch.Tensor, labels: torch.Tensor, dtype: torch.d
         logits = model(images)
     pred = logits_to_labels(logits, (labels.shape[-2], labels.shape[-1]))
     model.train(was_training)
-    scores = []
-    for c in labels.unique().tolist():
-        if c == 0:
-            continue
-        r, p = labels == c, pred == c
-        scores.append(2 * (r & p).sum().item() / max(1, r.sum().item() + p.sum().item()))
+    ref, got = labels.cpu().numpy(), pred.cpu().numpy()
+    scores = [dice(ref == c, got == c) for c in np.unique(ref).tolist() if c != 0]
     return float(np.mean(scores)) if scores else float("nan")
 
 
