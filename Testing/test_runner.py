@@ -596,3 +596,23 @@ def test_long_engine_commands_run_under_the_parent_watch_and_quick_ones_do_not(t
     assert PARENT_WATCH.is_file() and PARENT_WATCH.parent.name == "HFSAMSegmentLib"
     assert engine.models("download", "vit_b", watched=True)[1] == str(PARENT_WATCH)
     assert engine.models("list")[:4] == ["/opt/Slicer 5.8/bin/PythonSlicer", "-m", "HFSAMCore", "models"]
+
+
+def test_the_installer_asks_for_what_the_engine_declares():
+    """The panel's installer keeps its own list (it runs in Slicer, without the engine's metadata): every
+    dependency of pyproject.toml is in it with the same specifier, or provided by Slicer, or command-line only."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    declared = {
+        (r := Requirement(text)).name.lower(): r
+        for text in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    asked = {(r := Requirement(text)).name.lower(): r for text in installer.ENGINE_REQUIREMENTS}
+    skipped = {n.lower() for n in (*installer.PROVIDED_BY_SLICER, *installer.COMMAND_LINE_ONLY)}
+    assert set(declared) == set(asked) | skipped, "pyproject.toml and installer.ENGINE_REQUIREMENTS disagree"
+    for name, wanted in asked.items():
+        assert (str(wanted.specifier), str(wanted.marker)) == (
+            str(declared[name].specifier),
+            str(declared[name].marker),
+        ), name

