@@ -16,12 +16,13 @@ $(VENV)/.installed: pyproject.toml requirements-torch.txt
 demo: setup
 	$(BIN)/hfsam demo --output demo_output --overwrite
 
-# Lint, format check and type check first (seconds), then the tests, with the slowest listed.
+# Lint, format check and type check first (seconds), then the tests on two workers (one core each;
+# Testing/conftest.py sets their threads), with the slowest listed.
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q Testing --durations=15
+	$(BIN)/python -m pytest -q -n 2 Testing --durations=15
 
 # Benchmarks (not tests): results go to benchmarks/results/, summarised in benchmarks/RESULTS.md.
 bench: setup

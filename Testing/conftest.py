@@ -18,8 +18,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HFSAM_DATA", REPO.parent / "shared" / "data"))
 
-# Tests never need more threads than CI has cores; more only thrashes.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Tests never need more threads than CI has cores; more only thrashes. Under pytest-xdist (`-n 2`,
+# as `make test` runs) each of the two workers gets one core.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 
 
 @pytest.fixture(scope="session")
