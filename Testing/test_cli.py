@@ -37,11 +37,21 @@ def assert_same_geometry(a: sitk.Image, b: sitk.Image):
 
 
 def test_help_explains_every_command():
-    top = hfsam("--help", check=0).stdout
-    for command in ("segment", "finetune", "evaluate", "info", "models", "demo", "bench"):
-        assert command in top
-        sub = hfsam(command, "--help", check=0).stdout
-        assert "example" in sub.lower(), command
+    """Every command the parser has (cli/app.COMMANDS) is in the top-level summary, and its own --help
+    shows an example: a new command cannot be left out of either."""
+    import argparse
+
+    from HFSAMCore.cli.app import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = list(sub.choices)
+    assert {"segment", "finetune", "evaluate", "info", "models", "demo", "train", "evaluate-dataset", "bench"} <= set(
+        commands
+    )
+    listed = [line.split()[0] for line in hfsam("--help", check=0).stdout.splitlines() if line.startswith("  ")]
+    for command in commands:
+        assert command in listed, f"{command} is missing from the summary of `hfsam --help`"
+        assert "example" in hfsam(command, "--help", check=0).stdout.lower(), command
 
 
 def test_info_reports_the_papers_lora_count():
