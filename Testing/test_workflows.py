@@ -108,3 +108,24 @@ def test_importing_the_api_loads_neither_torch_nor_simpleitk(repo_root):
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"training": TrainingOptions(lr=float("nan"))}, "--lr must be a positive learning rate"),
+        ({"training": TrainingOptions(steps=0)}, "--steps must be a whole number of at least 1"),
+        ({"run": RunOptions(batch_size=0)}, "--batch-size must be a whole number of at least 1"),
+        ({"model": ModelOptions(img_size=100)}, "--img-size must be a multiple of 16"),
+    ],
+)
+def test_the_api_refuses_a_number_out_of_range_before_any_work(kwargs, message, tmp_path):
+    """The same ranges as the command line's, checked first: nothing is read, nothing is written."""
+    with pytest.raises(InputError, match=message):
+        finetune_adapter(
+            tmp_path / "missing.nii.gz",
+            [tmp_path / "missing_labels.nii.gz"],
+            output=tmp_path / "a.safetensors",
+            **kwargs,
+        )
+    assert list(tmp_path.iterdir()) == []

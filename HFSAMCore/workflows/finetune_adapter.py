@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..runtime.progress import Progress
-from .options import ModelOptions, RunOptions
+from .options import ModelOptions, RunOptions, check_ranges
 from .preparation import adapter_path, declare_inputs, device_and_dtype, load, open_library, read_adapter, warn_outside
 
 
@@ -57,6 +57,7 @@ def finetune_adapter(
     from ..model.classes import classes_for_labels
 
     progress = progress or Progress("none")
+    check_ranges(model, run, training)
     labels = list(labels)
     if not output and not name:
         raise InputError("say where the adapter goes: -o FILE.safetensors and/or --name NAME (model library)")

@@ -11,9 +11,10 @@ a default simply gives way to the adapter's. The command line says which options
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import InputError
 
@@ -97,3 +98,43 @@ def fixed_by_adapter(
         dataclasses.replace(model, typed=model.chosen, **model_kw),
         dataclasses.replace(run, typed=run.chosen, **run_kw),
     )
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _at_least(n: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and v >= n
+
+
+#: option -> (rule, what the rule asks for): every command's and workflow's numbers; absent ones are skipped.
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "steps": (_at_least(1), "a whole number of at least 1"),
+    "minutes": (_positive, "a number of minutes above 0"),
+    "lr": (_positive, "a positive learning rate (e.g. 0.0025)"),
+    "batch_size": (_at_least(1), "a whole number of at least 1"),
+    "holdout": (_at_least(0), "0 or more"),
+    "cached_steps": (_at_least(0), "0 or more"),
+    "jobs": (_at_least(1), "a whole number of at least 1"),
+    "labeled_slices": (_at_least(1), "a whole number of at least 1"),
+    "rank": (lambda v: isinstance(v, int) and 0 <= v <= 256, "a whole number from 0 to 256"),
+    "img_size": (
+        lambda v: isinstance(v, int) and 64 <= v <= 2048 and v % 16 == 0,
+        "a multiple of 16 from 64 to 2048 (512 or 224 in practice)",
+    ),
+    "epochs": (_at_least(1), "a whole number of at least 1"),
+    "weight_decay": (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, "0 or more"),
+    "fraction": (lambda v: _positive(v) and v <= 1, "a share above 0 and at most 1 (0.1 = 10 %)"),
+}
+
+
+def check_ranges(*options: Any) -> None:
+    """Refuse a number outside its range (``RANGES``), naming the option as it is typed: ``--lr nan``,
+    ``--minutes 0`` or ``--steps -1`` would otherwise be noticed after the model has loaded, or never.
+    ``options``: parsed arguments or the workflows' option objects."""
+    for holder in options:
+        for name, (ok, wanted) in RANGES.items():
+            value = getattr(holder, name, None)
+            if value is not None and not ok(value):
+                raise InputError(f"--{name.replace('_', '-')} must be {wanted}, not {value!r}")

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..runtime.progress import Progress
-from .options import ModelOptions, RunOptions
+from .options import ModelOptions, RunOptions, check_ranges
 from .preparation import adapter_path, declare_inputs, device_and_dtype, load, open_library, read_adapter
 
 
@@ -33,6 +33,7 @@ def segment_file(
     from ..io.write import check_can_store
 
     progress = progress or Progress("none")
+    check_ranges(model, run)
     library = open_library(model)
     adapter = adapter_path(model, library)
     claims = Claims(overwrite=run.overwrite)
