@@ -129,3 +129,15 @@ def test_the_api_refuses_a_number_out_of_range_before_any_work(kwargs, message, 
             **kwargs,
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_label_path_given_alone_is_one_label_map(ct3mm, tmp_path):
+    """`labels` as a single path (not a list) is that label map, never its characters."""
+    result = finetune_adapter(
+        ct3mm / "image.nii.gz",
+        str(ct3mm / "labels_synapse8.nii.gz"),
+        output=tmp_path / "a.safetensors",
+        training=TrainingOptions(slices="14", steps=1),
+        model=ModelOptions(checkpoint="none", backbone="tiny", img_size=64, library=str(tmp_path / "lib")),
+    )
+    assert result["adapter"] == str(tmp_path / "a.safetensors") and len(result["classes"]) == 8

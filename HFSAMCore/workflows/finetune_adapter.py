@@ -36,7 +36,7 @@ class TrainingOptions:
 
 def finetune_adapter(
     image: str | os.PathLike,
-    labels: Sequence[str | os.PathLike],
+    labels: str | os.PathLike | Sequence[str | os.PathLike],
     *,
     output: str | os.PathLike | None = None,
     name: str | None = None,
@@ -58,7 +58,8 @@ def finetune_adapter(
 
     progress = progress or Progress("none")
     check_ranges(model, run, training)
-    labels = list(labels)
+    # One path is one label map, not a sequence of characters.
+    labels = [labels] if isinstance(labels, (str, os.PathLike)) else list(labels)
     if not output and not name:
         raise InputError("say where the adapter goes: -o FILE.safetensors and/or --name NAME (model library)")
     library = open_library(model)
