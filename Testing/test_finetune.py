@@ -85,6 +85,35 @@ def test_soft_dice_loss_is_zero_for_a_perfect_prediction():
     assert hfsam_loss(-perfect, target) > 0.5
 
 
+def _loss_by_the_equations(logits, target):
+    """0.1 CE + 0.9 soft Dice written out on NCHW logits (H-SAM's DiceLoss: per class, pooled over the batch)."""
+    probs = logits.softmax(1)
+    onehot = torch.nn.functional.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    inter = (probs * onehot).sum((0, 2, 3))
+    denom = (probs * probs).sum((0, 2, 3)) + (onehot * onehot).sum((0, 2, 3))
+    dice = (1 - (2 * inter + 1e-5) / (denom + 1e-5)).mean()
+    return 0.1 * torch.nn.functional.cross_entropy(logits, target) + 0.9 * dice
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_loss_and_its_gradient_are_the_equations_in_either_memory_layout(layout):
+    """The decoder's logits are channels-last in memory: on either layout the loss must be the same
+    number, with the same gradient, as the equations on NCHW."""
+    gen = torch.Generator().manual_seed(0)
+    base = 3 * torch.randn(2, 9, 16, 12, generator=gen)
+    target = torch.randint(0, 9, (2, 16, 12), generator=gen)
+    got_in = base.clone().contiguous(memory_format=layout).requires_grad_(True)
+    want_in = base.clone().requires_grad_(True)
+    got, want = hfsam_loss(got_in, target), _loss_by_the_equations(want_in, target)
+    got.backward()
+    want.backward()
+    assert float(got.detach()) == pytest.approx(float(want.detach()), abs=1e-6)
+    assert torch.allclose(got_in.grad, want_in.grad, atol=1e-7)
+    assert float(soft_dice_loss(got_in.detach(), target)) == pytest.approx(
+        float((want.detach() - 0.1 * torch.nn.functional.cross_entropy(base, target)) / 0.9), abs=1e-6
+    )
+
+
 def test_schedule_warms_up_then_decays_to_zero():
     f = [lr_factor(s, 100, 10) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)

@@ -42,6 +42,8 @@ def in_fresh_process(fn, *args, our_allocator: bool = True):
 def machine_info(device) -> dict:
     import torch
 
+    from ..runtime.device import cpu_bf16_instructions
+
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -49,6 +51,7 @@ def machine_info(device) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")(),
+        "bf16_instructions": ", ".join(cpu_bf16_instructions()) or "none",
     }
     try:
         with open("/proc/cpuinfo") as f:

@@ -14,12 +14,17 @@ def _table(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def to_markdown(which: str, result: dict, command: str) -> str:
-    m = result["machine"]
-    head = (
-        f"# hfsam bench {which}\n\nCommand: `{command}`\n\nMachine: {m['cpu']}, {m['threads']} threads, "
-        f"{m.get('gpu', 'no GPU')}, torch {m['torch']} ({m['cpu_capability']}), device {m['device']}\n"
+def machine_line(m: dict) -> str:
+    """What the figures were measured on; the bf16 instructions matter most on a CPU (AMX: ~7x fp32)."""
+    bf16 = m.get("bf16_instructions", "?")
+    return (
+        f"Machine: {m['cpu']}, {m['threads']} threads, {m.get('gpu', 'no GPU')}, torch {m['torch']} "
+        f"({m['cpu_capability']}; bf16 instructions: {bf16}), device {m['device']}"
     )
+
+
+def to_markdown(which: str, result: dict, command: str) -> str:
+    head = f"# hfsam bench {which}\n\nCommand: `{command}`\n\n{machine_line(result['machine'])}\n"
     if which == "fewshot":
         organs = list(result["rows"][0]["dice"])
         rows = [
