@@ -202,12 +202,11 @@ def _deconv2x2(x: torch.Tensor, conv: nn.ConvTranspose2d, h: int, w: int) -> tor
     """ConvTranspose2d(kernel 2, stride 2) on tokens [B, h*w, Cin] -> [B, 2h*2w, Cout].
 
     Each input pixel writes one 2x2 block of outputs, so the convolution is one matrix product
-    [Cin] -> [Cout x 2 x 2] per pixel followed by a depth-to-space rearrangement. The bias goes into
-    that product: added afterwards, the fp32 bias would promote the largest activation of the decoder
-    to fp32 under bf16 autocast, and every later op would cast it back.
+    [Cin] -> [Cout x 2 x 2] per pixel followed by a depth-to-space rearrangement.
     """
     cout = conv.weight.shape[1]
-    assert conv.bias is not None  # SAM's upscaling deconvolutions have a bias
-    y = F.linear(x, conv.weight.flatten(1).t(), conv.bias.repeat_interleave(4))  # [B, hw, Cout*2*2]: (cout, dy, dx)
+    y = F.linear(x, conv.weight.flatten(1).t())  # [B, hw, Cout*2*2], ordered (cout, dy, dx)
     b = y.shape[0]
-    return y.view(b, h, w, cout, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(b, 4 * h * w, cout)
+    y = y.view(b, h, w, cout, 2, 2).permute(0, 1, 4, 2, 5, 3).reshape(b, 4 * h * w, cout)
+    assert conv.bias is not None  # SAM's upscaling deconvolutions have a bias
+    return y + conv.bias
