@@ -35,7 +35,9 @@ from HFSAMCore.train.schedule import hsam_lr_factor, lr_factor_for
 def run_cli(*args, launcher=(), check=0, timeout=300):
     """One `hfsam` process. One thread each: on 2 shared cores, spinning OpenMP threads only slow it down."""
     cmd = [sys.executable, *launcher, "-m", "HFSAMCore", *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # faulthandler: a crash in a child (a gloo teardown once aborted rank 1 at exit, not reproduced in
+    # 48 runs since) then leaves every thread's Python stack in the stderr the assertion shows.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     if check is not None:
         assert proc.returncode == check, proc.stderr[-3000:]
