@@ -10,6 +10,7 @@ Lanes, as markers set here from what a test uses (``pytest -m unit`` for a fast 
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -92,3 +93,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cli_main(monkeypatch):
+    """cli.main in this process (the tiny model costs no process start), its signal handlers undone after."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setenv("HFSAM_HOME", "/nonexistent/hfsam-library")
+    from HFSAMCore.cli import app as cli
+
+    yield lambda argv: cli.main([str(a) for a in argv])
+    for s, h in handlers.items():
+        signal.signal(s, h)

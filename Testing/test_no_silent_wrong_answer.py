@@ -686,6 +686,14 @@ CASES = [
             ("--rank", "-1"),
         )
     ],
+    *[
+        Case(
+            f"option-slice-smoothing-{value.replace('-', 'minus-')}",
+            seg("{ct}/image.nii.gz", "--slice-smoothing", value),
+            ("--slice-smoothing must be a width in mm from 0 (off) to 50",),
+        )
+        for value in ("-1", "nan", "inf", "51")
+    ],
     Case(
         "usage-error-is-one-line",
         ("segment", "{ct}/image.nii.gz", "-o", "{c}/seg.nrrd", "--axis", "diagonal"),
@@ -898,18 +906,6 @@ def test_the_warnings_give_the_true_shares(driven, shared, ct3mm):
 
 
 # =============================================================================== cases that need a model
-@pytest.fixture
-def cli_main(monkeypatch):
-    """cli.main in this process (the tiny model costs no process start), its signal handlers undone after."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    monkeypatch.setenv("HFSAM_HOME", "/nonexistent/hfsam-library")
-    from HFSAMCore.cli import app as cli
-
-    yield lambda argv: cli.main([str(a) for a in argv])
-    for s, h in handlers.items():
-        signal.signal(s, h)
-
-
 def _events(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 

@@ -23,6 +23,15 @@ def machine_line(m: dict) -> str:
     )
 
 
+def _smoothing_note(mm: float | None) -> str:
+    if mm is None:  # a result file from before slice smoothing existed
+        return "`mean` and the organs: every slice on its own (measured before `segment` smoothed across slices); "
+    return (
+        f"`mean` and the organs: `segment` as it runs by default (slice smoothing {mm:g} mm); `mean, slices "
+        "alone`: the same model with every slice on its own (`--slice-smoothing 0`); "
+    )
+
+
 def to_markdown(which: str, result: dict, command: str) -> str:
     head = f"# hfsam bench {which}\n\nCommand: `{command}`\n\n{machine_line(result['machine'])}\n"
     if which == "fewshot":
@@ -39,6 +48,7 @@ def to_markdown(which: str, result: dict, command: str) -> str:
                 "peak MB": r["peak_memory_mb"],
                 "mean": r["mean_dice"],
                 **r["dice"],
+                "mean, slices alone": r.get("mean_dice_slices_alone"),
                 "= fp32 %": r["voxels_equal_to_fp32_pct"],
             }
             for r in result["rows"]
@@ -60,11 +70,13 @@ def to_markdown(which: str, result: dict, command: str) -> str:
                     "peak MB",
                     "mean",
                     *organs,
+                    "mean, slices alone",
                     "= fp32 %",
                 ],
             )
-            + "\n\n`train s`: loading, feature caching and training; `= fp32 %`: share of voxels whose label "
-            "is the same when the trained model runs in fp32.\n"
+            + "\n\n`train s`: loading, feature caching and training; "
+            + _smoothing_note(result["rows"][0].get("slice_smoothing_mm"))
+            + "`= fp32 %`: share of voxels whose label is the same when the trained model runs in fp32.\n"
         )
     s = result["spec"]
     out = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..model.slice_smoothing import DEFAULT_SLICE_SMOOTHING_MM
 from ..runtime.progress import Progress
 from .run_args import add_model_args, add_run_args, command, model_options, run_options
 
@@ -28,6 +29,15 @@ def add_parser(sub) -> None:
     p.add_argument("--classes", help="class preset (synapse, acdc) or names 'a,b,c' (without --adapter)")
     add_model_args(p, adapter_help="adapter: a library name or a .safetensors file")
     add_run_args(p, batch_size=4)
+    p.add_argument(
+        "--slice-smoothing",
+        type=float,
+        default=DEFAULT_SLICE_SMOOTHING_MM,
+        metavar="MM",
+        help="average each slice's class probabilities with its neighbours' (a Gaussian of this width "
+        "in mm along the slice axis) before choosing the label: removes slice-to-slice noise; 0: each "
+        "slice on its own",
+    )
     p.set_defaults(func=run)
 
 
@@ -40,6 +50,7 @@ def run(args, progress: Progress) -> int:
         classes=args.classes,
         model=model_options(args),
         run=run_options(args),
+        slice_smoothing=args.slice_smoothing,
         progress=progress,
     )
     progress.result(**result)

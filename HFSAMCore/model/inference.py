@@ -1,9 +1,10 @@
 """Inference over a volume: slices in canonical orientation, batched through HF-SAM.
 
 Slices stream through the model in batches: the only per-volume array kept is
-the uint8 label volume (logit maps exist for one batch at a time), so a
-500-slice CT costs no more memory than a 5-slice one. Resizing to the model
-input and back (logits, then argmax) is done on whole batches on the device.
+the uint8 label volume (logit maps exist for one batch at a time, class
+probabilities for the few slices the slice smoothing averages), so a 500-slice
+CT costs no more memory than a 5-slice one. Resizing to the model input and back
+(logits or probabilities, then argmax) is done on whole batches on the device.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..runtime.device import (
     reset_peak_memory,
 )
 from ..runtime.progress import Progress
+from .slice_smoothing import DEFAULT_SLICE_SMOOTHING_MM, SliceSmoother, is_truncated, slice_weights
 
 
 def to_model_input(batch: np.ndarray, size: int, device: torch.device) -> torch.Tensor:
@@ -45,6 +47,13 @@ def logits_to_labels(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     logits = logits.float().contiguous(memory_format=torch.channels_last)
     logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
     return logits.argmax(dim=1).to(torch.uint8)
+
+
+def probabilities_to_labels(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[b,K+1,h',w'] class probabilities -> [b,h,w] uint8 labels, resized as ``logits_to_labels`` resizes:
+    their logarithm differs from the logits by one number per pixel, so unsmoothed probabilities give
+    exactly the labels of their logits."""
+    return logits_to_labels(probs.clamp_min(1e-30).log(), size)
 
 
 class StageTimer:
@@ -83,8 +92,13 @@ def segment_image(
     progress: Progress | None = None,
     timings: dict | None = None,
     class_values: list[int] | None = None,
+    slice_smoothing_mm: float = DEFAULT_SLICE_SMOOTHING_MM,
 ) -> tuple[sitk.Image, dict]:
     """Segment every slice of ``image``; return (label image with image's geometry, run info).
+
+    ``slice_smoothing_mm``: each slice's class probabilities are averaged with its neighbours'
+    (a Gaussian of this sigma along the slice axis, ``slice_smoothing.py``) before the argmax;
+    0: every slice on its own.
 
     ``class_values``: the label value written for each class, in the model's class order (an
     adapter's class list); None: class k is written as k. Pass a dict as ``timings`` to get
@@ -104,6 +118,13 @@ def segment_image(
     stats = volume_stats(array, preset)
     n, h, w = stack.shape
     size = model.spec.img_size
+    weights = slice_weights(slice_smoothing_mm, view.slice_thickness_mm)
+    if is_truncated(slice_smoothing_mm, view.slice_thickness_mm):
+        cut = len(weights) // 2 * view.slice_thickness_mm / slice_smoothing_mm
+        progress.warn(
+            f"slice smoothing of {slice_smoothing_mm:g} mm over {view.slice_thickness_mm:g} mm slices is cut at "
+            f"{len(weights) // 2} slices either side ({cut:.1f} sigma instead of 3)"
+        )
     model.eval().to(device)
     reset_peak_memory(device)
     timer.stop("preprocess")
@@ -122,6 +143,7 @@ def segment_image(
         progress=progress,
         timer=timer,
         stage="segment",
+        slice_weights=weights,
     )
 
     timer.start()
@@ -142,6 +164,7 @@ def segment_image(
         "batch_size": batch_size,
         "device": str(device),
         "precision": str(dtype).replace("torch.", ""),
+        "slice_smoothing_mm": slice_smoothing_mm,
         "peak_memory_mb": round(peak_memory_mb(device), 1),
         "labeled_voxels": int(np.count_nonzero(out)),
     }
@@ -160,16 +183,19 @@ def predict_batches(
     progress: Progress,
     timer: StageTimer | None = None,
     stage: str | None = None,
+    slice_weights: list[float] | None = None,
 ) -> tuple[np.ndarray, int]:
     """Labels [n, H, W] (uint8) of n slices through ``model``, ``batch(a, b)`` giving the model input
     of slices a..b-1; the one loop every inference runs (``segment``, ``evaluate-dataset``).
 
     Out of memory: the batch is halved and tried again, down to 1, then ``OutOfMemory``. A model
     whose output is not finite (a broken adapter) is an error, never an empty result. ``stage``
-    names the progress events (None: cancellation is checked, no events). Returns the labels and
-    the batch size that fitted."""
+    names the progress events (None: cancellation is checked, no events). ``slice_weights``: the
+    neighbours' weights along the slice axis (``slice_smoothing.slice_weights``); None or one weight:
+    each slice's own logits. Returns the labels and the batch size that fitted."""
     timer = timer or StageTimer(device, False)
     out = np.zeros((n, *out_hw), dtype=np.uint8)
+    smoother = SliceSmoother(slice_weights, n) if slice_weights and len(slice_weights) > 1 else None
     start = 0
     if stage:
         progress.progress(stage, 0, n)
@@ -177,6 +203,7 @@ def predict_batches(
         while start < n:
             progress.check_cancelled()
             stop = min(start + batch_size, n)
+            ready = None
             try:
                 timer.start()
                 x = batch(start, stop)
@@ -190,19 +217,47 @@ def predict_batches(
                         "weights are broken (an adapter trained with too high a learning rate?); "
                         "train the adapter again"
                     )
-                out[start:stop] = logits_to_labels(logits, out_hw).cpu().numpy()
+                if smoother is None:
+                    out[start:stop] = logits_to_labels(logits, out_hw).cpu().numpy()
+                else:
+                    # push() changes nothing when it fails, so an out-of-memory here retries this batch.
+                    ready = smoother.push(logits.float().softmax(dim=1))
                 timer.stop("postprocess")
             except (RuntimeError, MemoryError) as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                if batch_size == 1:
-                    raise OutOfMemory(device.type) from exc
-                batch_size = max(1, batch_size // 2)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                progress.warn(f"out of memory: retrying with batch size {batch_size}")
+                batch_size = _smaller_batch(exc, batch_size, device, progress)
                 continue
+            if ready is not None:
+                batch_size = _write_labels(out, *ready, out_hw, batch_size, device, progress)
+                timer.stop("postprocess")
             start = stop
             if stage:
                 progress.progress(stage, start, n)
     return out, batch_size
+
+
+def _write_labels(
+    out: np.ndarray, first: int, probs: torch.Tensor, out_hw, batch_size: int, device, progress: Progress
+) -> int:
+    """Labels of smoothed slices first.. into ``out``, resized ``batch_size`` slices at a time (the last
+    batch releases the volume's last 2r+1 slices at once); returns the batch size that fitted."""
+    done = 0
+    while done < len(probs):
+        try:
+            chunk = probs[done : done + batch_size]
+            out[first + done : first + done + len(chunk)] = probabilities_to_labels(chunk, out_hw).cpu().numpy()
+            done += len(chunk)
+        except (RuntimeError, MemoryError) as exc:
+            batch_size = _smaller_batch(exc, batch_size, device, progress)
+    return batch_size
+
+
+def _smaller_batch(exc: BaseException, batch_size: int, device: torch.device, progress: Progress) -> int:
+    """After an error in a batch: half the batch size if it was out of memory, else the error itself."""
+    if not is_out_of_memory(exc):
+        raise exc
+    if batch_size == 1:
+        raise OutOfMemory(device.type) from exc
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    progress.warn(f"out of memory: retrying with batch size {batch_size // 2}")
+    return batch_size // 2

@@ -262,6 +262,7 @@ def _demo(
         "evaluated_slices": result["evaluated_slices"],
         "train_seconds": report.seconds,
         "device": str(device),
+        "slice_smoothing_mm": info["slice_smoothing_mm"],
     }
     table = format_table(result)
     banner = (
@@ -272,7 +273,8 @@ def _demo(
     dice_md = (
         f"# hfsam demo: Dice on the {result['evaluated_slices']} held-out slices\n\n"
         f"{banner}Trained on slices {train_slices} ({report.steps} steps, {backbone}, "
-        f"{report.seconds:.0f} s on {device}).\n\n{table}\n"
+        f"{report.seconds:.0f} s on {device}); segmented as `hfsam segment` does (slice smoothing "
+        f"{info['slice_smoothing_mm']:g} mm).\n\n{table}\n"
     )
     held = [s for s in range(view.n_slices) if s not in train_canonical and ref_stack[s].any()]
     show = [held[int(i)] for i in np.linspace(0, len(held) - 1, min(3, len(held)))] if held else []

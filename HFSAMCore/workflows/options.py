@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..errors import InputError
+from ..model.slice_smoothing import MAX_SLICE_SMOOTHING_MM
 
 #: Options an adapter fixes: field -> (the option as typed on the command line, adapter metadata
 #: field). Its architecture (its tensors fit only that model) and everything that changes what the
@@ -100,12 +101,17 @@ def fixed_by_adapter(
     )
 
 
+def _number(v: Any) -> bool:
+    """A finite int or float; not a bool (True would pass as 1)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _positive(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+    return _number(v) and v > 0
 
 
 def _at_least(n: int) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and v >= n
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n
 
 
 #: option -> (rule, what the rule asks for): every command's and workflow's numbers; absent ones are skipped.
@@ -118,14 +124,18 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cached_steps": (_at_least(0), "0 or more"),
     "jobs": (_at_least(1), "a whole number of at least 1"),
     "labeled_slices": (_at_least(1), "a whole number of at least 1"),
-    "rank": (lambda v: isinstance(v, int) and 0 <= v <= 256, "a whole number from 0 to 256"),
+    "rank": (lambda v: _at_least(0)(v) and v <= 256, "a whole number from 0 to 256"),
     "img_size": (
-        lambda v: isinstance(v, int) and 64 <= v <= 2048 and v % 16 == 0,
+        lambda v: _at_least(64)(v) and v <= 2048 and v % 16 == 0,
         "a multiple of 16 from 64 to 2048 (512 or 224 in practice)",
     ),
     "epochs": (_at_least(1), "a whole number of at least 1"),
-    "weight_decay": (lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, "0 or more"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, "0 or more"),
     "fraction": (lambda v: _positive(v) and v <= 1, "a share above 0 and at most 1 (0.1 = 10 %)"),
+    "slice_smoothing": (
+        lambda v: _number(v) and 0 <= v <= MAX_SLICE_SMOOTHING_MM,
+        f"a width in mm from 0 (off) to {MAX_SLICE_SMOOTHING_MM:g}",
+    ),
 }
 
 
@@ -134,7 +144,12 @@ def check_ranges(*options: Any) -> None:
     ``--minutes 0`` or ``--steps -1`` would otherwise be noticed after the model has loaded, or never.
     ``options``: parsed arguments or the workflows' option objects."""
     for holder in options:
-        for name, (ok, wanted) in RANGES.items():
-            value = getattr(holder, name, None)
-            if value is not None and not ok(value):
-                raise InputError(f"--{name.replace('_', '-')} must be {wanted}, not {value!r}")
+        for name in RANGES:
+            check_range(name, getattr(holder, name, None))
+
+
+def check_range(name: str, value: Any, *, required: bool = False) -> None:
+    """One option's number against ``RANGES`` (None: not given, refused where ``required``)."""
+    ok, wanted = RANGES[name]
+    if (value is not None or required) and not ok(value):
+        raise InputError(f"--{name.replace('_', '-')} must be {wanted}, not {value!r}")

@@ -11,8 +11,9 @@ import os
 from typing import Any
 
 from ..errors import InputError
+from ..model.slice_smoothing import DEFAULT_SLICE_SMOOTHING_MM
 from ..runtime.progress import Progress
-from .options import ModelOptions, RunOptions, check_ranges
+from .options import ModelOptions, RunOptions, check_range, check_ranges
 from .preparation import adapter_path, declare_inputs, device_and_dtype, load, open_library, read_adapter
 
 
@@ -23,10 +24,14 @@ def segment_file(
     classes: str | None = None,
     model: ModelOptions = ModelOptions(),
     run: RunOptions = RunOptions(),
+    slice_smoothing: float = DEFAULT_SLICE_SMOOTHING_MM,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Segment every slice of ``input`` and write the label volume ``output`` (.nrrd, .nii.gz, .mha)
-    with a sidecar .json of class names and colours beside it. Returns what was written and how."""
+    with a sidecar .json of class names and colours beside it. Returns what was written and how.
+
+    ``slice_smoothing``: mm; each slice's class probabilities are averaged with its neighbours'
+    (model/slice_smoothing.py); 0: every slice on its own."""
     from ..io.outputs import Claims
     from ..io.read import read_image
     from ..io.slices import check_slices_are_images, choose_preset
@@ -34,6 +39,7 @@ def segment_file(
 
     progress = progress or Progress("none")
     check_ranges(model, run)
+    check_range("slice_smoothing", slice_smoothing, required=True)
     library = open_library(model)
     adapter = adapter_path(model, library)
     claims = Claims(overwrite=run.overwrite)
@@ -66,11 +72,21 @@ def segment_file(
                 f"using the {run.preset} preset the adapter needs"
             )
     with claims.hold() as writes:
-        return _segment(input, image, out, sidecar, classes, model, run, library, writes, progress)
+        return _segment(input, image, out, sidecar, classes, model, run, slice_smoothing, library, writes, progress)
 
 
 def _segment(
-    input, image, output, sidecar, classes, model: ModelOptions, run: RunOptions, library, writes, progress: Progress
+    input,
+    image,
+    output,
+    sidecar,
+    classes,
+    model: ModelOptions,
+    run: RunOptions,
+    slice_smoothing: float,
+    library,
+    writes,
+    progress: Progress,
 ) -> dict[str, Any]:
     from ..io.write import data_files, write_image
     from ..model.inference import segment_image
@@ -92,6 +108,7 @@ def _segment(
         dtype=dtype,
         progress=progress,
         class_values=[c["value"] for c in lm.classes],
+        slice_smoothing_mm=slice_smoothing,
     )
     progress.check_cancelled()  # a cancel that came after the last batch still means "write nothing"
     if info["labeled_voxels"] == 0:
