@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
         type=float,
         default=DEFAULT_SLICE_SMOOTHING_MM,
         metavar="MM",
-        help="average each slice's class probabilities with its neighbours' (a Gaussian of this width "
+        help="average each slice's class probabilities with its neighbours' (a Gaussian with this sigma "
         "in mm along the slice axis) before choosing the label: removes slice-to-slice noise; 0: each "
         "slice on its own",
     )

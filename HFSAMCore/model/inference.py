@@ -239,7 +239,7 @@ def _write_labels(
     out: np.ndarray, first: int, probs: torch.Tensor, out_hw, batch_size: int, device, progress: Progress
 ) -> int:
     """Labels of smoothed slices first.. into ``out``, resized ``batch_size`` slices at a time (the last
-    batch releases the volume's last 2r+1 slices at once); returns the batch size that fitted."""
+    push releases the volume's last r slices with its own); returns the batch size that fitted."""
     done = 0
     while done < len(probs):
         try:
