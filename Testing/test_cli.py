@@ -341,3 +341,18 @@ def test_bench_fewshot_refuses_a_missing_monai_before_any_training(tmp_path):
         "or leave it out with --methods hfsam decoder_only"
     ]
     assert not (tmp_path / "out").exists() and not (tmp_path / "library").exists()  # nothing was started
+
+
+def test_bench_fewshot_scores_each_row_with_and_without_slice_smoothing(tmp_path, ct3mm):
+    """A row's Dice is `segment`'s as it runs by default (slice smoothing) and, beside it, the same model's
+    with every slice on its own; the report says which is which. The tiny random model, 2 steps."""
+    out = tmp_path / "out"
+    args = ("bench", "fewshot", "--backbone", "tiny", "--checkpoint", "none", "--n", "1", "--methods", "hfsam")
+    hfsam(*args, "--steps", "2", "-o", out, "--progress", "none", tmp_path=tmp_path, check=0)
+    (row,) = json.loads((out / "fewshot_tiny_cpu.json").read_text())["rows"]
+    assert row["slice_smoothing_mm"] == 3.0 and row["steps"] == 2
+    organs = ["spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas"]
+    assert list(row["dice"]) == organs and list(row["dice_slices_alone"]) == organs
+    assert 0 <= row["mean_dice_slices_alone"] <= 1 and 0 <= row["mean_dice"] <= 1
+    report = (out / "fewshot_tiny_cpu.md").read_text()
+    assert "| mean, slices alone |" in report and "slice smoothing 3 mm" in report

@@ -8,7 +8,6 @@ import time
 
 from ..errors import InputError
 from ..model.registry import DEFAULT_FEWSHOT_METHODS, FEWSHOT_METHODS
-from ..model.slice_smoothing import DEFAULT_SLICE_SMOOTHING_MM
 from ..runtime.malloc import keep_freed_memory
 from ..runtime.progress import Progress
 from .common import machine_info
@@ -91,7 +90,7 @@ def _fewshot_worker(
     report = train(model, data, cfg)
     train_s = time.perf_counter() - t  # model loading, feature caching and training: what a user waits for
     t = time.perf_counter()
-    pred, _ = segment_image(image, model, device=device, dtype=dtype)
+    pred, seg_info = segment_image(image, model, device=device, dtype=dtype)
     segment_s = time.perf_counter() - t
     agreement = None
     if dtype != torch.float32:  # the same trained model in fp32: does reduced precision change the labels?
@@ -122,7 +121,7 @@ def _fewshot_worker(
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "dice": {c["name"]: c["dice"] for c in res["classes"]},
         "mean_dice": res["mean"]["dice"],
-        "slice_smoothing_mm": DEFAULT_SLICE_SMOOTHING_MM,
+        "slice_smoothing_mm": seg_info["slice_smoothing_mm"],
         "mean_dice_slices_alone": alone["mean"]["dice"],
         "dice_slices_alone": {c["name"]: c["dice"] for c in alone["classes"]},
         "precision": str(dtype).replace("torch.", ""),
