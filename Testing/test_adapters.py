@@ -335,8 +335,20 @@ def test_what_the_training_command_writes_is_accepted(tmp_path):
         base_checkpoint={"name": "random-init", "sha256": None, "seed": 1234},
     )
     meta["training"]["heldout_slices"] = [20]
+    meta["training"]["low_level_dropout"] = 0.5
     path = save_adapter(tmp_path / "t.safetensors", tensors(), meta)
     loaded = read_metadata(path)
+    assert loaded["training"]["low_level_dropout"] == 0.5
+    assert (
+        read_metadata(save_adapter(tmp_path / "old.safetensors", tensors(), good_meta()))["training"][
+            "low_level_dropout"
+        ]
+        is None
+    )  # an adapter from before it existed
+    for bad in (1.0, -0.1, float("nan"), "0.5", True):
+        meta["training"]["low_level_dropout"] = bad
+        with pytest.raises(InputError, match="training.low_level_dropout"):
+            save_adapter(tmp_path / "bad.safetensors", tensors(), meta)
     assert loaded["base_checkpoint"] == {"name": "random-init", "sha256": None, "seed": 1234}
     assert loaded["training"]["heldout_slices"] == [20] and loaded["description"] == ""
     assert loaded["rank"] == 0 and loaded["low_level_blocks"] == [1]

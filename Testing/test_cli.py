@@ -349,8 +349,10 @@ def test_bench_fewshot_scores_each_row_with_and_without_slice_smoothing(tmp_path
     out = tmp_path / "out"
     args = ("bench", "fewshot", "--backbone", "tiny", "--checkpoint", "none", "--n", "1", "--methods", "hfsam")
     hfsam(*args, "--steps", "2", "-o", out, "--progress", "none", tmp_path=tmp_path, check=0)
-    (row,) = json.loads((out / "fewshot_tiny_cpu.json").read_text())["rows"]
+    result = json.loads((out / "fewshot_tiny_cpu.json").read_text())
+    (row,) = result["rows"]
     assert row["slice_smoothing_mm"] == 3.0 and row["steps"] == 2
+    assert row["low_level_dropout"] == 0.0  # off unless asked for
     organs = ["spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas"]
     assert list(row["dice"]) == organs and list(row["dice_slices_alone"]) == organs
     assert 0 <= row["mean_dice_slices_alone"] <= 1 and 0 <= row["mean_dice"] <= 1

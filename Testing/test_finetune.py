@@ -310,3 +310,61 @@ def test_recipe_config_keeps_the_recipes_share_of_cached_steps():
     assert recipe_config("vit_b").cached_steps == 0  # the paper's recipe: every step end to end
     with pytest.raises(InputError, match="--cached-steps"):
         recipe_config("tiny", cached_steps=-1)
+
+
+def test_low_level_dropout_leaves_out_whole_samples_and_only_in_training():
+    from HFSAMCore.model.hfsam import LowLevelDropout
+
+    low = torch.randn(64, 4, 3, 3) + 10  # no element is 0 by chance
+    drop = LowLevelDropout(0.5)
+    drop.generator = torch.Generator().manual_seed(0)
+    out = drop.train()(low)
+    kept, left_out = (out == low).flatten(1).all(1), (out == 0).flatten(1).all(1)
+    assert bool((kept ^ left_out).all()) and 0 < int(left_out.sum()) < 64  # whole samples, never rescaled
+    drop.generator = torch.Generator().manual_seed(0)
+    assert torch.equal(drop(low), out)  # the draws are the generator's
+    assert torch.equal(drop.eval()(low), low)
+    assert torch.equal(LowLevelDropout(0.0).train()(low), low)
+
+
+def test_a_left_out_low_level_feature_decodes_as_a_model_without_one():
+    """Each sample decodes either with its low-level feature or as if the branch gave zeros."""
+    torch.manual_seed(0)
+    model = build_hfsam(ModelSpec("tiny", 64, 8, 2)).train()
+    with torch.no_grad():
+        embedding, taps = model.encoder_features(torch.rand(8, 1, 64, 64))
+        full = model.decode(embedding, taps)
+        model.low_level_dropout.p, model.low_level_dropout.generator = 0.5, torch.Generator().manual_seed(1)
+        mixed = model.decode(embedding, taps)
+        model.low_level_dropout.p = 0.0
+        for proj in model.low_level_proj:
+            proj.weight.zero_()
+            proj.bias.zero_()
+        without = model.decode(embedding, taps)
+    assert not torch.allclose(full, without)  # the low-level feature matters in this model
+    as_full = [torch.allclose(m, f, atol=1e-6) for m, f in zip(mixed, full)]
+    as_without = [torch.allclose(m, w, atol=1e-6) for m, w in zip(mixed, without)]
+    assert all(a != b for a, b in zip(as_full, as_without)) and any(as_full) and any(as_without)
+
+
+def _train_with_dropout(data, p, *, global_seed=0, fusion="two_step"):
+    torch.manual_seed(0)
+    model = build_hfsam(ModelSpec("tiny", 64, 8, 2, fusion=fusion))
+    torch.manual_seed(global_seed)  # the run's draws must come from its own seed alone
+    report = train(model, data, TrainConfig(steps=6, batch_size=2, seed=3, holdout=0, low_level_dropout=p))
+    return model, report
+
+
+def test_low_level_dropout_in_training_follows_the_runs_seed_and_ends_with_the_run(ct):
+    image, labels = ct
+    data = prepare_training_set(image, labels, num_classes=8, img_size=64, slices=[10, 15, 20])
+    a, ra = _train_with_dropout(data, 0.5, global_seed=1)
+    b, _ = _train_with_dropout(data, 0.5, global_seed=2)
+    c, rc = _train_with_dropout(data, 0.0, global_seed=1)
+    wa, wb, wc = (m.trainable_state_dict() for m in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    assert (ra.low_level_dropout, rc.low_level_dropout) == (0.5, 0.0)
+    assert a.low_level_dropout.p == 0.0 and a.low_level_dropout.generator is None
+    _, rn = _train_with_dropout(data, 0.5, fusion="none")  # no low-level branch: nothing to leave out
+    assert rn.low_level_dropout == 0.0

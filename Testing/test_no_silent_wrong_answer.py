@@ -684,6 +684,9 @@ CASES = [
             ("--holdout", "-1"),
             ("--img-size", "100"),
             ("--rank", "-1"),
+            ("--low-level-dropout", "1"),
+            ("--low-level-dropout", "-1"),
+            ("--low-level-dropout", "nan"),
         )
     ],
     *[

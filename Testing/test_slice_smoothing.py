@@ -121,13 +121,15 @@ def test_the_api_refuses_a_width_out_of_range_before_any_work(value, tmp_path):
 def test_the_command_line_records_the_smoothing_and_zero_turns_it_off(ct3mm, tmp_path, cli_main, capsys):
     tiny = ("--checkpoint", "none", "--backbone", "tiny", "--img-size", "64", "--classes", "a,b")
     outputs = {}
-    for mm in ("3", "0"):
+    for mm in ("3", "0", "-0"):
         out = tmp_path / f"seg{mm}.nrrd"
         argv = ["segment", str(ct3mm / "image.nii.gz"), "-o", str(out), *tiny, "--slice-smoothing", mm]
         assert cli_main(argv) == 0, capsys.readouterr().err
-        assert json.loads(out.with_suffix(".json").read_text())["run"]["slice_smoothing_mm"] == float(mm)
+        recorded = json.loads(out.with_suffix(".json").read_text())["run"]["slice_smoothing_mm"]
+        assert recorded == float(mm) and math.copysign(1, recorded) == 1  # -0 is recorded as 0
         outputs[mm] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     assert outputs["3"].shape == outputs["0"].shape and not np.array_equal(outputs["3"], outputs["0"])
+    assert np.array_equal(outputs["-0"], outputs["0"])
 
 
 def out_of_memory_on(real, calls):

@@ -14,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 
 from HFSAMCore.errors import InputError
+from HFSAMCore.store.adapters import read_metadata
 from HFSAMCore.workflows import (
     ModelOptions,
     RunOptions,
@@ -59,10 +60,11 @@ def test_finetune_segment_evaluate_through_the_api(ct3mm, tmp_path):
         [labels],
         output=tmp_path / "a.safetensors",
         name="tiny8",
-        training=TrainingOptions(slices="10,15,20", classes="synapse", steps=2),
+        training=TrainingOptions(slices="10,15,20", classes="synapse", steps=2, low_level_dropout=0.25),
         model=model,
     )
     assert trained["adapter"] == str(tmp_path / "a.safetensors") and trained["name"] == "tiny8"
+    assert read_metadata(tmp_path / "a.safetensors")["training"]["low_level_dropout"] == 0.25
     assert trained["steps"] == 2 and [c["name"] for c in trained["classes"]][:2] == ["spleen", "right kidney"]
 
     out = tmp_path / "seg.nrrd"

@@ -2,7 +2,7 @@
 
     python benchmarks/fewshot_ablation.py fusion=two_step rank=5 steps=300 cached=300 pool=8 \
         threads=1 prec=bfloat16 [n=5] [aug=1] [lr=0.0025] [bs=4] [seed=0] [init=identity|default] \
-        [smooth=0,3] [unseen=0|1] [cross=0|1] [model=hfsam|unet] [out=FILE.jsonl]
+        [smooth=0,3] [unseen=0|1] [cross=0|1] [model=hfsam|unet] [lld=P] [out=FILE.jsonl]
 
 Trains on n labeled slices spread over the volume (n=5: slices 5,10,14,19,24), segments all 30,
 prints and appends to ``out`` (default benchmarks/results/fewshot_ablation.jsonl) the Dice on the others, the
@@ -15,6 +15,7 @@ existed), ``by_smoothing`` has them all. ``unseen=1`` adds the default width wit
 slices left out of every neighbourhood: what the smoothing gives where no neighbour was trained
 on, as on a new scan. ``cross=1`` scores the adapter on the DICOM sample, another patient.
 ``model=unet`` trains bench fewshot's U-Net baseline instead (its 500 steps and lr unless given).
+``lld``: the low-level dropout (hfsam.LowLevelDropout), default 0 as in ``finetune``.
 """
 
 from __future__ import annotations
@@ -87,9 +88,10 @@ cfg = TrainConfig(
     augment=a.get("aug", "1") == "1",
     lr=float(a.get("lr", UNET_LR if unet else 0.0025)),
     batch_size=int(a.get("bs", 4)),
+    low_level_dropout=float(a.get("lld", 0)),
 )
 wall, cpu = time.perf_counter(), time.process_time()
-train(model, data, cfg)
+report = train(model, data, cfg)
 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 
 
@@ -152,6 +154,7 @@ out = {
     "train_wall": round(wall, 1),
     "train_cpu": round(cpu, 1),
     "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+    "low_level_dropout": report.low_level_dropout,
     **first,
     "by_smoothing": by_smoothing,
 }

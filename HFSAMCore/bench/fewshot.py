@@ -115,6 +115,7 @@ def _fewshot_worker(
         "slices": data.slices,
         "steps": report.steps,
         "cached_steps": report.cached_steps,
+        "low_level_dropout": report.low_level_dropout,
         "train_wall_s": round(train_s, 1),
         "segment_wall_s": round(segment_s, 1),
         "peak_memory_mb": round(peak_memory_mb(device), 0),

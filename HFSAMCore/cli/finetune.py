@@ -50,6 +50,15 @@ def add_parser(sub) -> None:
         "default: the recipe's share (lite_medsam: all of them, so LoRA does not train; on a GPU try "
         "--cached-steps 0 = every step end to end, LoRA included)",
     )
+    p.add_argument(
+        "--low-level-dropout",
+        type=float,
+        metavar="P",
+        default=0.0,
+        help="in each training step, leave out each sample's low-level feature with probability P, a "
+        "regulariser for very few labeled slices (default 0 = off; 0.5 helped at 3 slices and cost at "
+        "10 on the sample CT, within seed noise: benchmarks/RESULTS.md)",
+    )
     p.add_argument("--lr", type=float, default=0.0025, help="base learning rate (AdamW)")
     p.add_argument(
         "--holdout",
@@ -72,6 +81,7 @@ def run(args, progress: Progress) -> int:
         steps=args.steps,
         minutes=args.minutes,
         cached_steps=args.cached_steps,
+        low_level_dropout=args.low_level_dropout,
         lr=args.lr,
         holdout=args.holdout,
         seed=args.seed,

@@ -73,6 +73,33 @@ class ModelSpec:
         return d
 
 
+class LowLevelDropout(nn.Module):
+    """In training, leave out the low-level feature L of each sample with probability ``p``.
+
+    A regulariser for few-shot training (docs/design.md, "Low-level dropout"): with a handful of
+    slices the low-level branch learns their texture by heart. Each sample of a batch then either
+    has its L or none, so the decoder must also segment from the image embedding alone. L is
+    not rescaled by 1 / (1 - p) (torchvision's StochasticDepth does rescale): at inference the
+    decoder sees L exactly as it saw it in training, never twice as strong. No parameters, so
+    adapters do not change. The trainer sets ``p`` (0 outside training) and ``generator`` (its own
+    seeded CPU generator, so that a run depends on its seed alone; None: torch's global one).
+    """
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+        self.generator: torch.Generator | None = None
+
+    def forward(self, low: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p <= 0:
+            return low
+        keep = torch.rand(low.shape[0], 1, 1, 1, generator=self.generator) >= self.p
+        return low * keep.to(low.device, low.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class HFSAM(nn.Module):
     pixel_mean: torch.Tensor  # buffers, registered in __init__
     pixel_std: torch.Tensor
@@ -101,6 +128,7 @@ class HFSAM(nn.Module):
         self.low_level_proj = nn.ModuleList(
             nn.Conv2d(self.family.tap_channels(info, t), dim, kernel_size=1) for t in self.taps
         )
+        self.low_level_dropout = LowLevelDropout()
         self.mask_decoder = HFSAMDecoder(
             num_classes=spec.num_classes,
             transformer_dim=dim,
@@ -196,8 +224,11 @@ class HFSAM(nn.Module):
         return embedding, self.compress_taps(taps)
 
     def compress_taps(self, taps: list[torch.Tensor]) -> torch.Tensor | None:
-        """The low-level feature L: each tap through its 1x1 conv, summed; None without taps."""
-        return sum(proj(t) for proj, t in zip(self.low_level_proj, taps)) if taps else None
+        """The low-level feature L: each tap through its 1x1 conv, summed (then, in training, dropped
+        per sample with probability ``low_level_dropout.p``); None without taps."""
+        if not taps:
+            return None
+        return self.low_level_dropout(sum(proj(t) for proj, t in zip(self.low_level_proj, taps)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """[B,1|3,H,W] in [0,1] -> low-resolution class logits [B, K+1, H/4, W/4]."""

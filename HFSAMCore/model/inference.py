@@ -109,6 +109,7 @@ def segment_image(
     device = torch.device(device)
     if batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, not {batch_size}")
+    slice_smoothing_mm += 0.0  # -0.0 (`--slice-smoothing -0`) becomes 0.0, as the sidecar records it
     timer = StageTimer(device, timings is not None)
     timer.start()
     view = check_slices_are_images(image, axis, "the volume")

@@ -60,6 +60,7 @@ _TRAINING_FIELDS = (
     "heldout_slices",
     "steps",
     "cached_steps",
+    "low_level_dropout",
     "seed",
     "batch_size",
     "lr",
@@ -250,6 +251,10 @@ def _training(source: str, value: Any) -> dict | None:
     out["seed"] = None if seed is None else _int(source, "training.seed", seed, -(1 << 63), (1 << 64) - 1)
     out["lr"] = _number(source, "training.lr", value.get("lr"), allow_none=True)
     out["minutes"] = _number(source, "training.minutes", value.get("minutes"), allow_none=True)
+    dropout = _number(source, "training.low_level_dropout", value.get("low_level_dropout"), allow_none=True)
+    if dropout is not None and not 0 <= dropout < 1:
+        raise _bad(source, "training.low_level_dropout", "must be a probability from 0 up to, not including, 1")
+    out["low_level_dropout"] = dropout
     start = value.get("started_from")
     out["started_from"] = None if start is None else _text(source, "training.started_from", start, 4096)
     return out

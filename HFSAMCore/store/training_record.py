@@ -24,6 +24,7 @@ class TrainingRecord:
     slices: Sequence[int] = ()
     heldout_slices: Sequence[int] = ()
     cached_steps: int | None = None
+    low_level_dropout: float | None = None  # None: before it existed (no dropout)
     seed: int | None = None
     minutes: float | None = None
     started_from: str | None = None  # the adapter training continued from

@@ -61,6 +61,10 @@ class TrainConfig:
     # cost, so these steps are about 5x cheaper on a CPU. LoRA trains in the steps after them.
     cached_steps: int = 0
     pool: int = 8
+    # The probability that a training sample's low-level feature is left out (hfsam.LowLevelDropout);
+    # a model without one (the U-Net baseline) ignores it. Off by default: within the seed noise on
+    # the sample CT, better at N = 3, worse at N = 10 (benchmarks/RESULTS.md, "Low-level dropout").
+    low_level_dropout: float = 0.0
 
 
 @dataclass
@@ -73,6 +77,7 @@ class TrainReport:
     final_loss: float = float("nan")
     heldout_dice: float | None = None
     batch_size: int = 0
+    low_level_dropout: float = 0.0  # as applied: 0 for a model without a low-level branch
     peak_memory_mb: float = 0.0
     losses: list[float] = field(default_factory=list)
 
@@ -167,6 +172,11 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
     train_images, train_labels = data.images[train_idx], data.labels[train_idx]
     held_images, held_labels = data.images[held_idx], data.labels[held_idx]
     model.train().to(device)
+    # HF-SAM's low-level dropout; the U-Net baseline has none, nor does HF-SAM without a low-level branch.
+    dropout = getattr(model, "low_level_dropout", None) if getattr(model, "taps", ()) else None
+    if dropout is not None:
+        dropout.p = report.low_level_dropout = cfg.low_level_dropout
+        dropout.generator = gen
     reset_peak_memory(device)
     start = time.monotonic()
     cached_steps = min(cfg.cached_steps, total)
@@ -272,6 +282,8 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
     finally:
         for p in lora:
             p.requires_grad_(True)
+        if dropout is not None:
+            dropout.p, dropout.generator = 0.0, None  # only this run's steps drop; a later run sets its own
 
     if step == 0:
         raise InputError(

@@ -233,6 +233,7 @@ def _demo(
         slices=report.slices,
         steps=report.steps,
         cached_steps=report.cached_steps,
+        low_level_dropout=report.low_level_dropout,
         seed=0,
         batch_size=report.batch_size,
         lr=0.0025,

@@ -28,6 +28,7 @@ class TrainingOptions:
     steps: int | None = None
     minutes: float | None = None
     cached_steps: int | None = None
+    low_level_dropout: float = 0.0  # model/hfsam.LowLevelDropout; off by default
     lr: float = 0.0025
     holdout: int | None = None
     seed: int | None = 0
@@ -164,6 +165,7 @@ def _finetune(
         steps=training.steps,
         minutes=training.minutes,
         cached_steps=training.cached_steps,
+        low_level_dropout=training.low_level_dropout,
         batch_size=run.batch_size,
         lr=training.lr,
         seed=training.seed,
@@ -179,6 +181,7 @@ def _finetune(
         heldout_slices=report.heldout_slices,
         steps=report.steps,
         cached_steps=report.cached_steps,
+        low_level_dropout=report.low_level_dropout,
         seed=training.seed,
         batch_size=report.batch_size,
         lr=training.lr,

@@ -132,6 +132,10 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": (_at_least(1), "a whole number of at least 1"),
     "weight_decay": (lambda v: _number(v) and v >= 0, "0 or more"),
     "fraction": (lambda v: _positive(v) and v <= 1, "a share above 0 and at most 1 (0.1 = 10 %)"),
+    "low_level_dropout": (
+        lambda v: _number(v) and 0 <= v < 1,
+        "a probability from 0 (off) up to, not including, 1 (--fusion none leaves the branch out)",
+    ),
     "slice_smoothing": (
         lambda v: _number(v) and 0 <= v <= MAX_SLICE_SMOOTHING_MM,
         f"a width in mm from 0 (off) to {MAX_SLICE_SMOOTHING_MM:g}",
