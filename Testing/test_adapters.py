@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -345,6 +346,10 @@ def test_what_the_training_command_writes_is_accepted(tmp_path):
         ]
         is None
     )  # an adapter from before it existed
+    meta["training"]["low_level_dropout"] = -0.0  # `--low-level-dropout -0`
+    zero = read_metadata(save_adapter(tmp_path / "zero.safetensors", tensors(), meta))
+    stored = zero["training"]["low_level_dropout"]
+    assert stored == 0.0 and math.copysign(1, stored) == 1
     for bad in (1.0, -0.1, float("nan"), "0.5", True):
         meta["training"]["low_level_dropout"] = bad
         with pytest.raises(InputError, match="training.low_level_dropout"):

@@ -347,12 +347,12 @@ def test_a_left_out_low_level_feature_decodes_as_a_model_without_one():
     assert all(a != b for a, b in zip(as_full, as_without)) and any(as_full) and any(as_without)
 
 
-def _train_with_dropout(data, p, *, global_seed=0, fusion="two_step"):
+def _train_with_dropout(data, p, *, global_seed=0, fusion="two_step", progress=None):
     torch.manual_seed(0)
     model = build_hfsam(ModelSpec("tiny", 64, 8, 2, fusion=fusion))
     torch.manual_seed(global_seed)  # the run's draws must come from its own seed alone
-    report = train(model, data, TrainConfig(steps=6, batch_size=2, seed=3, holdout=0, low_level_dropout=p))
-    return model, report
+    cfg = TrainConfig(steps=6, batch_size=2, seed=3, holdout=0, low_level_dropout=p)
+    return model, train(model, data, cfg, progress)
 
 
 def test_low_level_dropout_in_training_follows_the_runs_seed_and_ends_with_the_run(ct):
@@ -366,5 +366,12 @@ def test_low_level_dropout_in_training_follows_the_runs_seed_and_ends_with_the_r
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
     assert (ra.low_level_dropout, rc.low_level_dropout) == (0.5, 0.0)
     assert a.low_level_dropout.p == 0.0 and a.low_level_dropout.generator is None
-    _, rn = _train_with_dropout(data, 0.5, fusion="none")  # no low-level branch: nothing to leave out
+    warnings = []
+    progress = Progress("none")
+    progress.warn = warnings.append
+    _, rn = _train_with_dropout(data, 0.5, fusion="none", progress=progress)  # no branch: nothing to leave out
     assert rn.low_level_dropout == 0.0
+    assert warnings == [
+        "--low-level-dropout 0.5 has no effect: this model has no low-level branch (--fusion none); the adapter "
+        "records 0"
+    ]

@@ -123,7 +123,7 @@ def _number(source: str, field: str, value: Any, *, allow_none: bool) -> float |
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise _bad(source, field, f"must be a finite number, not {value!r:.40}")
-    return float(value)
+    return float(value) + 0.0  # -0.0 (`--low-level-dropout -0`) is stored as 0.0
 
 
 def _finite_json(value: Any, source: str, field: str, depth: int = 0) -> Any:

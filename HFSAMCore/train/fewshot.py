@@ -177,6 +177,11 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
     if dropout is not None:
         dropout.p = report.low_level_dropout = cfg.low_level_dropout
         dropout.generator = gen
+    elif cfg.low_level_dropout:
+        progress.warn(
+            f"--low-level-dropout {cfg.low_level_dropout:g} has no effect: this model has no low-level "
+            "branch (--fusion none); the adapter records 0"
+        )
     reset_peak_memory(device)
     start = time.monotonic()
     cached_steps = min(cfg.cached_steps, total)
