@@ -133,6 +133,30 @@ def test_awffm_matches_hand_computation():
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dim", [1, -1])
+def test_awffm_amax_has_torchs_gradient_with_ties(dtype, dim):
+    """awffm.amax (a cheaper backward) against torch.amax: the same values and bit-identical gradients,
+    also where many values tie (an AWFFM started near identity ties every channel; max() would not split
+    the gradient among them, and the test can tell)."""
+    from HFSAMCore.model.awffm import amax
+
+    torch.manual_seed(2)
+    x = torch.randn(2, 300, 16).to(dtype)
+    x[0] = 0.5  # every position ties, more than bf16 counts exactly (256)
+    x[1, :, :4] = x[1].amax(dim=-1, keepdim=True)  # four channels tie in each row
+    g = torch.randn(2, 16 if dim == 1 else 300).to(dtype)
+    grads = []
+    for f in (lambda t: t.amax(dim), lambda t: amax(t, dim), lambda t: t.max(dim).values):
+        t = x.clone().requires_grad_()
+        y = f(t)
+        y.backward(g)
+        grads.append((y.detach(), t.grad))
+    (want_y, want_g), (got_y, got_g), (_, max_g) = grads
+    assert torch.equal(got_y, want_y) and torch.equal(got_g, want_g)
+    assert not torch.equal(max_g, want_g)
+
+
 def test_fusion_modes_have_the_right_modules():
     two = tiny(fusion="two_step").mask_decoder
     rel = tiny(fusion="released").mask_decoder
@@ -510,3 +534,21 @@ def test_a_pretrained_decoder_starts_where_it_was():
     with torch.no_grad():
         embedding, taps = model.encoder_features(x)
         assert float(model.compress_taps(taps).abs().max()) == 0.0
+
+
+def test_token_upscaling_equals_sams_deconvolutions_on_a_non_square_map():
+    """decoder.upscale (matrix products on tokens, outputs reordered for a fast depth-to-space) against
+    SAM's own output_upscaling (ConvTranspose2d, LayerNorm2d, GELU) on NCHW; h != w so that a swapped
+    axis cannot pass."""
+    from HFSAMCore.model.decoder import HFSAMDecoder
+
+    torch.manual_seed(5)
+    dec = HFSAMDecoder(num_classes=2, transformer_dim=32, depth=1, mlp_dim=16, num_heads=2, fusion="none")
+    with torch.no_grad():
+        for p in dec.output_upscaling.parameters():  # biases start at 0, LayerNorm at 1/0: move them
+            p.add_(0.3 * torch.randn_like(p))
+        src = torch.randn(2, 32, 3, 5)
+        want = dec.output_upscaling(src)  # [2, 4, 12, 20]
+        got = dec.upscale(src.flatten(2).transpose(1, 2), 3, 5)  # [2, 12*20, 4]
+    assert want.shape == (2, 4, 12, 20)
+    torch.testing.assert_close(got.transpose(1, 2).reshape(2, 4, 12, 20), want, rtol=1e-5, atol=1e-5)

@@ -118,9 +118,11 @@ def to_markdown(which: str, result: dict, command: str) -> str:
         )
     out.append(
         "\n\n## Fine-tuning step (forward + backward + AdamW)\n\n"
+        "`full`: LoRA trains, the encoder runs in every step; `cached`: the few-shot recipe's steps, the "
+        "decoder on encoder features computed once\n\n"
         + _table(
             result["finetune"],
-            ["precision", "img_size", "batch", "s_per_step", "ms_per_slice", "steps_per_s", "peak_memory_mb"],
+            ["step", "precision", "img_size", "batch", "s_per_step", "ms_per_slice", "steps_per_s", "peak_memory_mb"],
         )
     )
     if result.get("package_encoder"):

@@ -8,7 +8,9 @@ speed    1. the machine's own ceiling: a large matmul in fp32 and bf16 (and fp16
          4. a whole `segment` run on a volume (default: the DICOM sample), split into
             read / preprocess / model / postprocess / write
          5. a fine-tuning step (forward + backward + AdamW) per slice, and peak memory
-            (RSS on the CPU, max_memory_allocated on CUDA) for inference and for fine-tuning
+            (RSS on the CPU, max_memory_allocated on CUDA) for inference and for fine-tuning: a full
+            step (LoRA trains) and a cached step (the few-shot recipe's: the decoder on encoder
+            features computed once, train/feature_cache.py)
 fewshot  fine-tune on N = 1, 3, 5, 10 labeled slices of ct_abdomen_3mm, segment, and report per-organ
          Dice on the held-out slices, with steps, wall time and peak memory; per N one row per method
          (registry.FEWSHOT_METHODS: HF-SAM, decoder only, a U-Net from scratch)
@@ -84,10 +86,10 @@ def _time_inference(model, x, dtype, repeats: int) -> dict:
     return {"batch": len(x), "seconds_per_batch": seconds, "peak_memory_mb": peak_memory_mb(device)}
 
 
-def _finetune_worker(spec_kw, device_name, dtype_name, batch, repeats):
+def _finetune_worker(spec_kw, device_name, dtype_name, batch, repeats, cached=False):
     import torch
 
-    from ..runtime.device import peak_memory_mb, reset_peak_memory
+    from ..runtime.device import autocast, peak_memory_mb, reset_peak_memory
     from ..train.optim import make_optimizer, train_step
 
     device = torch.device(device_name)
@@ -97,10 +99,16 @@ def _finetune_worker(spec_kw, device_name, dtype_name, batch, repeats):
     x = torch.rand(batch, 1, size, size, device=device)
     y = torch.randint(0, spec_kw["num_classes"] + 1, (batch, size // 4, size // 4), device=device)
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.1)
+    if cached:  # the features as FeatureCache keeps them: computed once, in the training precision
+        with torch.no_grad(), autocast(device, dtype):
+            x = model.encoder_features(x)
     reset_peak_memory(device)
 
     def step():
-        train_step(model, opt, x, y, lr=1e-4, precision=dtype)
+        if cached:
+            train_step(lambda f: model.decode(*f), opt, x, y, lr=1e-4, precision=dtype, device=device)
+        else:
+            train_step(model, opt, x, y, lr=1e-4, precision=dtype)
 
     seconds = median_time(step, device, repeats)
     return {"batch": batch, "seconds_per_step": seconds, "peak_memory_mb": peak_memory_mb(device)}
@@ -227,10 +235,11 @@ def run_speed(args, progress: Progress) -> dict:
         spec_kw, img_size=224 if img_size > 224 and device.type == "cpu" and backbone != "lite_medsam" else img_size
     )
     ft = []
-    for prec in ("float32", "bfloat16"):
-        r = in_fresh_process(_finetune_worker, ft_kw, str(device), prec, 4, max(2, repeats - 2))
+    for prec, cached in (("float32", False), ("bfloat16", False), ("bfloat16", True)):
+        r = in_fresh_process(_finetune_worker, ft_kw, str(device), prec, 4, max(2, repeats - 2), cached)
         ft.append(
             {
+                "step": "cached" if cached else "full",
                 "precision": prec,
                 "img_size": ft_kw["img_size"],
                 "batch": 4,
@@ -241,7 +250,7 @@ def run_speed(args, progress: Progress) -> dict:
             }
         )
         progress.log(
-            f"fine-tune step {prec} at {ft_kw['img_size']} px, batch 4: {ft[-1]['s_per_step']} s, "
+            f"fine-tune step ({ft[-1]['step']}) {prec} at {ft_kw['img_size']} px, batch 4: {ft[-1]['s_per_step']} s, "
             f"peak {ft[-1]['peak_memory_mb']} MB"
         )
     result["finetune"] = ft

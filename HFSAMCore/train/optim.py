@@ -12,9 +12,13 @@ from .losses import hfsam_loss
 
 # -- one optimisation step (shared with dataset training, dataset_training.py) ----
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW (0.9, 0.999) over the trainable parameters only, in the model's parameter order."""
+    """AdamW (0.9, 0.999) over the trainable parameters only, in the model's parameter order.
+
+    torch's fused kernel (CPU and CUDA): one pass over all the tensors instead of a dozen small
+    operations on each of the ~160; on a CPU that loop was about 8 % of a cached few-shot step.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=True)
 
 
 def grad_scaler(precision: torch.dtype, device: torch.device) -> torch.amp.GradScaler | None:
