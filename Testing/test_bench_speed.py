@@ -9,11 +9,23 @@ from HFSAMCore.bench.speed import _finetune_worker
 TINY = {"backbone": "tiny", "img_size": 64, "num_classes": 3, "rank": 2, "fusion": "two_step"}
 
 
-def test_cached_and_full_fine_tuning_steps_are_both_measured_and_reported():
+def test_cached_and_full_fine_tuning_steps_are_both_measured_and_reported(monkeypatch):
+    from HFSAMCore.model.hfsam import HFSAM
+
+    encodes = []
+    encoder_features = HFSAM.encoder_features
+
+    def counted(self, images):  # the real encoder, counted: a cached step must not run it
+        encodes.append(len(images))
+        return encoder_features(self, images)
+
+    monkeypatch.setattr(HFSAM, "encoder_features", counted)
     rows = []
     for cached in (False, True):
+        encodes.clear()
         r = _finetune_worker(TINY, "cpu", "float32", 2, 2, cached)
         assert r["batch"] == 2 and r["seconds_per_step"] > 0 and r["peak_memory_mb"] > 0
+        assert encodes == ([2] if cached else [2, 2, 2])  # once before the steps; or 1 warm-up + 2 timed steps
         rows.append(
             {
                 "step": "cached" if cached else "full",

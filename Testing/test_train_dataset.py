@@ -524,6 +524,45 @@ def test_the_global_batch_must_split_over_the_processes(synapse, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_adamw_is_fused_where_torch_has_the_kernel_and_plain_where_not(monkeypatch):
+    model = build_hfsam(ModelSpec("tiny", 64, 3, 2))
+    assert make_optimizer(model, 0.0025, 0.1).param_groups[0]["fused"] is True  # torch >= 2.4 on the CPU
+
+    class AdamWOfTorch23(torch.optim.AdamW):  # torch 2.1-2.3 (still accepted) had no fused CPU kernel
+        def __init__(self, params, **kw):
+            if kw.get("fused"):
+                raise RuntimeError(
+                    "`fused=True` requires all the params to be floating point Tensors of supported devices"
+                )
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamWOfTorch23)
+    group = make_optimizer(model, 0.0025, 0.1).param_groups[0]
+    assert not group["fused"] and (group["lr"], group["weight_decay"], group["betas"]) == (0.0025, 0.1, (0.9, 0.999))
+
+
+def test_a_checkpoint_of_the_unfused_adamw_resumes_fused_with_its_state(tmp_path):
+    """Checkpoints written before make_optimizer used the fused kernel record fused=None: resuming takes the
+    moments and the step from them, and keeps this build's kernel."""
+    from HFSAMCore.train.optim import train_step
+
+    torch.manual_seed(0)
+    model = build_hfsam(ModelSpec("tiny", 64, 3, 2))
+    old = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0025, weight_decay=0.1)
+    x, y = torch.rand(2, 1, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    train_step(model, old, x, y, lr=0.001, precision=torch.float32)
+    base = {"name": "random-init", "sha256": None, "seed": 0}
+    path = save_checkpoint(tmp_path / "c.safetensors", model, old, epoch=1, step=1, digest="d", base=base)
+    resumed = make_optimizer(model, 0.0025, 0.1)
+    load_checkpoint(path, model, resumed, digest="d", base=base)
+    assert resumed.param_groups[0]["fused"] is True and resumed.param_groups[0]["lr"] == 0.001
+    for i, entry in old.state_dict()["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value.float(), resumed.state_dict()["state"][i][key].float()), (i, key)
+    train_step(model, resumed, x, y, lr=0.001, precision=torch.float32)  # the fused kernel takes the loaded state
+    assert float(resumed.state_dict()["state"][0]["step"]) == 2
+
+
 def test_loss_scaling_steps_alike_skips_overflows_and_resumes(tmp_path):
     """fp16 needs a GradScaler; its wiring, checked in fp32 on the CPU (fp16 autocast is for GPUs)."""
     from HFSAMCore.train.optim import train_step

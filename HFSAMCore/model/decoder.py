@@ -230,14 +230,19 @@ def _deconv2x2(x: torch.Tensor, conv: nn.ConvTranspose2d, h: int, w: int) -> tor
     """ConvTranspose2d(kernel 2, stride 2) on tokens [B, h*w, Cin] -> [B, 2h*2w, Cout].
 
     Each input pixel writes one 2x2 block of outputs, so the convolution is one matrix product
-    [Cin] -> [2 x 2 x Cout] per pixel (bias included) followed by a depth-to-space rearrangement.
-    The product's outputs are ordered (dy, dx, cout), not as the weight stores them (cout, dy, dx),
-    so that the rearrangement moves whole runs of Cout values: on a CPU that copy (and its
-    gradient's) was, with cout strided, a large part of a cached training step.
+    [Cin] -> [2 x 2 x Cout] per pixel followed by a depth-to-space rearrangement. The product's
+    outputs are ordered (dy, dx, cout), not as the weight stores them (cout, dy, dx), so that the
+    rearrangement moves whole runs of Cout values: on a CPU that copy (and its gradient's) was,
+    with cout strided, a large part of a cached training step.
+
+    The bias is added after the product, not inside it: under bf16 autocast the fp32 bias makes
+    the sum fp32, so the LayerNorm and GELUs after it run in fp32 as in SAM. Folded into the
+    product, they ran in bf16 and the LayerNorm's weight gradients came out about 20 % off.
     """
     cin, cout = conv.weight.shape[:2]
-    assert conv.bias is not None  # SAM's upscaling deconvolutions have a bias
     weight = conv.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout).t()  # rows ordered (dy, dx, cout)
-    y = F.linear(x, weight, conv.bias.repeat(4))  # [B, hw, 2*2*Cout]
+    y = F.linear(x, weight)  # [B, hw, 2*2*Cout]
     b = y.shape[0]
-    return y.view(b, h, w, 2, 2, cout).transpose(2, 3).reshape(b, 4 * h * w, cout)
+    y = y.view(b, h, w, 2, 2, cout).transpose(2, 3).reshape(b, 4 * h * w, cout)
+    assert conv.bias is not None  # SAM's upscaling deconvolutions have a bias
+    return y + conv.bias

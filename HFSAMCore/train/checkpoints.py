@@ -14,6 +14,8 @@ from .dataset_config import (
     CONFIG_FILE,
 )
 
+# AdamW's settings that say how it computes, not what: taken from this build's optimizer on resume.
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 _CKPT_NAME = re.compile(r"^epoch_(\d{4,})\.safetensors$")
 
 
@@ -111,10 +113,14 @@ def load_checkpoint(path: Path, model, optimizer, *, digest: str, base: dict, sc
     for index, values in meta.get("extra_state", {}).items():
         state.setdefault(int(index), {}).update(values)
     groups = []
-    for g in meta["param_groups"]:
+    for i, g in enumerate(meta["param_groups"]):
         g = dict(g)
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
+        # How this build runs AdamW (make_optimizer), not how the saving build did: a checkpoint from
+        # before the fused kernel would otherwise switch it off for the rest of the run.
+        mine = optimizer.param_groups[i] if i < len(optimizer.param_groups) else {}
+        g.update({k: mine[k] for k in IMPLEMENTATION_FLAGS if k in mine})
         groups.append(g)
     optimizer.load_state_dict({"state": state, "param_groups": groups})  # moves the moments to the params' device
     if scaler is not None and meta.get("grad_scaler"):
