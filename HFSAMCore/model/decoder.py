@@ -47,13 +47,12 @@ fusion="none" (an ablation: SAM's decoder with K+1 class tokens, no low-level fe
 
 from __future__ import annotations
 
-import math
 from typing import cast
 
 import torch
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.modeling.mask_decoder import MLP
-from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock, TwoWayTransformer
+from segment_anything.modeling.transformer import TwoWayAttentionBlock, TwoWayTransformer
 from torch import nn
 from torch.nn import functional as F
 
@@ -81,30 +80,6 @@ class CrossFirstAttentionBlock(TwoWayAttentionBlock):
         return queries, keys
 
 
-class DecoderAttention(Attention):
-    """SAM's decoder attention, same weights and result, with the scores laid out for a fast softmax.
-
-    Where the image's 4096 tokens attend to the ~10 prompt and mask tokens, SAM's softmax runs
-    over rows of 10 scores, a shape that CPU kernels handle poorly: with its backward it was the
-    largest single cost of a cached few-shot training step. Here the scores are computed
-    transposed, [keys, queries], and the softmax runs over the keys' dimension, which then is
-    not the innermost one (about 9x faster on a CPU, forward and backward). torch's fused
-    ``scaled_dot_product_attention`` was slower still for these shapes on a CPU.
-    """
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        q, k, v = (
-            self._separate_heads(proj(x), self.num_heads)
-            for proj, x in ((self.q_proj, q), (self.k_proj, k), (self.v_proj, v))
-        )
-        scale = math.sqrt(q.shape[-1])
-        if k.shape[-2] < q.shape[-2]:
-            attn = ((k @ q.transpose(-1, -2)) / scale).softmax(dim=-2).transpose(-1, -2)
-        else:
-            attn = ((q @ k.transpose(-1, -2)) / scale).softmax(dim=-1)
-        return self.out_proj(self._recombine_heads(attn @ v))
-
-
 def build_transformer(
     *, cross_first: bool, depth: int, embedding_dim: int, mlp_dim: int, num_heads: int
 ) -> TwoWayTransformer:
@@ -117,9 +92,6 @@ def build_transformer(
             )
             for i in range(depth)
         )
-    for module in transformer.modules():
-        if type(module) is Attention:
-            module.__class__ = DecoderAttention  # no new state: SAM's checkpoints load as before
     return transformer
 
 
@@ -236,8 +208,8 @@ def _deconv2x2(x: torch.Tensor, conv: nn.ConvTranspose2d, h: int, w: int) -> tor
     with cout strided, a large part of a cached training step.
 
     The bias is added after the product, not inside it: under bf16 autocast the fp32 bias makes
-    the sum fp32, so the LayerNorm and GELUs after it run in fp32 as in SAM. Folded into the
-    product, they ran in bf16 and the LayerNorm's weight gradients came out about 20 % off.
+    the sum fp32, so the LayerNorm and GELUs after it run in fp32. Folded into the product, they
+    ran in bf16 and the LayerNorm's weight gradients came out about 20 % off.
     """
     cin, cout = conv.weight.shape[:2]
     weight = conv.weight.permute(0, 2, 3, 1).reshape(cin, 4 * cout).t()  # rows ordered (dy, dx, cout)
