@@ -188,7 +188,7 @@ def test_minutes_budget_with_cached_steps_sizes_the_schedule_to_the_time(ct):
     report = train(
         model,
         data,
-        TrainConfig(steps=None, minutes=0.1, batch_size=1, holdout=0, cached_steps=10**6, eval_every=1),
+        TrainConfig(steps=None, minutes=0.25, batch_size=1, holdout=0, cached_steps=10**6, eval_every=1),
         Seen("none"),
     )
     assert 5 <= report.steps == report.cached_steps and report.seconds < 40
