@@ -99,16 +99,15 @@ def _finetune_worker(spec_kw, device_name, dtype_name, batch, repeats, cached=Fa
     x = torch.rand(batch, 1, size, size, device=device)
     y = torch.randint(0, spec_kw["num_classes"] + 1, (batch, size // 4, size // 4), device=device)
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.1)
+    forward = model
     if cached:  # the features as FeatureCache keeps them: computed once, in the training precision
         with torch.no_grad(), autocast(device, dtype):
             x = model.encoder_features(x)
+        forward = lambda f: model.decode(*f)  # noqa: E731
     reset_peak_memory(device)
 
     def step():
-        if cached:
-            train_step(lambda f: model.decode(*f), opt, x, y, lr=1e-4, precision=dtype, device=device)
-        else:
-            train_step(model, opt, x, y, lr=1e-4, precision=dtype)
+        train_step(forward, opt, x, y, lr=1e-4, precision=dtype, device=device)
 
     seconds = median_time(step, device, repeats)
     return {"batch": batch, "seconds_per_step": seconds, "peak_memory_mb": peak_memory_mb(device)}
