@@ -20,8 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("HFSAM_DATA", REPO.parent / "shared" / "data"))
 
 # Tests never need more threads than CI has cores; more only thrashes. Under pytest-xdist (`-n 2`,
-# as `make test` runs) each of the two workers gets one core.
-os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+# as `make test` runs) each of the two workers gets one core: two OpenMP threads per worker on 2 cores
+# made small models spin-wait for each other, up to 50x slower. The workers inherit the controller's
+# environment, so a value this file chose in the controller is marked and chosen again in each worker;
+# only a user's own OMP_NUM_THREADS is kept.
+_THREADS_CHOSEN_HERE = "HFSAM_TEST_THREADS_CHOSEN"
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ[_THREADS_CHOSEN_HERE] = "1"
+if os.environ.get(_THREADS_CHOSEN_HERE):
+    os.environ["OMP_NUM_THREADS"] = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +112,20 @@ def cli_main(monkeypatch):
     yield lambda argv: cli.main([str(a) for a in argv])
     for s, h in handlers.items():
         signal.signal(s, h)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """One line on the machine, at the end where CI logs show it: the suite's times depend on it."""
+    import torch
+
+    from HFSAMCore.bench.common import machine_info
+
+    info = machine_info(torch.device("cpu"))
+    workers = getattr(config.option, "numprocesses", None) or 0
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if workers and os.environ.get(_THREADS_CHOSEN_HERE):
+        threads = "1"
+    terminalreporter.write_line(
+        f"machine: {info['cpu']}; bf16 instructions: {info['bf16_instructions']}; torch {info['torch']} "
+        f"({info['cpu_capability']}); {max(workers, 1)} test process(es) with OMP_NUM_THREADS={threads}"
+    )
