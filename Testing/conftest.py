@@ -121,7 +121,8 @@ def pytest_terminal_summary(terminalreporter, config):
     from HFSAMCore.bench.common import machine_info
 
     info = machine_info(torch.device("cpu"))
-    workers = getattr(config.option, "numprocesses", None) or 0
+    workers = getattr(config.option, "numprocesses", None)
+    workers = workers if isinstance(workers, int) else 0  # absent without pytest-xdist
     threads = os.environ.get("OMP_NUM_THREADS")
     if workers and os.environ.get(_THREADS_CHOSEN_HERE):
         threads = "1"
