@@ -23,9 +23,9 @@ DATA = Path(os.environ.get("HFSAM_DATA", REPO.parent / "shared" / "data"))
 # as `make test` runs) each of the two workers gets one core: two OpenMP threads per worker on 2 cores
 # made small models spin-wait for each other, up to 50x slower. The workers inherit the controller's
 # environment, so a value this file chose in the controller is marked and chosen again in each worker;
-# only a user's own OMP_NUM_THREADS is kept.
+# only a user's own OMP_NUM_THREADS is kept (an empty one means none: OpenMP ignores it).
 _THREADS_CHOSEN_HERE = "HFSAM_TEST_THREADS_CHOSEN"
-if "OMP_NUM_THREADS" not in os.environ:
+if not os.environ.get("OMP_NUM_THREADS", "").strip():
     os.environ[_THREADS_CHOSEN_HERE] = "1"
 if os.environ.get(_THREADS_CHOSEN_HERE):
     os.environ["OMP_NUM_THREADS"] = "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2"
