@@ -343,18 +343,39 @@ def test_bench_fewshot_refuses_a_missing_monai_before_any_training(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "library").exists()  # nothing was started
 
 
-def test_bench_fewshot_scores_each_row_with_and_without_slice_smoothing(tmp_path, ct3mm):
+def test_bench_fewshot_scores_each_row_with_and_without_slice_smoothing_and_over_seeds(tmp_path, ct3mm):
     """A row's Dice is `segment`'s as it runs by default (slice smoothing) and, beside it, the same model's
-    with every slice on its own; the report says which is which. The tiny random model, 2 steps."""
+    with every slice on its own; the report says which is which. `--seeds` trains the row once per seed
+    and summarises them. The tiny random model, 2 steps."""
     out = tmp_path / "out"
     args = ("bench", "fewshot", "--backbone", "tiny", "--checkpoint", "none", "--n", "1", "--methods", "hfsam")
-    hfsam(*args, "--steps", "2", "-o", out, "--progress", "none", tmp_path=tmp_path, check=0)
+    hfsam(*args, "--steps", "2", "--seeds", "3", "7", "-o", out, "--progress", "none", tmp_path=tmp_path, check=0)
     result = json.loads((out / "fewshot_tiny_cpu.json").read_text())
-    (row,) = result["rows"]
-    assert row["slice_smoothing_mm"] == 3.0 and row["steps"] == 2
-    assert row["low_level_dropout"] == 0.0  # off unless asked for
-    organs = ["spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas"]
-    assert list(row["dice"]) == organs and list(row["dice_slices_alone"]) == organs
-    assert 0 <= row["mean_dice_slices_alone"] <= 1 and 0 <= row["mean_dice"] <= 1
+    rows = result["rows"]
+    assert [r["seed"] for r in rows] == [3, 7] and result["seeds"] == [3, 7]
+    for row in rows:
+        assert row["slice_smoothing_mm"] == 3.0 and row["steps"] == 2
+        assert row["low_level_dropout"] == 0.0  # off unless asked for
+        organs = ["spleen", "right kidney", "left kidney", "gallbladder", "liver", "stomach", "aorta", "pancreas"]
+        assert list(row["dice"]) == organs and list(row["dice_slices_alone"]) == organs
+        assert 0 <= row["mean_dice_slices_alone"] <= 1 and 0 <= row["mean_dice"] <= 1
+    assert rows[0]["dice"] != rows[1]["dice"]  # the seed reached the weights or the batches
+    (summary,) = result["over_seeds"]
+    means = [r["mean_dice"] for r in rows]
+    assert summary["seeds"] == [3, 7] and (summary["min"], summary["max"]) == (min(means), max(means))
+    assert summary["mean_dice"] == pytest.approx(sum(means) / 2, abs=1e-4)
+    assert summary["sd"] == pytest.approx(abs(means[0] - means[1]) / 2**0.5, abs=1e-4)
+    liver = [r["dice"]["liver"] for r in rows]
+    assert summary["dice"]["liver"] == pytest.approx(sum(liver) / 2, abs=1e-4)
     report = (out / "fewshot_tiny_cpu.md").read_text()
     assert "| mean, slices alone |" in report and "slice smoothing 3 mm" in report
+    assert "## Over seeds" in report and f"| 1 | hfsam | 3,7 | {summary['mean_dice']:.3f} ± " in report
+
+
+def test_bench_fewshot_refuses_repeated_or_negative_seeds_before_any_work(tmp_path):
+    for seeds in (["1", "1"], ["-1", "2"]):
+        proc = hfsam("bench", "fewshot", "--seeds", *seeds, "-o", tmp_path / "out", tmp_path=tmp_path, check=2)
+        assert proc.stderr.strip().splitlines() == [
+            f"hfsam: error: --seeds must be different whole numbers of at least 0, not {' '.join(seeds)}"
+        ]
+    assert not (tmp_path / "out").exists()

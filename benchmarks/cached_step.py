@@ -42,9 +42,7 @@ optimizer = make_optimizer(model, 1e-4, 0.1)
 
 
 def step():
-    train_step(
-        lambda f: model.decode(*f), optimizer, features, labels, lr=1e-4, precision=dtype, device=torch.device("cpu")
-    )
+    train_step(model.decode_features, optimizer, features, labels, lr=1e-4, precision=dtype, device=torch.device("cpu"))
 
 
 for _ in range(3):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import statistics
 import time
 
 from ..errors import InputError
@@ -24,14 +25,14 @@ def _fewshot_process_init(threads):
         torch.set_num_threads(threads)
 
 
-def _fewshot_model(method: str, backbone: str, checkpoint, library, img_size: int, dtype, steps):
-    """(model, TrainConfig) for one row."""
+def _fewshot_model(method: str, backbone: str, checkpoint, library, img_size: int, dtype, steps, seed: int):
+    """(model, TrainConfig) for one row; ``seed`` draws the new weights and the training's batches."""
     from ..model.loading import load_model
     from ..store.library import ModelLibrary
     from ..train.fewshot import TrainConfig, recipe_config
     from .baseline_unet import UNetBaseline
 
-    common = dict(holdout=0, seed=0, precision=dtype)
+    common = dict(holdout=0, seed=seed, precision=dtype)
     if method == "unet":
         return UNetBaseline(img_size, 8), TrainConfig(steps=steps or UNET_STEPS, lr=UNET_LR, **common)
     fusion, rank = ("none", 0) if method == "decoder_only" else ("two_step", 5)
@@ -55,7 +56,7 @@ def _fewshot_model(method: str, backbone: str, checkpoint, library, img_size: in
 
 
 def _fewshot_worker(
-    method, n_labeled, backbone, checkpoint, img_size, steps, device_name, image_path, labels_path, library
+    method, n_labeled, seed, backbone, checkpoint, img_size, steps, device_name, image_path, labels_path, library
 ):
     import SimpleITK as sitk
     import torch
@@ -76,9 +77,9 @@ def _fewshot_worker(
     ref_on_grid = labels_onto_image(reference, image)  # keep it alive: the array view below borrows its memory
     ref_stack = view.to_slices(sitk.GetArrayViewFromImage(ref_on_grid))
     picked = spread(labeled_slices(ref_stack), n_labeled)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     t = time.perf_counter()
-    model, cfg = _fewshot_model(method, backbone, checkpoint, library, img_size, dtype, steps)
+    model, cfg = _fewshot_model(method, backbone, checkpoint, library, img_size, dtype, steps, seed)
     data = prepare_training_set(
         image,
         reference,
@@ -112,6 +113,7 @@ def _fewshot_worker(
     return {
         "method": method,
         "n_labeled": n_labeled,
+        "seed": seed,
         "slices": data.slices,
         "steps": report.steps,
         "cached_steps": report.cached_steps,
@@ -140,6 +142,9 @@ def run_fewshot(args, progress: Progress) -> dict:
     ns = tuple(args.n) if args.n else ((1, 5) if args.quick else (1, 3, 5, 10))
     if any(n < 1 for n in ns):
         raise InputError(f"--n must be whole numbers of at least 1, not {' '.join(map(str, ns))}")
+    seeds = tuple(args.seeds) if args.seeds else (0,)
+    if len(set(seeds)) < len(seeds) or any(s < 0 for s in seeds):
+        raise InputError(f"--seeds must be different whole numbers of at least 0, not {' '.join(map(str, seeds))}")
     methods = tuple(args.methods) if args.methods else DEFAULT_FEWSHOT_METHODS
     if "unet" in methods:
         from .baseline_unet import require_monai
@@ -152,7 +157,7 @@ def run_fewshot(args, progress: Progress) -> dict:
         backbone = default_backbone_in(ModelLibrary(args.library))
     info = get_backbone_info(backbone)
     img_size = args.img_size or info.default_img_size
-    jobs = [(n, m) for n in ns for m in methods]
+    jobs = [(n, m, seed) for n in ns for m in methods for seed in seeds]
     # --jobs J: J rows at once, each on cores/J torch threads (times then are per row on that share).
     parallel = max(1, min(args.jobs or 1, len(jobs)))
     threads = max(1, (os.cpu_count() or 1) // parallel) if device.type == "cpu" else None
@@ -164,6 +169,7 @@ def run_fewshot(args, progress: Progress) -> dict:
                 (
                     method,
                     n,
+                    seed,
                     backbone,
                     args.checkpoint,
                     img_size,
@@ -174,17 +180,17 @@ def run_fewshot(args, progress: Progress) -> dict:
                     args.library,
                 ),
             )
-            for n, method in jobs
+            for n, method, seed in jobs
         ]
         rows = []
-        for i, ((n, method), job) in enumerate(zip(jobs, pending)):
+        for i, ((n, method, seed), job) in enumerate(zip(jobs, pending)):
             rows.append(dict(job.get(), threads=threads))
             progress.progress("bench", i + 1, len(jobs))
             # The whole row goes to the log as it finishes: a run stopped later (for time, or by a failed
             # row) still leaves every finished row's numbers, not only its mean.
             organs = ", ".join(f"{k} {v:.3f}" for k, v in rows[-1]["dice"].items() if v is not None)
             progress.log(
-                f"N={n} {method}: mean Dice {rows[-1]['mean_dice']:.3f} "
+                f"N={n} {method} seed {seed}: mean Dice {rows[-1]['mean_dice']:.3f} "
                 f"({rows[-1]['mean_dice_slices_alone']:.3f} with every slice on its own), "
                 f"trained in {rows[-1]['train_wall_s']} s, peak {rows[-1]['peak_memory_mb']:.0f} MB ({organs})"
             )
@@ -195,5 +201,41 @@ def run_fewshot(args, progress: Progress) -> dict:
         "img_size": img_size,
         "recipe": {"steps": info.recipe.steps, "cached_steps": info.recipe.cached_steps},
         "methods": {m: FEWSHOT_METHODS[m] for m in methods},
+        "seeds": list(seeds),
         "rows": rows,
+        "over_seeds": over_seeds(rows) if len(seeds) > 1 else [],
     }
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """Per N and method, the spread of the rows that differ only in their seed: the mean Dice's mean,
+    sample standard deviation, lowest and highest, and each organ's mean (None where no row scored it).
+
+    One seed's row moves by up to 0.03 at N >= 3 and by much more at N = 1 (benchmarks/RESULTS.md), so
+    two methods are compared by these, not by one row each.
+    """
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["n_labeled"], r["method"]), []).append(r)
+    out = []
+    for (n, method), rs in groups.items():
+        means = [r["mean_dice"] for r in rs]
+        organs = {}
+        for organ in rs[0]["dice"]:
+            scored = [r["dice"][organ] for r in rs if r["dice"][organ] is not None]
+            organs[organ] = round(statistics.fmean(scored), 4) if scored else None
+        out.append(
+            {
+                "n_labeled": n,
+                "method": method,
+                "seeds": [r["seed"] for r in rs],
+                "mean_dice": round(statistics.fmean(means), 4),
+                "sd": round(statistics.stdev(means), 4),
+                "min": min(means),
+                "max": max(means),
+                "dice": organs,
+                "mean_dice_slices_alone": round(statistics.fmean(r["mean_dice_slices_alone"] for r in rs), 4),
+                "train_wall_s": round(statistics.fmean(r["train_wall_s"] for r in rs), 1),
+            }
+        )
+    return out

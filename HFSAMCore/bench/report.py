@@ -32,6 +32,30 @@ def _smoothing_note(mm: float | None) -> str:
     )
 
 
+def _over_seeds(summary: list[dict] | None, organs: list[str]) -> str:
+    if not summary:
+        return ""
+    rows = [
+        {
+            "N": s["n_labeled"],
+            "method": s["method"],
+            "seeds": ",".join(map(str, s["seeds"])),
+            "mean ± sd": f"{s['mean_dice']:.3f} ± {s['sd']:.3f}",
+            "range": f"{s['min']:.3f}-{s['max']:.3f}",
+            **s["dice"],
+            "mean, slices alone": s["mean_dice_slices_alone"],
+            "train s": s["train_wall_s"],
+        }
+        for s in summary
+    ]
+    keys = ["N", "method", "seeds", "mean ± sd", "range", *organs, "mean, slices alone", "train s"]
+    return (
+        "\n## Over seeds\n\nThe rows above that differ only in their seed: the mean Dice's mean ± sample "
+        "standard deviation and its range; the organs, `mean, slices alone` and `train s` are means over "
+        "the seeds.\n\n" + _table(rows, keys) + "\n"
+    )
+
+
 def to_markdown(which: str, result: dict, command: str) -> str:
     head = f"# hfsam bench {which}\n\nCommand: `{command}`\n\n{machine_line(result['machine'])}\n"
     if which == "fewshot":
@@ -40,6 +64,7 @@ def to_markdown(which: str, result: dict, command: str) -> str:
             {
                 "N": r["n_labeled"],
                 "method": r["method"],
+                "seed": r.get("seed", 0),
                 "slices": ",".join(map(str, r["slices"])),
                 "steps (cached)": f"{r['steps']} ({r['cached_steps']})",
                 "train s": r["train_wall_s"],
@@ -62,6 +87,7 @@ def to_markdown(which: str, result: dict, command: str) -> str:
                 [
                     "N",
                     "method",
+                    "seed",
                     "slices",
                     "steps (cached)",
                     "train s",
@@ -77,6 +103,7 @@ def to_markdown(which: str, result: dict, command: str) -> str:
             + "\n\n`train s`: loading, feature caching and training; "
             + _smoothing_note(result["rows"][0].get("slice_smoothing_mm"))
             + "`= fp32 %`: share of voxels whose label is the same when the trained model runs in fp32.\n"
+            + _over_seeds(result.get("over_seeds"), organs)
         )
     s = result["spec"]
     out = [

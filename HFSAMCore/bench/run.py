@@ -23,6 +23,7 @@ class BenchOptions:
     n: Sequence[int] | None = None  # fewshot: numbers of labeled slices (default 1 3 5 10)
     methods: Sequence[str] | None = None  # fewshot: rows per N (default: registry.DEFAULT_FEWSHOT_METHODS)
     steps: int | None = None  # fewshot: default the backbone's recipe (U-Net 500)
+    seeds: Sequence[int] | None = None  # fewshot: one row per seed, and their spread (default 0)
     jobs: int = 1  # fewshot: rows run at once
     volume: str | None = None  # speed: the volume of the whole-segment timing (default: the DICOM sample)
     backbone: str = "auto"

@@ -103,7 +103,7 @@ def _finetune_worker(spec_kw, device_name, dtype_name, batch, repeats, cached=Fa
     if cached:  # the features as FeatureCache keeps them: computed once, in the training precision
         with torch.no_grad(), autocast(device, dtype):
             x = model.encoder_features(x)
-        forward = lambda f: model.decode(*f)  # noqa: E731
+        forward = model.decode_features
     reset_peak_memory(device)
 
     def step():

@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
         "and few-shot Dice for N labeled slices. Writes Markdown and JSON.",
         "hfsam bench speed --backbone lite_medsam -o benchmarks/results\n"
         "  hfsam bench fewshot -o benchmarks/results            (LiteMedSAM: HF-SAM, decoder only, U-Net)\n"
-        "  hfsam bench fewshot --n 5 --methods hfsam --steps 100",
+        "  hfsam bench fewshot --n 5 --methods hfsam --steps 100\n"
+        "  hfsam bench fewshot --n 1 5 --methods hfsam decoder_only --seeds 0 1 2 --jobs 2",
     )
     p.add_argument("which", choices=["speed", "fewshot"])
     p.add_argument("-o", "--output", default="benchmarks/results", help="folder for the result files")
@@ -33,6 +34,14 @@ def add_parser(sub) -> None:
         help="fewshot: rows per N (default: " + ", ".join(DEFAULT_FEWSHOT_METHODS) + "; also hfsam_lora)",
     )
     p.add_argument("--steps", type=int, help="fewshot: training steps (default: the backbone's recipe; U-Net 500)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        metavar="S",
+        help="fewshot: train each row once per seed (new weights, batches, augmentation) and report the "
+        "mean, spread and range over them (default: seed 0 only)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="fewshot: rows run at once, each on cores/JOBS threads")
     p.add_argument("--volume", help="volume for the whole-segment timing (default: the DICOM sample)")
     add_model_args(p, adapter_help="(unused)")

@@ -218,6 +218,11 @@ class HFSAM(nn.Module):
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).to(embedding.dtype)
         return self.mask_decoder(embedding, low, pe, dense)
 
+    def decode_features(self, features: tuple[torch.Tensor, list[torch.Tensor]]) -> torch.Tensor:
+        """``decode`` on what ``encoder_features`` returned, as one argument: the forward of a training
+        step on cached features (train_step calls its model with the batch alone)."""
+        return self.decode(*features)
+
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """[B,3,H,W] in [0,1] -> (image embedding G, compressed low-level feature L or None)."""
         embedding, taps = self.encoder_features(images)

@@ -241,7 +241,7 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
                     pick = torch.randint(len(cache), (batch_size,), generator=gen).to(device)
                     features, y = cache.batch(pick)
                     loss = train_step(
-                        lambda f: model.decode(*f),
+                        model.decode_features,
                         optimizer,
                         features,
                         y,

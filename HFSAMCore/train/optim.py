@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -19,10 +20,11 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimiz
     operations on each of the ~160; on a CPU that loop was about 8 % of a cached few-shot step.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    adamw = functools.partial(torch.optim.AdamW, params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
     try:
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=True)
+        return adamw(fused=True)
     except RuntimeError:  # "fused=True requires all the params to be ... of supported devices"
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+        return adamw()
 
 
 def grad_scaler(precision: torch.dtype, device: torch.device) -> torch.amp.GradScaler | None:
