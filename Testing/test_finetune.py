@@ -312,6 +312,47 @@ def test_recipe_config_keeps_the_recipes_share_of_cached_steps():
         recipe_config("tiny", cached_steps=-1)
 
 
+def test_recipe_config_takes_the_recipes_gradient_clipping_unless_told():
+    from HFSAMCore.model.registry import get_backbone_info
+    from HFSAMCore.train.fewshot import recipe_config
+
+    lite = get_backbone_info("lite_medsam").recipe.max_grad_norm
+    assert lite is not None and lite > 0 and recipe_config("lite_medsam").max_grad_norm == lite
+    assert recipe_config("lite_medsam", max_grad_norm=None).max_grad_norm is None
+    assert recipe_config("vit_b").max_grad_norm is None  # the paper's recipe does not clip
+    assert TrainConfig().max_grad_norm is None  # nor the U-Net baseline or a bare TrainConfig
+
+
+@pytest.mark.parametrize("precision", [torch.float32, torch.float16])
+def test_train_step_clips_the_whole_gradient_before_the_optimizer_step(precision):
+    """Clipped: the gradient of all parameters together is scaled to the norm, its direction kept, and
+    the optimizer steps with it (plain SGD, lr 1: the step is minus the gradient). fp16 goes through the
+    GradScaler, whose scaled gradient must be unscaled before clipping."""
+    from HFSAMCore.train.optim import grad_scaler, train_step
+
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 1, 64, 64), torch.randint(0, 9, (2, 16, 16))
+
+    def one_step(max_grad_norm):
+        torch.manual_seed(1)
+        model = build_hfsam(ModelSpec("tiny", 64, 8, 2))
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in params]
+        sgd = torch.optim.SGD(params, lr=1.0)
+        scaler = grad_scaler(precision, torch.device("cpu"))
+        train_step(model, sgd, x, y, lr=1.0, precision=precision, scaler=scaler, max_grad_norm=max_grad_norm)
+        grads = torch.cat([p.grad.flatten() for p in params])
+        moved = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params)])
+        return grads, moved
+
+    free, _ = one_step(None)
+    assert float(free.norm()) > 0.01
+    clipped, moved = one_step(0.01)
+    assert float(clipped.norm()) == pytest.approx(0.01, rel=1e-3)
+    torch.testing.assert_close(clipped, free * (0.01 / free.norm()), rtol=1e-3, atol=1e-8)
+    torch.testing.assert_close(moved, clipped, rtol=1e-3, atol=1e-6)
+
+
 def test_low_level_dropout_leaves_out_whole_samples_and_only_in_training():
     from HFSAMCore.model.hfsam import LowLevelDropout
 

@@ -65,6 +65,9 @@ class TrainConfig:
     # a model without one (the U-Net baseline) ignores it. Off by default: within the seed noise on
     # the sample CT, better at N = 3, worse at N = 10 (benchmarks/RESULTS.md, "Low-level dropout").
     low_level_dropout: float = 0.0
+    # Each step's gradient (all trainable parameters together) is scaled down to at most this norm;
+    # None: not clipped. The first steps' gradients are 10-100x the later ones'.
+    max_grad_norm: float | None = None
 
 
 @dataclass
@@ -102,6 +105,7 @@ def recipe_config(
         cached_steps = recipe.cached_steps if steps is None else round(steps * recipe.cached_steps / recipe.steps)
     if cached_steps < 0:
         raise InputError(f"--cached-steps must be 0 or more, not {cached_steps}")
+    kwargs.setdefault("max_grad_norm", recipe.max_grad_norm)
     return TrainConfig(steps=steps, minutes=minutes, cached_steps=cached_steps, **kwargs)
 
 
@@ -249,13 +253,23 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
                         precision=cfg.precision,
                         scaler=scaler,
                         device=device,
+                        max_grad_norm=cfg.max_grad_norm,
                     )
                 else:
                     pick = torch.randint(len(train_idx), (batch_size,), generator=gen).to(device)
                     x, y = train_images[pick], train_labels[pick]
                     if cfg.augment:
                         x, y = augment(x, y, gen)
-                    loss = train_step(model, optimizer, x, y, lr=lr, precision=cfg.precision, scaler=scaler)
+                    loss = train_step(
+                        model,
+                        optimizer,
+                        x,
+                        y,
+                        lr=lr,
+                        precision=cfg.precision,
+                        scaler=scaler,
+                        max_grad_norm=cfg.max_grad_norm,
+                    )
                     live_steps += 1
             except (RuntimeError, MemoryError) as exc:
                 if not is_out_of_memory(exc):

@@ -44,6 +44,7 @@ def train_step(
     loss_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     scaler: torch.amp.GradScaler | None = None,
     device: torch.device | None = None,
+    max_grad_norm: float | None = None,
 ) -> torch.Tensor:
     """Set the step's learning rate, then forward, HF-SAM loss, backward, AdamW step; returns the loss.
 
@@ -51,7 +52,8 @@ def train_step(
     ``lr`` is the base rate times ``lr_factor``. ``model`` may be wrapped in DDP.
     ``scaler`` (``grad_scaler``): scale the loss and skip steps whose gradients overflowed.
     ``x`` may also be cached encoder features for ``model`` = a callable that decodes them (then
-    pass ``device``).
+    pass ``device``). ``max_grad_norm``: scale the gradient of all the optimizer's parameters
+    together down to at most this norm before the step (None: no clipping).
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -61,9 +63,18 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
+        _clip(optimizer, max_grad_norm)
         optimizer.step()
     else:
         scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+        _clip(optimizer, max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
     return loss.detach()
+
+
+def _clip(optimizer: torch.optim.Optimizer, max_norm: float | None) -> None:
+    if max_norm is not None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
