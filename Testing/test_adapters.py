@@ -337,9 +337,10 @@ def test_what_the_training_command_writes_is_accepted(tmp_path):
     )
     meta["training"]["heldout_slices"] = [20]
     meta["training"]["low_level_dropout"] = 0.5
+    meta["training"]["max_grad_norm"] = 1.0
     path = save_adapter(tmp_path / "t.safetensors", tensors(), meta)
     loaded = read_metadata(path)
-    assert loaded["training"]["low_level_dropout"] == 0.5
+    assert loaded["training"]["low_level_dropout"] == 0.5 and loaded["training"]["max_grad_norm"] == 1.0
     assert (
         read_metadata(save_adapter(tmp_path / "old.safetensors", tensors(), good_meta()))["training"][
             "low_level_dropout"
@@ -353,6 +354,11 @@ def test_what_the_training_command_writes_is_accepted(tmp_path):
     for bad in (1.0, -0.1, float("nan"), "0.5", True):
         meta["training"]["low_level_dropout"] = bad
         with pytest.raises(InputError, match="training.low_level_dropout"):
+            save_adapter(tmp_path / "bad.safetensors", tensors(), meta)
+    meta["training"]["low_level_dropout"] = 0.5
+    for bad in (0, -1.0, float("nan"), float("inf"), "1"):
+        meta["training"]["max_grad_norm"] = bad
+        with pytest.raises(InputError, match="training.max_grad_norm"):
             save_adapter(tmp_path / "bad.safetensors", tensors(), meta)
     assert loaded["base_checkpoint"] == {"name": "random-init", "sha256": None, "seed": 1234}
     assert loaded["training"]["heldout_slices"] == [20] and loaded["description"] == ""

@@ -61,6 +61,7 @@ _TRAINING_FIELDS = (
     "steps",
     "cached_steps",
     "low_level_dropout",
+    "max_grad_norm",
     "seed",
     "batch_size",
     "lr",
@@ -255,6 +256,10 @@ def _training(source: str, value: Any) -> dict | None:
     if dropout is not None and not 0 <= dropout < 1:
         raise _bad(source, "training.low_level_dropout", "must be a probability from 0 up to, not including, 1")
     out["low_level_dropout"] = dropout
+    clip = _number(source, "training.max_grad_norm", value.get("max_grad_norm"), allow_none=True)
+    if clip is not None and not clip > 0:
+        raise _bad(source, "training.max_grad_norm", "must be a norm above 0, or null (not clipped)")
+    out["max_grad_norm"] = clip
     start = value.get("started_from")
     out["started_from"] = None if start is None else _text(source, "training.started_from", start, 4096)
     return out

@@ -25,6 +25,7 @@ class TrainingRecord:
     heldout_slices: Sequence[int] = ()
     cached_steps: int | None = None
     low_level_dropout: float | None = None  # None: before it existed (no dropout)
+    max_grad_norm: float | None = None  # each step's gradient clipped to this norm; None: not clipped
     seed: int | None = None
     minutes: float | None = None
     started_from: str | None = None  # the adapter training continued from

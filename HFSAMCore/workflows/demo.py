@@ -234,9 +234,10 @@ def _demo(
         steps=report.steps,
         cached_steps=report.cached_steps,
         low_level_dropout=report.low_level_dropout,
+        max_grad_norm=cfg.max_grad_norm,
         seed=0,
         batch_size=report.batch_size,
-        lr=0.0025,
+        lr=cfg.lr,
     )
     metadata = TrainedAdapter(
         name="demo",

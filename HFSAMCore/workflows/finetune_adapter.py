@@ -182,6 +182,7 @@ def _finetune(
         steps=report.steps,
         cached_steps=report.cached_steps,
         low_level_dropout=report.low_level_dropout,
+        max_grad_norm=cfg.max_grad_norm,
         seed=training.seed,
         batch_size=report.batch_size,
         lr=training.lr,
