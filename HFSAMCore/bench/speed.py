@@ -89,9 +89,11 @@ def _time_inference(model, x, dtype, repeats: int) -> dict:
 def _finetune_worker(spec_kw, device_name, dtype_name, batch, repeats, cached=False):
     import torch
 
+    from ..model.registry import get_backbone_info
     from ..runtime.device import autocast, peak_memory_mb, reset_peak_memory
     from ..train.optim import make_optimizer, train_step
 
+    max_grad_norm = get_backbone_info(spec_kw["backbone"]).recipe.max_grad_norm  # a step as the recipe runs it
     device = torch.device(device_name)
     dtype = getattr(torch, dtype_name)
     model = _build(spec_kw, device).train()
@@ -107,7 +109,7 @@ def _finetune_worker(spec_kw, device_name, dtype_name, batch, repeats, cached=Fa
     reset_peak_memory(device)
 
     def step():
-        train_step(forward, opt, x, y, lr=1e-4, precision=dtype, device=device)
+        train_step(forward, opt, x, y, lr=1e-4, precision=dtype, device=device, max_grad_norm=max_grad_norm)
 
     seconds = median_time(step, device, repeats)
     return {"batch": batch, "seconds_per_step": seconds, "peak_memory_mb": peak_memory_mb(device)}
