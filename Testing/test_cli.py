@@ -360,6 +360,7 @@ def test_bench_fewshot_scores_each_row_with_and_without_slice_smoothing_and_over
         assert list(row["dice"]) == organs and list(row["dice_slices_alone"]) == organs
         assert 0 <= row["mean_dice_slices_alone"] <= 1 and 0 <= row["mean_dice"] <= 1
     assert rows[0]["dice"] != rows[1]["dice"]  # the seed reached the weights or the batches
+    assert rows[0]["max_grad_norm"] is None and result["recipe"]["max_grad_norm"] is None  # tiny does not clip
     (summary,) = result["over_seeds"]
     means = [r["mean_dice"] for r in rows]
     assert summary["seeds"] == [3, 7] and (summary["min"], summary["max"]) == (min(means), max(means))
@@ -373,9 +374,9 @@ def test_bench_fewshot_scores_each_row_with_and_without_slice_smoothing_and_over
 
 
 def test_bench_fewshot_refuses_repeated_or_negative_seeds_before_any_work(tmp_path):
-    for seeds in (["1", "1"], ["-1", "2"]):
+    for seeds in (["1", "1"], ["-1", "2"], ["0", str(2**31)]):
         proc = hfsam("bench", "fewshot", "--seeds", *seeds, "-o", tmp_path / "out", tmp_path=tmp_path, check=2)
         assert proc.stderr.strip().splitlines() == [
-            f"hfsam: error: --seeds must be different whole numbers of at least 0, not {' '.join(seeds)}"
+            f"hfsam: error: --seeds must be different whole numbers from 0 to 2147483647, not {' '.join(seeds)}"
         ]
     assert not (tmp_path / "out").exists()

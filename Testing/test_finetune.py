@@ -323,6 +323,18 @@ def test_recipe_config_takes_the_recipes_gradient_clipping_unless_told():
     assert TrainConfig().max_grad_norm is None  # nor the U-Net baseline or a bare TrainConfig
 
 
+@pytest.mark.parametrize("norm", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_clipping_norm_that_would_spoil_the_gradient_is_refused_before_training(ct, norm):
+    """clip_grad_norm_ reverses the gradient for a negative norm, zeroes it for 0 and poisons it with NaN."""
+    image, labels = ct
+    data = prepare_training_set(image, labels, num_classes=8, img_size=64, slices=[15])
+    model = build_hfsam(ModelSpec("tiny", 64, 8, 2))
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    with pytest.raises(InputError, match="max_grad_norm must be a norm above 0"):
+        train(model, data, TrainConfig(steps=2, batch_size=1, holdout=0, max_grad_norm=norm))
+    assert all(torch.equal(v, before[k]) for k, v in model.trainable_state_dict().items())
+
+
 @pytest.mark.parametrize("precision", [torch.float32, torch.float16])
 def test_train_step_clips_the_whole_gradient_before_the_optimizer_step(precision):
     """Clipped: the gradient of all parameters together is scaled to the norm, its direction kept, and

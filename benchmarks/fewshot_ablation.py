@@ -2,7 +2,7 @@
 
     python benchmarks/fewshot_ablation.py fusion=two_step rank=5 steps=300 cached=300 pool=8 \
         threads=1 prec=bfloat16 [n=5] [aug=1] [lr=0.0025] [bs=4] [seed=0] [init=identity|default] \
-        [smooth=0,3] [unseen=0|1] [cross=0|1] [model=hfsam|unet] [lld=P] [out=FILE.jsonl]
+        [smooth=0,3] [unseen=0|1] [cross=0|1] [model=hfsam|unet] [lld=P] [clip=NORM|none] [out=FILE.jsonl]
 
 Trains on n labeled slices spread over the volume (n=5: slices 5,10,14,19,24), segments all 30,
 prints and appends to ``out`` (default benchmarks/results/fewshot_ablation.jsonl) the Dice on the others, the
@@ -16,6 +16,8 @@ slices left out of every neighbourhood: what the smoothing gives where no neighb
 on, as on a new scan. ``cross=1`` scores the adapter on the DICOM sample, another patient.
 ``model=unet`` trains bench fewshot's U-Net baseline instead (its 500 steps and lr unless given).
 ``lld``: the low-level dropout (hfsam.LowLevelDropout), default 0 as in ``finetune``.
+``clip``: the gradient's norm limit (TrainConfig.max_grad_norm), default the LiteMedSAM recipe's (1.0 since
+2026-12-08; the rows before that date ran unclipped); ``none`` turns it off. The U-Net never clips.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from HFSAMCore.model.classes import resolve_classes  # noqa: E402
 from HFSAMCore.model.hfsam import HFSAM  # noqa: E402
 from HFSAMCore.model.inference import probabilities_to_labels, segment_image, to_model_input  # noqa: E402
 from HFSAMCore.model.loading import load_model  # noqa: E402
+from HFSAMCore.model.registry import get_backbone_info  # noqa: E402
 from HFSAMCore.model.slice_smoothing import DEFAULT_SLICE_SMOOTHING_MM, slice_weights  # noqa: E402
 from HFSAMCore.runtime.progress import Progress  # noqa: E402
 from HFSAMCore.store.sample_data import repo_data_dir  # noqa: E402
@@ -78,6 +81,9 @@ data = prepare_training_set(
     image, reference, num_classes=8, img_size=256, slices=[view.original_index(s) for s in picked]
 )
 precision = getattr(torch, a.get("prec", "bfloat16"))
+clip = None if unet or a.get("clip") == "none" else get_backbone_info("lite_medsam").recipe.max_grad_norm
+if not unet and a.get("clip") not in (None, "none"):
+    clip = float(a["clip"])
 cfg = TrainConfig(
     steps=int(a.get("steps", UNET_STEPS if unet else 300)),
     holdout=0,
@@ -89,6 +95,7 @@ cfg = TrainConfig(
     lr=float(a.get("lr", UNET_LR if unet else 0.0025)),
     batch_size=int(a.get("bs", 4)),
     low_level_dropout=float(a.get("lld", 0)),
+    max_grad_norm=clip,
 )
 wall, cpu = time.perf_counter(), time.process_time()
 report = train(model, data, cfg)
@@ -155,6 +162,7 @@ out = {
     "train_cpu": round(cpu, 1),
     "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
     "low_level_dropout": report.low_level_dropout,
+    "max_grad_norm": cfg.max_grad_norm,
     **first,
     "by_smoothing": by_smoothing,
 }

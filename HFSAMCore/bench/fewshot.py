@@ -118,6 +118,7 @@ def _fewshot_worker(
         "steps": report.steps,
         "cached_steps": report.cached_steps,
         "low_level_dropout": report.low_level_dropout,
+        "max_grad_norm": cfg.max_grad_norm,
         "train_wall_s": round(train_s, 1),
         "segment_wall_s": round(segment_s, 1),
         "peak_memory_mb": round(peak_memory_mb(device), 0),
@@ -143,8 +144,10 @@ def run_fewshot(args, progress: Progress) -> dict:
     if any(n < 1 for n in ns):
         raise InputError(f"--n must be whole numbers of at least 1, not {' '.join(map(str, ns))}")
     seeds = tuple(args.seeds) if args.seeds else (0,)
-    if len(set(seeds)) < len(seeds) or any(s < 0 for s in seeds):
-        raise InputError(f"--seeds must be different whole numbers of at least 0, not {' '.join(map(str, seeds))}")
+    if len(set(seeds)) < len(seeds) or any(not 0 <= s < 2**31 for s in seeds):
+        raise InputError(
+            f"--seeds must be different whole numbers from 0 to {2**31 - 1}, not {' '.join(map(str, seeds))}"
+        )
     methods = tuple(args.methods) if args.methods else DEFAULT_FEWSHOT_METHODS
     if "unet" in methods:
         from .baseline_unet import require_monai
@@ -199,7 +202,11 @@ def run_fewshot(args, progress: Progress) -> dict:
         "backbone": backbone,
         "checkpoint": args.checkpoint or "library",
         "img_size": img_size,
-        "recipe": {"steps": info.recipe.steps, "cached_steps": info.recipe.cached_steps},
+        "recipe": {
+            "steps": info.recipe.steps,
+            "cached_steps": info.recipe.cached_steps,
+            "max_grad_norm": info.recipe.max_grad_norm,
+        },
         "methods": {m: FEWSHOT_METHODS[m] for m in methods},
         "seeds": list(seeds),
         "rows": rows,

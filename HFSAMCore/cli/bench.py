@@ -39,8 +39,9 @@ def add_parser(sub) -> None:
         type=int,
         nargs="+",
         metavar="S",
-        help="fewshot: train each row once per seed (new weights, batches, augmentation) and report the "
-        "mean, spread and range over them (default: seed 0 only)",
+        help="fewshot: train each row once per seed (different whole numbers from 0; a seed draws the new "
+        "weights, the batches and the augmentation) and add a table of the mean ± sample sd and the range "
+        "over them (default: seed 0 only)",
     )
     p.add_argument("--jobs", type=int, default=1, help="fewshot: rows run at once, each on cores/JOBS threads")
     p.add_argument("--volume", help="volume for the whole-segment timing (default: the DICOM sample)")

@@ -44,15 +44,6 @@ EVAL_EXAMPLE = """examples:
   hfsam evaluate-dataset --dataset acdc --root data/ACDC --adapter runs/acdc7/adapter.safetensors -o results/acdc7"""
 
 
-class _Formatter(Formatter):
-    """Examples verbatim; a default shown only where there is one (train's come from --preset)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     add_device(g, help="auto, cpu or cuda[:N] (under torchrun: each process its own GPU)")
@@ -101,7 +92,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     from ..train.dataset_config import LR_SCHEDULES, PRESETS
 
     p = subparsers.add_parser(
-        "train", help=TRAIN_HELP, description=TRAIN_HELP, epilog=TRAIN_EXAMPLE, formatter_class=_Formatter
+        "train", help=TRAIN_HELP, description=TRAIN_HELP, epilog=TRAIN_EXAMPLE, formatter_class=Formatter
     )
     p.add_argument(
         "-o",
@@ -283,7 +274,7 @@ def cmd_train(args, progress: Progress) -> int:
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "evaluate-dataset", help=EVAL_HELP, description=EVAL_HELP, epilog=EVAL_EXAMPLE, formatter_class=_Formatter
+        "evaluate-dataset", help=EVAL_HELP, description=EVAL_HELP, epilog=EVAL_EXAMPLE, formatter_class=Formatter
     )
     _dataset_args(p, required=True)
     p.add_argument(

@@ -18,7 +18,13 @@ PRECISION_HELP = "auto: bf16 autocast on CUDA (fp16 on GPUs without bf16) and on
 
 
 class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Examples verbatim, defaults shown."""
+    """Examples verbatim; a default shown where there is one and the help does not already say it
+    (not "(default: None)" after "(default 1 3 5 10)")."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, "") or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def command(subparsers, name: str, help_: str, example: str, *, formatter=Formatter) -> argparse.ArgumentParser:

@@ -203,7 +203,7 @@ BACKBONES: dict[str, BackboneInfo] = {
             (1,),
             TinyViTArch(),
             # Clipping: without it one labeled slice lands in a poor minimum with some seeds (N = 1 over
-            # seeds 0-2: 0.569 ± 0.082 unclipped, 0.620 ± 0.017 clipped); benchmarks/RESULTS.md,
+            # seeds 0-2: 0.569 ± 0.083 unclipped, 0.620 ± 0.017 clipped); benchmarks/RESULTS.md,
             # "Gradient clipping".
             recipe=FewShotRecipe(steps=LITE_STEPS, cached_steps=LITE_CACHED, max_grad_norm=1.0),
         ),

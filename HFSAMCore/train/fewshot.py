@@ -163,6 +163,9 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
         raise InputError(f"--steps must be at least 1, not {cfg.steps}")
     if cfg.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, not {cfg.batch_size}")
+    # clip_grad_norm_ would reverse (< 0), zero (0) or poison (NaN) the gradient without a word
+    if cfg.max_grad_norm is not None and not 0 < cfg.max_grad_norm < float("inf"):
+        raise InputError(f"max_grad_norm must be a norm above 0, or None (not clipped), not {cfg.max_grad_norm}")
     device = data.images.device
     train_idx, held_idx = split_holdout(len(data.slices), cfg.holdout)
     report = TrainReport(slices=[data.slices[i] for i in train_idx], heldout_slices=[data.slices[i] for i in held_idx])
