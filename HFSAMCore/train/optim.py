@@ -67,8 +67,9 @@ def train_step(
         optimizer.step()
     else:
         scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
-        _clip(optimizer, max_grad_norm)
+        if max_grad_norm is not None:
+            scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+            _clip(optimizer, max_grad_norm)
         scaler.step(optimizer)
         scaler.update()
     return loss.detach()
