@@ -216,10 +216,11 @@ def run_fewshot(args, progress: Progress) -> dict:
 
 def over_seeds(rows: list[dict]) -> list[dict]:
     """Per N and method, the spread of the rows that differ only in their seed: the mean Dice's mean,
-    sample standard deviation, lowest and highest, and each organ's mean (None where no row scored it).
+    sample standard deviation, lowest and highest, and each organ's mean over the rows that scored it
+    (None where none did). Needs two rows or more per group.
 
-    One seed's row moves by up to 0.03 at N >= 3 and by much more at N = 1 (benchmarks/RESULTS.md), so
-    two methods are compared by these, not by one row each.
+    One seed's row moves by up to 0.03 at N = 3 and 5 and by more at N = 1 and 10 (benchmarks/RESULTS.md),
+    so two methods are compared by these, not by one row each.
     """
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in rows:
