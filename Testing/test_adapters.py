@@ -458,3 +458,20 @@ def test_a_base_checkpoint_given_as_adapter_is_named_for_what_it_is(tmp_path):
     with pytest.raises(InputError, match="not a readable HF-SAM adapter but a PyTorch checkpoint") as info:
         read_metadata(path)
     assert "hfsam models import-checkpoint" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["top", "training", "base_checkpoint"])
+def test_an_unknown_field_with_a_control_character_is_named_on_one_line(where):
+    """The name of an unknown field comes from the file; a newline in it split the error in two (found
+    by test_robustness's fuzzing of the adapter reader)."""
+    meta, key = good_meta(), "bad\nname\x1b"
+    if where == "top":
+        meta[key] = None
+    else:
+        meta[where] = {**(meta[where] or {}), key: None}
+    with pytest.raises(InputError) as err:
+        validate_metadata(meta, source="a.safetensors")
+    message = str(err.value)
+    assert "\n" not in message and "\x1b" not in message
+    prefix = "" if where == "top" else f"{where}."
+    assert f"'{prefix}bad\\nname\\x1b' is not a known field" in message
