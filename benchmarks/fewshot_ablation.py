@@ -81,9 +81,13 @@ data = prepare_training_set(
     image, reference, num_classes=8, img_size=256, slices=[view.original_index(s) for s in picked]
 )
 precision = getattr(torch, a.get("prec", "bfloat16"))
-clip = None if unet or a.get("clip") == "none" else get_backbone_info("lite_medsam").recipe.max_grad_norm
-if not unet and a.get("clip") not in (None, "none"):
-    clip = float(a["clip"])
+clip = a.get("clip")
+if unet or clip == "none":
+    clip = None
+elif clip is None:
+    clip = get_backbone_info("lite_medsam").recipe.max_grad_norm
+else:
+    clip = float(clip)
 cfg = TrainConfig(
     steps=int(a.get("steps", UNET_STEPS if unet else 300)),
     holdout=0,

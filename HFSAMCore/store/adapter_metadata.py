@@ -90,7 +90,7 @@ RANDOM_INIT = "random-init"  # base_checkpoint name of a randomly initialised ba
 def _bad(source: str, field: str, problem: str) -> InputError:
     # An unknown field's name comes from the file: escaped and cut, so the error stays one readable line.
     if not field.isprintable() or len(field) > 80:
-        field = field[:80].encode("unicode_escape").decode("ascii")
+        field = field[:80].encode("unicode_escape").decode("ascii") + ("..." if len(field) > 80 else "")
     return InputError(f"invalid adapter metadata in {source}: '{field}' {problem}")
 
 
