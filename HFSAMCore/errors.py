@@ -1,10 +1,26 @@
 """Errors the command line maps to exit codes (0 done, 2 bad input, 130 cancelled, 1 other)."""
 
 
+def one_line(text: str) -> str:
+    """TEXT with every line break and other non-printable character written as its escape (\\n, \\x0b,
+    \\u2028); printable text, non-ASCII letters included, is kept as it is."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 class HFSAMError(Exception):
-    """Base class for errors the engine raises on purpose."""
+    """Base class for errors the engine raises on purpose.
+
+    Its message is always one line: many are built from what a file holds (a field name, a path, a
+    label name), and a line break from a hostile or damaged file must not split the one-line error
+    that the command line, the progress stream and the Slicer panel show.
+    """
 
     exit_code = 1
+
+    def __init__(self, *args):
+        super().__init__(*(one_line(a) if isinstance(a, str) else a for a in args))
 
 
 class InputError(HFSAMError):

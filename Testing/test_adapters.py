@@ -244,6 +244,17 @@ def test_metadata_problems_in_the_header(tmp_path):
         "list.safetensors": ({"hfsam": "[1, 2]"}, "JSON object"),
         "huge.safetensors": ({"hfsam": json.dumps({"description": "x" * (1 << 20)})}, "1 MiB"),
         "newer.safetensors": ({"hfsam": json.dumps(good_meta(format_version=2, metrics={}))}, "newer HF-SAM"),
+        # a newer format with a field this reader lacks: the version is what to tell, not the field
+        "newer_field.safetensors": (
+            {"hfsam": json.dumps(good_meta(format_version=2, gaze={}))},
+            r"written by a newer HF-SAM \(adapter format_version 2",
+        ),
+        # a field added without a new format_version (as training.max_grad_norm was): what to do
+        "new_field.safetensors": (
+            {"hfsam": json.dumps(good_meta(training={**good_meta()["training"], "ema": 0.9}))},
+            r"'training.ema' is not a known field of adapter format_version 1 "
+            r"\(written by a newer HF-SAM\? update it\)",
+        ),
     }
     for name, (metadata, expected) in cases.items():
         path = _write_raw(tmp_path / name, metadata)

@@ -1,5 +1,7 @@
 """Few-shot training: slice selection, label geometry, loss, schedule, augmentation, determinism."""
 
+import math
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -9,9 +11,11 @@ from HFSAMCore.errors import InputError
 from HFSAMCore.io.read import read_image, read_labels
 from HFSAMCore.model.hfsam import ModelSpec, build_hfsam
 from HFSAMCore.runtime.progress import Progress
+from HFSAMCore.train import fewshot
 from HFSAMCore.train.augmentation import augment
 from HFSAMCore.train.fewshot import TrainConfig, split_holdout, train
 from HFSAMCore.train.losses import hfsam_loss, soft_dice_loss
+from HFSAMCore.train.optim import make_optimizer
 from HFSAMCore.train.schedule import lr_factor
 from HFSAMCore.train.training_set import prepare_training_set
 
@@ -221,6 +225,35 @@ def test_out_of_memory_retries_with_a_smaller_batch(ct):
     assert report.batch_size == 2 and report.steps == 3
     assert calls[:3] == [8, 4, 2]
     assert "retrying with batch size 4" in err.getvalue()
+
+
+def test_out_of_memory_in_a_clipped_fp16_step_retries_with_a_smaller_batch(ct, monkeypatch):
+    """fp16 with clipping unscales the gradient before the optimizer step; running out of memory in that
+    step (AdamW's state, on a GPU) left the scaler refusing to unscale again ("unscale_() has already been
+    called"), so the retry failed. The optimizer's first step raises torch's own OOM error (a simulation)."""
+    image, labels = ct
+    data = prepare_training_set(image, labels, num_classes=8, img_size=64, slices=[15])
+    model = build_hfsam(ModelSpec("tiny", 64, 8, 2))
+    failed = []
+
+    def optimizer_that_runs_out_once(model, lr, weight_decay):
+        optimizer = make_optimizer(model, lr, weight_decay)
+        real_step = optimizer.step
+
+        def step(*args, **kwargs):
+            if not failed:
+                failed.append(True)
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real_step(*args, **kwargs)
+
+        optimizer.step = step
+        return optimizer
+
+    monkeypatch.setattr(fewshot, "make_optimizer", optimizer_that_runs_out_once)
+    cfg = TrainConfig(steps=3, batch_size=4, holdout=0, precision=torch.float16, max_grad_norm=1.0)
+    report = train(model, data, cfg)
+    assert failed and report.batch_size == 2 and report.steps == 3
+    assert all(math.isfinite(v) for v in report.losses)
 
 
 @pytest.mark.parametrize(

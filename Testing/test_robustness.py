@@ -1083,6 +1083,31 @@ def test_fuzz_adapter_reader_refuses_with_one_line(data):
     assert meta == validate_metadata(meta)  # what it accepts is complete and valid
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.text())
+def test_fuzz_every_engine_error_is_one_printable_line(text):
+    """Every message the engine raises is one line, whatever a file put in it (line breaks of every kind
+    Python knows, terminal escapes, lone surrogates from an undecodable file name); printable text,
+    non-ASCII letters included, is kept as it is."""
+    message = str(InputError(f"list file {text} names nothing; check the file"))
+    assert message.isprintable() and len(message.splitlines()) == 1
+    if text.isprintable():
+        assert message == f"list file {text} names nothing; check the file"
+
+
+def test_a_file_name_with_line_breaks_and_escapes_is_refused_on_one_line(tmp_path):
+    """A real refusal quoting a hostile path: exit 2, one stderr line, the characters shown as escapes."""
+    odd = tmp_path / "adapter\u2028\x0b\x1b[31mred\tx.safetensors"
+    proc = hfsam(
+        ["segment", tmp_path / "ct.nii.gz", "-o", tmp_path / "seg.nrrd", "--adapter", odd], home=tmp_path / "home"
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hfsam: error: "), proc.stderr
+    assert "adapter\\u2028\\x0b\\x1b[31mred\\tx.safetensors does not exist" in lines[0]
+    assert "\x1b" not in proc.stderr and not (tmp_path / "seg.nrrd").exists()
+
+
 _event_fields = st.dictionaries(
     st.text(st.characters(codec="utf-8"), min_size=1, max_size=10).filter(
         lambda k: k not in ("event", "stage", "done", "total", "eta_s")

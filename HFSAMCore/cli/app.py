@@ -15,7 +15,7 @@ import traceback
 import warnings
 
 from .. import __version__
-from ..errors import Cancelled, HFSAMError, HFSAMWarning, InputError, is_out_of_memory
+from ..errors import Cancelled, HFSAMError, HFSAMWarning, InputError, is_out_of_memory, one_line
 from ..runtime.malloc import keep_freed_memory
 from ..runtime.progress import Progress
 from .options import OneLineParser, UsageError, check_options, progress_mode
@@ -119,7 +119,7 @@ def _run(args, progress: Progress) -> int:
 def _refuse(progress: Progress, text: str) -> int:
     """Bad input: exit code 2, one line on stderr and one JSON error event."""
     # One line, whatever a path or a library put in it: line breaks are shown, not obeyed.
-    message = text.strip().replace("\r", "\\r").replace("\n", "\\n") or "bad input"
+    message = one_line(text.strip()) or "bad input"
     progress.error(message, exit_code=2)
     progress.log(f"hfsam: error: {message}")
     return 2

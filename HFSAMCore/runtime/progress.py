@@ -12,6 +12,7 @@ import sys
 import time
 from typing import IO, Any
 
+from ..errors import one_line
 from ..model.registry import PROGRESS_MODES
 from .cancel import CancelToken
 from .events import EventSink
@@ -69,7 +70,7 @@ class Progress:
         self.terminal.line(message)
 
     def warn(self, message: str) -> None:
-        self.log(f"warning: {message}")
+        self.log(f"warning: {one_line(message)}")  # a warning may quote a file: one line on the terminal too
         self.emit("warning", message=message)
 
     def finish_bar(self) -> None:

@@ -87,10 +87,14 @@ RANDOM_INIT = "random-init"  # base_checkpoint name of a randomly initialised ba
 # ---------------------------------------------------------------------------
 # metadata validation
 # ---------------------------------------------------------------------------
+# A field this reader does not know is most often one a newer HF-SAM added without a new format_version.
+_UNKNOWN = f"is not a known field of adapter format_version {FORMAT_VERSION} (written by a newer HF-SAM? update it)"
+
+
 def _bad(source: str, field: str, problem: str) -> InputError:
-    # An unknown field's name comes from the file: escaped and cut, so the error stays one readable line.
-    if not field.isprintable() or len(field) > 80:
-        field = field[:80].encode("unicode_escape").decode("ascii") + ("..." if len(field) > 80 else "")
+    # An unknown field's name comes from the file: cut, so the error stays readable (InputError escapes line breaks).
+    if len(field) > 80:
+        field = field[:80] + "..."
     return InputError(f"invalid adapter metadata in {source}: '{field}' {problem}")
 
 
@@ -188,7 +192,7 @@ def _base_checkpoint(source: str, value: Any) -> dict | None:
         raise _bad(source, "base_checkpoint", 'must be {"name": ..., "sha256": ...} or null')
     unknown = sorted(set(value) - {"name", "sha256", "seed"})
     if unknown:
-        raise _bad(source, f"base_checkpoint.{unknown[0]}", "is not a known field")
+        raise _bad(source, f"base_checkpoint.{unknown[0]}", _UNKNOWN)
     name = _text(source, "base_checkpoint.name", value.get("name"), 256)
     sha = value.get("sha256")
     if sha is not None:
@@ -211,7 +215,7 @@ def _classes(source: str, value: Any) -> list[dict]:
             raise _bad(source, where, "must be an object {value, name, color}")
         unknown = sorted(set(cls) - set(_CLASS_FIELDS))
         if unknown:
-            raise _bad(source, f"{where}.{unknown[0]}", "is not a known field")
+            raise _bad(source, f"{where}.{unknown[0]}", _UNKNOWN)
         v = _int(source, f"{where}.value", cls.get("value"), 1, 255)
         name = _text(source, f"{where}.name", cls.get("name"), 128)
         color = cls.get("color")
@@ -239,7 +243,7 @@ def _training(source: str, value: Any) -> dict | None:
         raise _bad(source, "training", "must be an object or null")
     unknown = sorted(set(value) - set(_TRAINING_FIELDS))
     if unknown:
-        raise _bad(source, f"training.{unknown[0]}", "is not a known field")
+        raise _bad(source, f"training.{unknown[0]}", _UNKNOWN)
     out: dict[str, Any] = {}
     image = value.get("image")
     out["image"] = None if image is None else _text(source, "training.image", image, 4096, empty=True)
@@ -277,19 +281,19 @@ def validate_metadata(metadata: Any, *, source: str = "adapter metadata") -> dic
     src = source
     if not isinstance(metadata, Mapping):
         raise InputError(f"invalid adapter metadata in {src}: it must be a JSON object")
-    unknown = sorted(set(metadata) - set(_FIELDS))
-    if unknown:
-        raise _bad(src, unknown[0], "is not a known field of format_version 1")
     m = metadata
     fmt = m.get("format", FORMAT)
     if fmt != FORMAT:
         raise _bad(src, "format", f"must be {FORMAT!r}, not {fmt!r:.40}: this is not an HF-SAM adapter")
     version = m.get("format_version", FORMAT_VERSION)
-    if _is_int(version) and version > FORMAT_VERSION:
+    if _is_int(version) and version > FORMAT_VERSION:  # before its fields: a newer format may have new ones
         raise InputError(
             f"{src} was written by a newer HF-SAM (adapter format_version {version}, this one reads "
             f"{FORMAT_VERSION}); update HF-SAM to use it"
         )
+    unknown = sorted(set(metadata) - set(_FIELDS))
+    if unknown:
+        raise _bad(src, unknown[0], _UNKNOWN)
     _int(src, "format_version", version, 1, FORMAT_VERSION)
     out: dict[str, Any] = {"format": FORMAT, "format_version": version}
     out["hfsam_version"] = _text(src, "hfsam_version", m.get("hfsam_version", _engine_version()), 64)

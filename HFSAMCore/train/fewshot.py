@@ -280,6 +280,9 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
                 if batch_size == 1:
                     raise OutOfMemory(device.type) from exc
                 optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:  # it may have unscaled the failed step's gradient (to clip it) and
+                    # would refuse to unscale again before an update: a fresh one at the scale it had reached
+                    scaler = grad_scaler(cfg.precision, device, init_scale=scaler.get_scale())
                 batch_size = max(1, batch_size // 2)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -27,10 +27,15 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimiz
         return adamw()
 
 
-def grad_scaler(precision: torch.dtype, device: torch.device) -> torch.amp.GradScaler | None:
+def grad_scaler(
+    precision: torch.dtype, device: torch.device, init_scale: float = 2.0**16
+) -> torch.amp.GradScaler | None:
     """A GradScaler for fp16 (its small range lets gradients underflow to 0 unless the loss is scaled);
-    None for fp32 and bf16, which need none."""
-    return torch.amp.GradScaler(torch.device(device).type) if precision == torch.float16 else None
+    None for fp32 and bf16, which need none. ``init_scale``: torch's default, or the scale an earlier
+    scaler had reached (see fewshot.train's retry after running out of memory)."""
+    if precision != torch.float16:
+        return None
+    return torch.amp.GradScaler(torch.device(device).type, init_scale=init_scale)
 
 
 def train_step(
