@@ -1,12 +1,25 @@
 """Errors the command line maps to exit codes (0 done, 2 bad input, 130 cancelled, 1 other)."""
 
+import unicodedata
+
+# Shown as escapes: control characters (line breaks, ESC of terminal sequences), Unicode line and paragraph
+# separators, lone surrogates (undecodable file-name bytes) and the bidirectional overrides and isolates that
+# can make a line read as something else. Other text is kept: non-ASCII spaces and joiners are real names.
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
 
 def one_line(text: str) -> str:
-    """TEXT with every line break and other non-printable character written as its escape (\\n, \\x0b,
-    \\u2028); printable text, non-ASCII letters included, is kept as it is."""
+    """TEXT as one line that shows what it holds: line breaks of every kind, terminal escapes, undecodable
+    bytes and bidi overrides written as their escapes (\\n, \\x1b, \\udcff, \\u202e); everything else kept."""
     if text.isprintable():
         return text
-    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii")
+        if unicodedata.category(ch) in _ESCAPED_CATEGORIES or ch in _BIDI_CONTROLS
+        else ch
+        for ch in text
+    )
 
 
 class HFSAMError(Exception):
@@ -50,6 +63,10 @@ class OutOfMemory(HFSAMError):
         else:
             hint = "close other programs, use a smaller --img-size, or run on a machine with more memory"
         super().__init__(f"out of memory even at batch size 1 on the {device_type.upper()}; {hint}")
+        self.device_type = device_type
+
+    def __reduce__(self):  # pickle and copy rebuild it from the device, not from the message
+        return type(self), (self.device_type,)
 
 
 # What torch's allocators say when they run out: CUDA ("CUDA out of memory"), the CPU allocator

@@ -379,6 +379,12 @@ def test_models_cli(tmp_path):
     assert "liver5" in table and "vit_b: missing (hfsam models download vit_b)" in table
     shown = json.loads(run_cli("models", "show", "liver5", "--json", "--library", lib))
     assert shown["metadata"]["rank"] == 5
+    # the free-text description may hold anything printable or not: shown on one line, escapes not obeyed
+    odd = save_adapter(tmp_path / "odd.safetensors", tensors(), meta(name="odd", description="hi\x1b[2J\nsecond"))
+    run_cli("models", "import", str(odd), "--library", lib)
+    described = [ln for ln in run_cli("models", "show", "odd", "--library", lib).splitlines() if "description" in ln]
+    assert described == ["  description hi\\x1b[2J\\nsecond"]
+    run_cli("models", "remove", "odd", "--library", lib)
     run_cli("models", "export", "liver5", str(tmp_path / "back.safetensors"), "--library", lib)
     assert (tmp_path / "back.safetensors").read_bytes() == src.read_bytes()
     run_cli("models", "remove", "liver5", "--library", lib)

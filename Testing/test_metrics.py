@@ -179,7 +179,9 @@ def test_evaluate_matches_direct_computation_on_another_grid(ct3mm):
 
 def test_format_table(dicom_case):
     dicom, reference = dicom_case
-    result = M.evaluate(reference, labels_onto_image(reference, dicom), {5: "liver", 2: "right | kidney"})
+    # a class name from a prediction's sidecar: its line break and terminal escape are shown, not obeyed
+    names = {5: "liver", 2: "right | kidney", 3: "left\x1b[2J\nkidney"}
+    result = M.evaluate(reference, labels_onto_image(reference, dicom), names)
     table = M.format_table(result)
     lines = table.strip().splitlines()
     assert len(lines) == 2 + len(result["classes"]) + 1
@@ -188,6 +190,7 @@ def test_format_table(dicom_case):
     assert "| 1.0000 | 0.00 |" in liver
     kidney = next(line for line in lines if "kidney" in line)
     assert "right \\| kidney" in kidney and "n/a" in kidney
+    assert "| left\\x1b[2J\\nkidney |" in table and "\x1b" not in table
     assert "**mean** (5 in reference)" in lines[-1]
 
 

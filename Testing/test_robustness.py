@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_volume import _copy_dicom_with_series_uid
 
-from HFSAMCore.errors import InputError
+from HFSAMCore.errors import InputError, OutOfMemory, one_line
 from HFSAMCore.runtime.progress import Progress
 from HFSAMCore.store.adapter_metadata import METADATA_KEY, validate_metadata
 from HFSAMCore.store.adapters import load_adapter, read_metadata, save_adapter
@@ -1084,15 +1085,39 @@ def test_fuzz_adapter_reader_refuses_with_one_line(data):
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.text())
-def test_fuzz_every_engine_error_is_one_printable_line(text):
+@given(st.text(st.characters(exclude_categories=())))  # every code point, lone surrogates included
+def test_fuzz_every_engine_error_is_one_line(text):
     """Every message the engine raises is one line, whatever a file put in it (line breaks of every kind
-    Python knows, terminal escapes, lone surrogates from an undecodable file name); printable text,
-    non-ASCII letters included, is kept as it is."""
+    Python knows, terminal escapes, lone surrogates from an undecodable file name, bidi overrides); other
+    text, non-ASCII letters, spaces and joiners included, is kept as it is."""
     message = str(InputError(f"list file {text} names nothing; check the file"))
-    assert message.isprintable() and len(message.splitlines()) == 1
+    assert len(message.splitlines()) == 1
+    assert not any(
+        unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or 0x202A <= ord(ch) <= 0x202E for ch in message
+    )
+    message.encode("utf-8")  # printable on any UTF-8 terminal (a lone surrogate would raise here)
     if text.isprintable():
         assert message == f"list file {text} names nothing; check the file"
+
+
+def test_out_of_memory_survives_pickle_and_copy():
+    """An error crosses processes pickled (a DataLoader worker, bench's row processes): it must read the same."""
+    import copy
+
+    for device in ("cuda", "cpu"):
+        err = OutOfMemory(device)
+        for again in (pickle.loads(pickle.dumps(err)), copy.copy(err), copy.deepcopy(err)):
+            assert type(again) is OutOfMemory and str(again) == str(err) and again.device_type == device
+
+
+def test_names_in_any_script_stay_readable_in_messages():
+    """Only what breaks or disguises a line is escaped: a Persian name's joiner, a macOS screenshot's narrow
+    no-break space and a Windows path stay as they are; a right-to-left override does not."""
+    # Persian words; the first ("goes") is written with a zero-width non-joiner (U+200C)
+    persian = "\u0645\u06cc\u200c\u0631\u0648\u062f \u0645\u0627\u0647\u0648\u0627\u0631\u0647"
+    kept = f"{persian} | Screenshot 10.41.02\u202fAM | C:\\Users\\new\\table.nii"
+    assert str(InputError(kept)) == kept
+    assert str(InputError("scan\u202egpj.exe")) == "scan\\u202egpj.exe"
 
 
 def test_a_file_name_with_line_breaks_and_escapes_is_refused_on_one_line(tmp_path):
@@ -1149,8 +1174,10 @@ def test_fuzz_every_engine_event_is_one_strict_json_line_the_module_reads(kind, 
     assert event is not None and event["event"] == kind == raw["event"]
     if kind == "progress":
         assert (event["stage"], event["done"], event["total"]) == (stage, done, total)
-    elif kind in ("warning", "error"):
-        assert event["message"] == message or (kind == "error" and not message and event["message"])
+    elif kind == "warning":  # one line in the panel's log too
+        assert event["message"] == one_line(message)
+    elif kind == "error":
+        assert event["message"] == message or (not message and event["message"])
     if kind == "error":
         assert event["exit_code"] == 2
 

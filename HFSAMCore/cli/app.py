@@ -112,7 +112,7 @@ def _run(args, progress: Progress) -> int:
             progress.log(f"hfsam: error: {message}")
             return 1
         traceback.print_exc(file=sys.stderr)
-        progress.error(f"{type(exc).__name__}: {exc}", exit_code=1)
+        progress.error(one_line(f"{type(exc).__name__}: {exc}"), exit_code=1)  # the traceback above has the rest
         return 1
 
 

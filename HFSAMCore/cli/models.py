@@ -14,6 +14,7 @@ import argparse
 import json
 from typing import Any
 
+from ..errors import one_line
 from ..model.registry import pretrained_backbones
 from ..runtime.progress import Progress
 from .run_args import add_library, add_progress
@@ -160,7 +161,7 @@ def run_models(args: argparse.Namespace, progress: Progress) -> int:
                 f"  training    {json.dumps(meta['training'])}",
                 f"  metrics     {json.dumps(meta['metrics'])}",
             ]
-            + ([f"  description {meta['description']}"] if meta["description"] else [])
+            + ([f"  description {one_line(meta['description'])}"] if meta["description"] else [])
         )
         _emit(args, progress, info, text, "adapter")
     elif command == "import":

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 
 
 def dice(ref: np.ndarray, pred: np.ndarray) -> float:
@@ -237,4 +237,4 @@ def _num(x: float | None, digits: int) -> str:
 
 
 def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    return one_line(str(text)).replace("|", "\\|")  # a class name may come from a file

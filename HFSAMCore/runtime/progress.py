@@ -70,7 +70,8 @@ class Progress:
         self.terminal.line(message)
 
     def warn(self, message: str) -> None:
-        self.log(f"warning: {one_line(message)}")  # a warning may quote a file: one line on the terminal too
+        message = one_line(message)  # a warning may quote a file: one line here and in the Slicer panel's log
+        self.log(f"warning: {message}")
         self.emit("warning", message=message)
 
     def finish_bar(self) -> None:

@@ -283,10 +283,10 @@ def train(model, data: TrainingSet, cfg: TrainConfig, progress: Progress | None 
                 if scaler is not None:  # it may have unscaled the failed step's gradient (to clip it) and
                     # would refuse to unscale again before an update: a fresh one at the scale it had reached
                     scaler = grad_scaler(cfg.precision, device, init_scale=scaler.get_scale())
-                batch_size = max(1, batch_size // 2)
+                failed, batch_size = batch_size, max(1, batch_size // 2)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                progress.warn(f"out of memory at batch size {batch_size * 2}: retrying with batch size {batch_size}")
+                progress.warn(f"out of memory at batch size {failed}: retrying with batch size {batch_size}")
                 continue
             step += 1
             value = float(loss.detach())
