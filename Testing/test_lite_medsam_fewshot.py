@@ -116,8 +116,8 @@ def test_adapter_round_trip_with_lite_medsam(run, tmp_path):
 
 
 def test_few_shot_lite_medsam_learns_the_liver_on_an_mr_contrast(ct3mm, tmp_path):
-    """The MR preset end to end: chosen automatically, recorded, and the model learns an unfamiliar
-    contrast in the same short budget."""
+    """The MR preset end to end: chosen automatically for a volume without air at -1000 HU, its percentile
+    window applied, and the model learns an unfamiliar contrast in the same short budget."""
     image = mr_like(read_image(ct3mm / "image.nii.gz"))
     labels = read_labels(ct3mm / "labels_synapse8.nii.gz")
     _, _, _, _, data, _, prediction, _ = _train(image, labels, ModelLibrary(tmp_path / "lib"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import copy
 import hashlib
 import io
 import json
@@ -1102,8 +1103,6 @@ def test_fuzz_every_engine_error_is_one_line(text):
 
 def test_out_of_memory_survives_pickle_and_copy():
     """An error crosses processes pickled (a DataLoader worker, bench's row processes): it must read the same."""
-    import copy
-
     for device in ("cuda", "cpu"):
         err = OutOfMemory(device)
         for again in (pickle.loads(pickle.dumps(err)), copy.copy(err), copy.deepcopy(err)):
