@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:  # a malformed command line: one line too, and a JSON event when asked for
-        return _refuse(Progress(progress_mode(argv)), str(exc))
+        return _refuse(Progress(progress_mode(argv)), exc)
     progress = Progress(getattr(args, "progress", "auto") or "auto")
     progress.install_signal_handlers()
     keep_freed_memory()
@@ -91,7 +91,7 @@ def _run(args, progress: Progress) -> int:
         check_options(args)
         return int(args.func(args, progress) or 0)
     except InputError as exc:
-        return _refuse(progress, str(exc))
+        return _refuse(progress, exc)
     except (Cancelled, KeyboardInterrupt) as exc:
         # A Cancelled says what was kept (e.g. `train` keeps its finished checkpoints).
         message = str(exc) if isinstance(exc, Cancelled) and str(exc) else "cancelled; nothing was written"
@@ -116,10 +116,10 @@ def _run(args, progress: Progress) -> int:
         return 1
 
 
-def _refuse(progress: Progress, text: str) -> int:
-    """Bad input: exit code 2, one line on stderr and one JSON error event."""
-    # One line, whatever a path or a library put in it: line breaks are shown, not obeyed.
-    message = one_line(text.strip()) or "bad input"
+def _refuse(progress: Progress, exc: InputError) -> int:
+    """Bad input: exit code 2, one line on stderr and one JSON error event (an InputError's message is
+    one line whatever a path or a library put in it: errors.HFSAMError)."""
+    message = str(exc).strip() or "bad input"
     progress.error(message, exit_code=2)
     progress.log(f"hfsam: error: {message}")
     return 2
